@@ -1,0 +1,217 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+Each YAML in ``conf/<group>/`` lists ``base_<group>`` (or ``base_<strategy>``) first in its
+defaults, so Hydra validates the YAML against the dataclass at compose time: an unknown key or a
+value of the wrong type (``bits=abc``) fails before anything runs. Value *ranges* and names that
+depend on the registry are checked in :func:`validate`, which gives one readable message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+# Bit-widths the fake-quant kernels handle exactly. 1-bit needs a binary (sign) quantizer that is
+# not a uniform grid; above 16 bits the int32 zero point of the kernels loses precision.
+MIN_BITS, MAX_BITS = 2, 16
+
+
+@dataclass
+class PathsConfig:
+    """Where data, weights and outputs live. Env vars let CI/Makefile point at ../shared."""
+
+    data_dir: str = "${oc.env:CALIBBENCH_DATA_DIR,data}"
+    weights_dir: str = "${oc.env:CALIBBENCH_WEIGHTS_DIR,weights}"
+    output_dir: str = "${oc.env:CALIBBENCH_OUTPUT_DIR,outputs}"
+    cache_dir: str = "${paths.output_dir}/cache"
+
+
+@dataclass
+class ModelConfig:
+    """A classifier from a model zoo plus where its weights come from.
+
+    ``weights``: ``auto`` (the local file listed for the selected dataset in ``local_weights`` if it
+    exists under ``paths.weights_dir``, else the zoo's pretrained download), ``pretrained`` (zoo
+    download only), ``none`` (random init: tests and architecture checks), or a path to a
+    state-dict file.
+    """
+
+    name: str = MISSING
+    source: str = "pytorchcv"  # pytorchcv | torchvision
+    arch: str = MISSING
+    num_classes: int = MISSING
+    input_size: int = MISSING
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    weights: str = "auto"
+    local_weights: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetConfig:
+    """An image-classification dataset: train split = calibration pool, test/val = evaluation."""
+
+    name: str = MISSING  # cifar10 | cifar100 | cifar10_jpeg | imagenet
+    root: str = MISSING
+    num_classes: int = MISSING
+    download: bool = True  # torchvision datasets only; ignored offline when files exist
+    normalization: str = "model_zoo"  # model_zoo | legacy_gdfq
+    resize: Optional[int] = None  # ImageNet: shorter side before the center crop
+    num_workers: int = 2
+
+
+@dataclass
+class QuantConfig:
+    """Fake-quantization preset. ``w_bits``/``a_bits`` override the top-level ``bits``."""
+
+    name: str = MISSING  # dfq_legacy | academic
+    w_bits: Optional[int] = None
+    a_bits: Optional[int] = None
+    weight_observer: str = "minmax"
+    weight_per_channel: bool = True
+    weight_symmetric: bool = False
+    act_observer: str = "minmax"  # minmax | ema | percentile | mse | aciq
+    act_symmetric: bool = False
+    act_placement: str = "after_relu"  # after_relu | layer_input
+    fold_bn: bool = False
+    first_last_bits: Optional[int] = None  # academic: 8
+    quantize_input: bool = False
+    ema_decay: float = 0.9
+    percentile: float = 99.99
+    mse_steps: int = 100
+
+
+@dataclass
+class RefineConfig:
+    """Optional fine-tuning of the quantized model after calibration (``none`` = pure PTQ)."""
+
+    name: str = "none"
+
+
+@dataclass
+class BudgetConfig:
+    """Every size a strategy or stage uses. Strategies read sizes from here, never literals."""
+
+    name: str = MISSING
+    eval_limit: Optional[int] = None  # first N val images (stratified), None = the whole split
+    eval_batch_size: int = 256
+    calib_batch_size: int = 64
+    pool_size: Optional[int] = None  # real-data pool subset for selection strategies
+    synth_iterations: int = 500
+    synth_batch_size: int = 32
+    refine_epochs: int = 0
+
+
+@dataclass
+class LoggerConfig:
+    """W&B tracking. ``auto``: online when credentials exist, else offline."""
+
+    mode: str = "auto"  # auto | online | offline | disabled
+    project: str = "calibbench"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # default: the sweep dir name, or "single"
+    log_images: bool = True
+
+
+@dataclass
+class StrategyConfig:
+    """Fields every strategy has. Each strategy extends this with its own dataclass."""
+
+    name: str = MISSING
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    strategy: Any = MISSING  # validated by the chosen strategy's own schema
+    quant: QuantConfig = MISSING
+    refine: RefineConfig = MISSING
+    budget: BudgetConfig = MISSING
+    logger: LoggerConfig = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    bits: int = 4
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_samples: int = 256
+    progress: bool = True
+    resume: bool = True  # skip a job whose run dir already holds a complete result
+    threads: Optional[int] = None  # torch intra-op threads (sweeps with parallel jobs)
+
+
+_SCHEMAS: dict[str, type] = {
+    "model": ModelConfig,
+    "dataset": DatasetConfig,
+    "quant": QuantConfig,
+    "refine": RefineConfig,
+    "budget": BudgetConfig,
+    "logger": LoggerConfig,
+    "paths": PathsConfig,
+}
+
+
+def register_configs() -> None:
+    """Store the schemas; strategies store theirs via ``@register`` (strategies/base.py)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RunConfig)
+    for group, schema in _SCHEMAS.items():
+        cs.store(group=group, name=f"base_{group}", node=schema)
+    # Importing the package registers every strategy and its schema.
+    import calibbench.strategies  # noqa: F401
+
+
+class ConfigError(ValueError):
+    """A config value that composes but cannot run (bad range, unknown name, missing file)."""
+
+
+def _choices(valid) -> str:
+    return ", ".join(str(v) for v in valid)
+
+
+def check_choice(what: str, value: Any, valid) -> None:
+    if value not in valid:
+        raise ConfigError(f"unknown {what} {value!r}; valid choices: {_choices(valid)}")
+
+
+def effective_bits(cfg: DictConfig) -> tuple[int, int]:
+    """(weight bits, activation bits): ``quant.w_bits``/``a_bits`` override ``bits``."""
+    w = cfg.quant.w_bits if cfg.quant.w_bits is not None else cfg.bits
+    a = cfg.quant.a_bits if cfg.quant.a_bits is not None else cfg.bits
+    return int(w), int(a)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that need more than a type: ranges and registry names. Raises ConfigError."""
+    from calibbench.strategies import available
+
+    for key, value in (("bits", cfg.bits), ("quant.w_bits", cfg.quant.w_bits),
+                       ("quant.a_bits", cfg.quant.a_bits),
+                       ("quant.first_last_bits", cfg.quant.first_last_bits)):
+        if value is not None and not (MIN_BITS <= value <= MAX_BITS):
+            raise ConfigError(f"{key}={value} is out of range; valid: integers {MIN_BITS}..{MAX_BITS}")
+    if cfg.num_samples <= 0:
+        raise ConfigError(f"num_samples={cfg.num_samples} must be a positive integer")
+    check_choice("strategy", cfg.strategy.name, available())
+    check_choice("quant preset", cfg.quant.name, ("dfq_legacy", "academic"))
+    check_choice("quant.act_observer", cfg.quant.act_observer, ("minmax", "ema", "percentile", "mse", "aciq"))
+    check_choice("quant.weight_observer", cfg.quant.weight_observer, ("minmax", "mse"))
+    check_choice("quant.act_placement", cfg.quant.act_placement, ("after_relu", "layer_input"))
+    check_choice("dataset", cfg.dataset.name, ("cifar10", "cifar100", "cifar10_jpeg", "imagenet"))
+    check_choice("dataset.normalization", cfg.dataset.normalization, ("model_zoo", "legacy_gdfq"))
+    check_choice("model.source", cfg.model.source, ("pytorchcv", "torchvision"))
+    check_choice("logger.mode", cfg.logger.mode, ("auto", "online", "offline", "disabled"))
+    check_choice("refine", cfg.refine.name, ("none",))
+    dev = str(cfg.device)
+    if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
+        raise ConfigError(f"unknown device {dev!r}; valid choices: auto, cpu, cuda, cuda:N")
+    if cfg.model.num_classes != cfg.dataset.num_classes:
+        raise ConfigError(
+            f"model {cfg.model.name!r} predicts {cfg.model.num_classes} classes but dataset "
+            f"{cfg.dataset.name!r} has {cfg.dataset.num_classes}; pick a matching model/dataset pair")
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

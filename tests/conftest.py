@@ -1,0 +1,114 @@
+"""Shared fixtures: the real offline data/weights in ../shared, tiny synthetic data, config composition."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+CONF_DIR = REPO / "conf"
+
+# Tests read the offline data and weights; an explicit environment setting wins.
+os.environ.setdefault("CALIBBENCH_DATA_DIR", str(SHARED / "data"))
+os.environ.setdefault("CALIBBENCH_WEIGHTS_DIR", str(SHARED / "weights"))
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ANN001
+    if not (SHARED / "data" / "cifar10-jpeg").is_dir():
+        skip = pytest.mark.skip(reason=f"offline data not found at {SHARED / 'data'}")
+        for item in items:
+            if "needs_shared" in item.keywords:
+                item.add_marker(skip)
+
+
+class TensorImages(Dataset):
+    """In-memory images with a ``targets`` list, shaped like the torchvision datasets."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        self.images, self.targets = images, targets.tolist()
+        self.classes = sorted(set(self.targets))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):  # noqa: ANN204
+        return self.images[i], self.targets[i]
+
+
+def tiny_datamodule(n_train: int = 64, n_val: int = 32, num_classes: int = 10, size: int = 32,
+                    seed: int = 0):
+    from calibbench.datasets import DataModule
+
+    g = torch.Generator().manual_seed(seed)
+    train = TensorImages(torch.randn(n_train, 3, size, size, generator=g),
+                         torch.arange(n_train) % num_classes)
+    val = TensorImages(torch.randn(n_val, 3, size, size, generator=g), torch.arange(n_val) % num_classes)
+    return DataModule("tiny", train, val, num_classes, size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
+                      num_workers=0)
+
+
+@pytest.fixture
+def tiny_data():
+    return tiny_datamodule()
+
+
+@pytest.fixture(scope="session")
+def compose() -> Callable:
+    """compose(*overrides) -> the real config from conf/, with test-friendly defaults first."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from calibbench.config import register_configs
+
+    register_configs()
+
+    def _compose(*overrides: str, return_hydra_config: bool = False):
+        base = ["logger.mode=disabled", "progress=false"]
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose("config", overrides=[*base, *overrides],
+                                 return_hydra_config=return_hydra_config)
+
+    return _compose
+
+
+@pytest.fixture(scope="session")
+def cifar(compose):
+    """The real offline cifar10_jpeg data module (both splits, lazy: nothing decoded up front)."""
+    from calibbench import datasets
+
+    cfg = compose()
+    return datasets.build(cfg.dataset, cfg.model)
+
+
+@pytest.fixture(scope="session")
+def resnet20(compose):
+    """The offline pretrained resnet20_cifar10 in eval mode (88.41% on cifar10_jpeg test)."""
+    from calibbench import models
+
+    cfg = compose()
+    return models.build(cfg.model, cfg.dataset.name, cfg.paths.weights_dir).module
+
+
+@pytest.fixture
+def make_ctx():
+    """make_ctx(model, data, **overrides) -> StrategyContext on the CPU at the smoke budget."""
+    from calibbench.config import BudgetConfig
+    from calibbench.strategies import StrategyContext
+
+    def _make(model, data, num_samples: int = 16, seed: int = 0, **budget):
+        fields = dict(name="smoke", eval_limit=64, eval_batch_size=32, calib_batch_size=16,
+                      pool_size=64, synth_iterations=4, synth_batch_size=8, refine_epochs=0)
+        fields.update(budget)
+        return StrategyContext(model=model, data=data, device=torch.device("cpu"), seed=seed,
+                               num_samples=num_samples, budget=BudgetConfig(**fields), progress=False)
+
+    return _make
