@@ -69,6 +69,7 @@ class Strategy(ABC):
 
     name: str = ""
     synthetic: bool = False  # True when images are generated, not selected from the train split
+    cache_version: int = 1  # bump when a change to the algorithm invalidates cached sets
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg

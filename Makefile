@@ -1,0 +1,42 @@
+# calibbench — `make run` (set up + default experiment), `make test` (set up + test suite).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch/torchvision pinned to the builds this machine has on disk (pip takes them from there).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+# The offline data and weights beside the repository (../shared), unless already set.
+SHARED := $(abspath ../shared)
+ifneq ($(wildcard $(SHARED)/data),)
+export CALIBBENCH_DATA_DIR ?= $(SHARED)/data
+export CALIBBENCH_WEIGHTS_DIR ?= $(SHARED)/weights
+endif
+
+.PHONY: setup run test sweep bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m calibbench $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+sweep: $(STAMP)
+	$(PY) -m calibbench -m sweep=compare $(ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/eval_overhead.py
+	$(PY) benchmarks/selectq_cost.py
+	$(PY) benchmarks/synthesis_cost.py
+
+clean:
+	rm -rf $(VENV) outputs/runs outputs/sweeps outputs/cache

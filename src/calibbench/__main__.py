@@ -1,0 +1,3 @@
+from calibbench.cli import main
+
+main()

@@ -1,0 +1,90 @@
+"""Content-addressed cache for FP metrics and calibration sets.
+
+An entry's name is the hash of everything that determines it, so a sweep over bits (which does
+not change the calibration set) computes the set once. Each file starts with the sha256 of its
+body: a torn or corrupted write is detected on read, logged, deleted and recomputed. Writes go to a
+temporary file in the same folder and are renamed into place, so readers never see half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+_DIGEST_LEN = 64
+
+
+def content_key(payload: Any) -> str:
+    """Stable hash of a JSON-able payload (dict key order does not matter)."""
+    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def atomic_write_bytes(path: Path, body: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Cache:
+    """``get_or_compute(kind, payload, compute)``: one file per entry under ``root/kind/``."""
+
+    def __init__(self, root: str | Path, enabled: bool = True) -> None:
+        self.root = Path(root)
+        self.enabled = enabled
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.root / kind / f"{key}.pt"
+
+    def load(self, kind: str, key: str) -> Optional[Any]:
+        path = self.path(kind, key)
+        if not self.enabled or not path.is_file():
+            return None
+        raw = path.read_bytes()
+        digest, body = raw[:_DIGEST_LEN].decode(errors="replace"), raw[_DIGEST_LEN:]
+        if hashlib.sha256(body).hexdigest() != digest:
+            log.warning("cache entry %s is corrupt (checksum mismatch): recomputing", path)
+            path.unlink(missing_ok=True)
+            return None
+        try:
+            return torch.load(io.BytesIO(body), map_location="cpu", weights_only=False)
+        except Exception as err:  # a valid checksum over an unreadable body: written by other code
+            log.warning("cache entry %s is unreadable (%s): recomputing", path, err)
+            path.unlink(missing_ok=True)
+            return None
+
+    def save(self, kind: str, key: str, value: Any) -> None:
+        if not self.enabled:
+            return
+        buf = io.BytesIO()
+        torch.save(value, buf)
+        body = buf.getvalue()
+        atomic_write_bytes(self.path(kind, key), hashlib.sha256(body).hexdigest().encode() + body)
+
+    def get_or_compute(self, kind: str, payload: Any, compute: Callable[[], Any]) -> tuple[Any, bool, str]:
+        """Return ``(value, hit, key)``."""
+        key = content_key(payload)
+        value = self.load(kind, key)
+        if value is not None:
+            log.info("cache hit: %s/%s", kind, key)
+            return value, True, key
+        value = compute()
+        self.save(kind, key, value)
+        return value, False, key

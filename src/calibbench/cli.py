@@ -1,0 +1,69 @@
+"""``python -m calibbench [overrides]``: a thin Hydra wrapper around :func:`calibbench.pipeline.run`.
+
+``python -m calibbench report <sweep dir>`` rebuilds a sweep's tables and plots.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from calibbench.config import ConfigError, register_configs
+
+log = logging.getLogger("calibbench")
+
+
+def _print_table(rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+
+
+@hydra.main(version_base="1.3", config_path="pkg://calibbench.conf", config_name="config")
+def _task(cfg: DictConfig) -> Optional[float]:
+    from calibbench import pipeline
+
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    if multirun:  # one line per job in a sweep, no progress bars fighting over the terminal
+        cfg.progress = False
+    group = Path(hc.sweep.dir).name if multirun else None
+    try:
+        record = pipeline.run(cfg, hc.runtime.output_dir, group)
+    except ConfigError as err:
+        log.error("%s", err)
+        if multirun:
+            return None
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # recorded as status: failed; a sweep goes on with the next job
+        log.exception("run failed: %s", err)
+        if multirun:
+            return None
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(1)
+    _print_table(pipeline.summary_rows(record))
+    print(Path(record["run_dir"]) / pipeline.RESULT_FILE)
+    return float(record["metrics"]["quant"]["top1"])
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "report":
+        from calibbench import report
+
+        sys.exit(report.main(sys.argv[2:]))
+    register_configs()
+    _task()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Top-1/top-5 accuracy, streamed batch by batch: only running counts are kept."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from calibbench.datasets import DataModule
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
+    """Number of samples whose label is among the top-k logits, for each k."""
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices
+    hits = top == labels.view(-1, 1)
+    return [int(hits[:, : min(k, kmax)].any(dim=1).sum()) for k in ks]
+
+
+def evaluate(model: nn.Module, data: DataModule, device: torch.device, batch_size: int = 256,
+             indices: Optional[Sequence[int]] = None, progress: bool = False,
+             desc: str = "eval") -> dict[str, float]:
+    """Accuracy in percent of ``model`` on the evaluation split (or the ``indices`` of it)."""
+    model.eval()
+    loader = data.loader(data.val, batch_size, indices)
+    correct1 = correct5 = seen = 0
+    with torch.inference_mode():
+        for images, labels in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            images, labels = images.to(device, non_blocking=True), labels.to(device)
+            c1, c5 = topk_correct(model(images), labels)
+            correct1, correct5, seen = correct1 + c1, correct5 + c5, seen + len(labels)
+    if seen == 0:
+        raise ValueError("evaluation split is empty")
+    return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen, "n": seen}
