@@ -1,0 +1,72 @@
+"""The CLI as a user types it: end-to-end runs, multirun, and every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(tmp_path, *args, multirun=False):
+    cmd = [sys.executable, "-m", "calibbench", *(["-m"] if multirun else []),
+           "logger.mode=disabled", "progress=false", f"paths.output_dir={tmp_path}", *args]
+    env = dict(os.environ, HYDRA_FULL_ERROR="0")
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+
+
+def results(tmp_path):
+    return [json.loads(p.read_text()) for p in Path(tmp_path).rglob("result.json")]
+
+
+def test_default_experiment_end_to_end(tmp_path):
+    proc = cli(tmp_path, "budget=smoke", "num_samples=32")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.endswith("result.json") and Path(last).is_file()
+    assert Path(last).is_relative_to(tmp_path / "runs")
+    record = json.loads(Path(last).read_text())
+    assert record["status"] == "ok" and record["config"]["bits"] == 4
+    assert "FP top-1" in proc.stdout and "quant top-1" in proc.stdout
+
+
+def test_multirun_over_bits_and_seeds(tmp_path):
+    proc = cli(tmp_path, "budget=smoke", "num_samples=16", "bits=4,8", "seed=0,1", multirun=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = results(tmp_path / "sweeps")
+    assert len(records) == 4 and all(r["status"] == "ok" for r in records)
+    assert sorted((r["config"]["bits"], r["seed"]) for r in records) == [(4, 0), (4, 1), (8, 0), (8, 1)]
+    assert sum(r["calibration"]["cache_hit"] for r in records) == 2  # one selection per seed
+
+
+BAD = [
+    (["strategy=nope"], ["nope", "random"]),
+    (["model=nope"], ["nope", "resnet20_cifar10"]),
+    (["dataset=nope"], ["nope", "cifar10_jpeg"]),
+    (["quant=nope"], ["nope", "dfq_legacy", "academic"]),
+    (["bits=abc"], ["abc"]),
+    (["bits=0"], ["bits=0", "2..16"]),
+    (["bits=1"], ["bits=1", "2..16"]),
+    (["bits=33"], ["bits=33", "2..16"]),
+    (["num_samples=0"], ["num_samples=0"]),
+    (["num_samples=50001"], ["num_samples=50001", "50000"]),
+    (["device=cuda"], ["cuda", "not available", "cpu"]),
+    (["device=tpu"], ["tpu", "auto, cpu, cuda"]),
+    (["paths.data_dir=/nonexistent/data"], ["/nonexistent/data", "CALIBBENCH_DATA_DIR"]),
+    (["model.weights=/nonexistent/w.pth"], ["/nonexistent/w.pth", "model.weights=pretrained"]),
+    (["model=resnet20_cifar100", "dataset=cifar10_jpeg"], ["100 classes", "has 10"]),
+]
+
+
+@pytest.mark.parametrize(("args", "needles"), BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_fails_clearly(tmp_path, args, needles):
+    proc = cli(tmp_path, "budget=smoke", *args)
+    assert proc.returncode != 0
+    out = proc.stderr + proc.stdout
+    for needle in needles:
+        assert needle in out, f"{needle!r} not in:\n{out[-3000:]}"
+    assert "Traceback" not in proc.stderr
+    assert all(r["status"] != "ok" for r in results(tmp_path))
