@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -13,7 +14,7 @@ from typing import Optional
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from calibbench.config import ConfigError, register_configs
 
@@ -26,6 +27,22 @@ def _print_table(rows: list[tuple[str, str]]) -> None:
         print(f"  {key:<{width}}  {value}")
 
 
+def _threads_per_job(launcher: DictConfig) -> Optional[int]:
+    """Torch threads for one job when the joblib launcher runs ``n_jobs`` at once (DESIGN.md #9).
+
+    Without this every job starts one thread per core and 2 jobs on 2 cores fight over them.
+    Only joblib's config has ``n_jobs``; under other launchers ``threads=N`` on the command line
+    (e.g. SLURM's cpus_per_task) sets it, and unset leaves torch's default.
+    """
+    n_jobs = OmegaConf.select(launcher, "n_jobs")
+    if n_jobs is None:
+        return None
+    cpus = os.cpu_count() or 1
+    if n_jobs < 0:  # joblib's convention: -1 = all CPUs, -2 = all but one, ...
+        n_jobs = cpus + 1 + n_jobs
+    return max(1, cpus // max(1, n_jobs))
+
+
 @hydra.main(version_base="1.3", config_path="pkg://calibbench.conf", config_name="config")
 def _task(cfg: DictConfig) -> Optional[float]:
     from calibbench import pipeline
@@ -34,6 +51,8 @@ def _task(cfg: DictConfig) -> Optional[float]:
     multirun = hc.mode == RunMode.MULTIRUN
     if multirun:  # one line per job in a sweep, no progress bars fighting over the terminal
         cfg.progress = False
+        if cfg.threads is None:
+            cfg.threads = _threads_per_job(hc.launcher)
     group = Path(hc.sweep.dir).name if multirun else None
     try:
         record = pipeline.run(cfg, hc.runtime.output_dir, group)

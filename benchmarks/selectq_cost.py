@@ -1,0 +1,99 @@
+"""Cost of SelectQ selection relative to one plain FP forward pass over the same pool.
+
+    python benchmarks/selectq_cost.py              # 10k-image pool of cifar10_jpeg train, resnet20
+    python benchmarks/selectq_cost.py --pool 2000  # quicker
+
+Both timings use the same loader (same indices, order, batch size, workers) on the same model,
+so the ratio isolates what SelectQ adds: hooks, statistics, centroid updates and ranking (plus
+its K random init images and loading the selected images). An untimed warm-up pass first puts
+the JPEG files in the page cache so neither timed pass pays for cold disk reads; the FP pass is
+timed before and after the selection and averaged to even out load from other jobs. Goal ≤ 1.2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+os.environ.setdefault("CALIBBENCH_DATA_DIR", str(SHARED / "data"))
+os.environ.setdefault("CALIBBENCH_WEIGHTS_DIR", str(SHARED / "weights"))
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def compose(*overrides: str):  # noqa: ANN201 - a DictConfig
+    """The real config from conf/, composed the way tests/conftest.py does."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from calibbench.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose("config", overrides=["logger.mode=disabled", *overrides])
+
+
+def fp_pass(model: torch.nn.Module, loader) -> float:  # noqa: ANN001 - a DataLoader
+    """Seconds for one plain inference pass over ``loader``."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for images, _ in loader:
+            model(images)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pool", type=int, default=10_000, help="pool size (train images)")
+    parser.add_argument("--num-samples", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--repeats", type=int, default=1, help="selection runs (median reported)")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. strategy.stats=channel")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+
+    from calibbench import datasets, models
+    from calibbench.strategies import StrategyContext, build
+    from calibbench.strategies.selectq import pool_and_order
+
+    cfg = compose("strategy=selectq", "budget=cpu", f"budget.pool_size={args.pool}",
+                  f"num_samples={args.num_samples}", *args.overrides)
+    data = datasets.build(cfg.dataset, cfg.model)
+    model = models.build(cfg.model, cfg.dataset.name, cfg.paths.weights_dir).module
+    ctx = StrategyContext(model=model, data=data, device=torch.device("cpu"), seed=int(cfg.seed),
+                          num_samples=args.num_samples, budget=cfg.budget, progress=False)
+    strategy = build(cfg.strategy)
+    batch_size = cfg.strategy.batch_size or cfg.budget.eval_batch_size
+    pool, order = pool_and_order(ctx, cfg.strategy.pool_size or cfg.budget.pool_size,
+                                 cfg.strategy.shuffle)
+
+    def loader():  # noqa: ANN202 - the exact loader SelectQ builds
+        return data.loader(data.train, batch_size, pool[order].tolist())
+
+    fp_pass(model, loader())  # warm-up: page cache, allocator, worker start-up paths
+    fp_times, sel_times = [fp_pass(model, loader())], []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        calib = strategy.calibration_set(ctx)
+        sel_times.append(time.perf_counter() - start)
+        fp_times.append(fp_pass(model, loader()))
+    fp, sel = statistics.mean(fp_times), statistics.median(sel_times)
+    print(f"pool {len(pool)} images, batch {batch_size}, threads {args.threads}, "
+          f"workers {data.num_workers}, stats={cfg.strategy.stats}, "
+          f"update_mode={cfg.strategy.update_mode}")
+    print(f"FP forward pass : {fp:8.2f} s  (runs: {', '.join(f'{t:.2f}' for t in fp_times)})")
+    print(f"SelectQ select  : {sel:8.2f} s  (runs: {', '.join(f'{t:.2f}' for t in sel_times)}; "
+          f"breakdown {calib.info['seconds']})")
+    print(f"ratio           : {sel / fp:8.3f}  (goal <= 1.2)")
+
+
+if __name__ == "__main__":
+    main()

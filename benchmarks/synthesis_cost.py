@@ -1,0 +1,105 @@
+"""Cost of one ZeroQ / DSG synthesis iteration relative to a plain forward+backward.
+
+The synthesis loop adds BN-input statistics, the loss, Adam and the LR scheduler to what any
+pixel optimization must do anyway (a forward pass and a backward pass to the pixels). This script
+times both on the same batch (32 images, 32×32, the offline pretrained resnet20) in one process,
+with warm-up and repeats, and prints the ratio; the goal is ≤ 1.3.
+
+    python benchmarks/synthesis_cost.py [--threads 1] [--iterations 40] [--repeats 5]
+
+The baseline backpropagates to the pixels with frozen parameters (what the synthesis itself does);
+the same pass with parameter gradients is printed for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = REPO.parent / "shared" / "weights" / "resnet20_cifar10_jpeg.pth"
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+
+
+def load_model(weights: Path) -> torch.nn.Module:
+    from pytorchcv.model_provider import get_model
+
+    model = get_model("resnet20_cifar10", pretrained=False)
+    if weights.is_file():
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    else:
+        print(f"note: {weights} not found, timing a random-init resnet20 (same cost)")
+    return model.eval()
+
+
+def time_plain(model: torch.nn.Module, x: torch.Tensor, steps: int, param_grads: bool) -> float:
+    """Seconds per forward+backward of ``x`` (input gradient; parameter gradients if asked)."""
+    for p in model.parameters():
+        p.requires_grad_(param_grads)
+    x = x.clone().requires_grad_(True)
+    for _ in range(3):  # warm-up
+        model(x).logsumexp(1).sum().backward()
+    start = time.perf_counter()
+    for _ in range(steps):
+        x.grad = None
+        model.zero_grad(set_to_none=True)
+        model(x).logsumexp(1).sum().backward()
+    elapsed = (time.perf_counter() - start) / steps
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return elapsed
+
+
+def time_strategy(name: str, model: torch.nn.Module, iterations: int, batch: int) -> float:
+    """Seconds per synthesis iteration, as the strategy measures its own optimization loop."""
+    from calibbench.config import BudgetConfig
+    from calibbench.datasets import DataModule
+    from calibbench.strategies import StrategyContext, build
+    from calibbench.strategies.dsg import DSGConfig
+    from calibbench.strategies.zeroq import ZeroQConfig
+
+    data = DataModule("bench", [], [], 10, 32, MEAN, STD, num_workers=0)  # type: ignore[arg-type]
+    budget = BudgetConfig(name="bench", synth_iterations=iterations, synth_batch_size=batch)
+    cfg = ZeroQConfig() if name == "zeroq" else DSGConfig(margin_samples=batch)
+    ctx = StrategyContext(model, data, torch.device("cpu"), 0, batch, budget, progress=False)
+    return float(build(cfg).calibration_set(ctx).info["seconds_per_iteration"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--iterations", type=int, default=40, help="synthesis steps per timed run")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--weights", type=Path, default=WEIGHTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = load_model(args.weights)
+    x = torch.randn(args.batch, 3, 32, 32)
+    time_strategy("zeroq", model, 5, args.batch)  # warm-up of the whole path
+    runs: dict[str, list[float]] = {"plain": [], "plain_params": [], "zeroq": [], "dsg": []}
+    for _ in range(args.repeats):  # interleaved, so load from other jobs hits all alike
+        runs["plain"].append(time_plain(model, x, args.iterations, param_grads=False))
+        runs["plain_params"].append(time_plain(model, x, args.iterations, param_grads=True))
+        runs["zeroq"].append(time_strategy("zeroq", model, args.iterations, args.batch))
+        runs["dsg"].append(time_strategy("dsg", model, args.iterations, args.batch))
+    best = {k: min(v) for k, v in runs.items()}
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    print(f"resnet20, batch {args.batch}x3x32x32, {args.threads} thread(s), {args.iterations} steps x "
+          f"{args.repeats} repeats (min / median, ms)")
+    for key, label in (("plain", "plain forward+backward (pixel grad)"),
+                       ("plain_params", "plain forward+backward (+param grads)"),
+                       ("zeroq", "zeroq iteration"), ("dsg", "dsg iteration")):
+        print(f"  {label:40s} {best[key] * 1e3:8.2f}  {med[key] * 1e3:8.2f}")
+    for key in ("zeroq", "dsg"):
+        print(f"ratio {key} / plain: {best[key] / best['plain']:.3f} (min)  "
+              f"{med[key] / med['plain']:.3f} (median)   goal <= 1.3")
+
+
+if __name__ == "__main__":
+    main()

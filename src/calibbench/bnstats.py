@@ -1,0 +1,328 @@
+"""BatchNorm statistics: what a network's BN layers expect, and what a batch actually feeds them.
+
+Every BN-statistics method (ZeroQ, DSG, and later FDDA, ClusterQ, PLF) compares the channel
+mean/std of a BN layer's *input* with that layer's running statistics. Hooking the BN modules
+themselves (a forward pre-hook reading ``input[0]``) finds exactly those tensors in any
+architecture; the reference code's positional pairing of the k-th conv with the k-th BN breaks as
+soon as a network has a conv without a BN or a BN that does not follow a conv.
+
+The recorder computes the statistics inside the hook, so each BN input is reduced to N×C numbers
+as soon as it is produced; with ``detach=False`` those numbers stay on the autograd graph and a
+loss built from them reaches the input pixels (or a generator).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from calibbench.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+BN_TYPES: tuple[type[_BatchNorm], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def find_bn_layers(model: nn.Module,
+                   layer_types: Sequence[type[_BatchNorm]] = (nn.BatchNorm2d,),
+                   names: Optional[Sequence[str]] = None) -> list[tuple[str, _BatchNorm]]:
+    """The BN layers (in ``named_modules`` order, which is forward order for the usual zoo models)
+    of the given types that carry running statistics, optionally restricted to ``names``.
+
+    Raises ConfigError naming the model class when none is found, because every BN-statistics
+    strategy is meaningless on such a network.
+    """
+    types = tuple(layer_types)
+    found: list[tuple[str, _BatchNorm]] = []
+    skipped: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, types):
+            if module.running_mean is None or module.running_var is None:
+                skipped.append(name)  # track_running_stats=False: nothing to match
+                continue
+            found.append((name, module))
+    if names is not None:
+        wanted = list(names)
+        by_name = dict(found)
+        missing = [n for n in wanted if n not in by_name]
+        if missing:
+            raise ConfigError(f"{type(model).__name__} has no BatchNorm layer(s) with running statistics "
+                              f"named {missing[:5]}; available: {[n for n, _ in found][:10]}")
+        found = [(n, by_name[n]) for n in wanted]
+    if skipped:
+        log.warning("%d BatchNorm layer(s) without running statistics ignored: %s", len(skipped),
+                    ", ".join(skipped[:5]))
+    if not found:
+        kinds = ", ".join(t.__name__ for t in types)
+        raise ConfigError(
+            f"model {type(model).__name__} has no BatchNorm layers with running statistics (looked for "
+            f"{kinds}); BN-statistics strategies (zeroq, dsg, fdda, clusterq, plf) need a network with "
+            f"BatchNorm. Use a real-data strategy such as random for this model")
+    return found
+
+
+@dataclass(frozen=True)
+class BNTargets:
+    """Per-layer BN running statistics: ``running_mean`` and ``sqrt(running_var + eps)``."""
+
+    names: list[str]
+    mean: list[Tensor]
+    std: list[Tensor]
+
+    @property
+    def channels(self) -> list[int]:
+        return [int(m.numel()) for m in self.mean]
+
+    def flat(self) -> tuple[Tensor, Tensor]:
+        """All layers' targets concatenated (ΣC,): losses over every layer become one tensor op."""
+        return torch.cat(self.mean), torch.cat(self.std)
+
+    def layer_index(self) -> Tensor:
+        """For each concatenated channel, the index of its layer (ΣC,) — for per-layer sums."""
+        return torch.repeat_interleave(torch.arange(len(self.names)), torch.tensor(self.channels))
+
+
+def bn_targets(layers: Sequence[tuple[str, _BatchNorm]], device: Optional[torch.device] = None,
+               eps: Optional[float] = None) -> BNTargets:
+    """Detached copies of the running statistics (the model is never modified through them)."""
+    means, stds = [], []
+    for _, bn in layers:
+        e = bn.eps if eps is None else eps
+        means.append(bn.running_mean.detach().clone().float().to(device))  # type: ignore[union-attr]
+        stds.append(torch.sqrt(bn.running_var.detach().float() + e).to(device))  # type: ignore[union-attr]
+    return BNTargets([n for n, _ in layers], means, stds)
+
+
+class _SpatialMoments(torch.autograd.Function):
+    """Per-(image, channel) mean and variance over the spatial positions, fused.
+
+    ``torch.var_mean`` over (H, W) is a slow Welford reduction on CPU and its backward takes
+    several passes; here the forward is two vectorized reductions (sum and L2 norm) and the
+    backward one multiply-add — about 5× faster for a resnet20 batch, which is what keeps a
+    synthesis step close to the cost of the forward/backward pass itself (benchmarks/).
+    The variance is E[x²] − mean², formed in float64 from the float32 reductions; it is exact
+    enough unless |mean| exceeds std by several orders of magnitude, and clamped at 0.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, correction: int) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+        flat = x.flatten(2)
+        n = flat.shape[-1]
+        total = flat.sum(-1)
+        norm = torch.linalg.vector_norm(flat, dim=-1)
+        mean = total / n
+        var = (norm.double().pow(2) - total.double() * mean.double()) / (n - correction)
+        ctx.save_for_backward(x, mean)
+        ctx.n, ctx.correction = n, correction
+        return mean, var.to(x.dtype).clamp_min(0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_mean: Tensor, grad_var: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
+        x, mean = ctx.saved_tensors
+        scale = grad_var * (2.0 / (ctx.n - ctx.correction))
+        shift = grad_mean / ctx.n - scale * mean
+        shape = (*scale.shape, *([1] * (x.dim() - 2)))
+        return (x * scale.view(shape)).add_(shift.view(shape)), None
+
+
+def spatial_moments(x: Tensor, correction: int = 1) -> tuple[Tensor, Tensor]:
+    """(mean, var), each N×C, of an (N, C, *spatial) tensor over its spatial positions.
+
+    ``correction`` as in ``torch.var`` (1 = unbiased); it falls back to 0 where a channel has a
+    single value (1×1 maps), and an (N, C) input has one value per image and channel (var 0).
+    """
+    if x.dim() == 2:
+        return x, torch.zeros_like(x)
+    count = x[0, 0].numel()
+    return _SpatialMoments.apply(x, correction if count > correction else 0)
+
+
+def channel_stats(x: Tensor, per_image: bool = True, correction: int = 1, eps: float = 1e-5
+                  ) -> tuple[Tensor, Tensor]:
+    """Channel mean and ``sqrt(var + eps)`` of an (N, C, *spatial) tensor.
+
+    ``per_image``: statistics over the spatial positions of each image (N×C), as ZeroQ and DSG
+    compare them; otherwise over batch and positions (C,), as a BN layer in training mode sees
+    them. ``correction=1`` is the unbiased variance (``torch.var``'s default, which the ZeroQ code
+    uses); it falls back to 0 where a channel has a single value.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"channel_stats needs (N, C, ...) input, got shape {tuple(x.shape)}")
+    count = x[0, 0].numel()
+    corr = correction if count > correction else 0
+    mean, var = spatial_moments(x, corr)
+    if per_image:
+        return mean, torch.sqrt(var + eps)
+    var_b = var * ((count - corr) / count) if corr else var
+    return _pooled(mean, var_b, count, correction, eps)
+
+
+def _pooled(mean: Tensor, var_biased: Tensor, count: int, correction: int, eps: float
+            ) -> tuple[Tensor, Tensor]:
+    """Batch channel mean and std from per-image ones (law of total variance): the batch
+    statistics come from the same single read of the activations as the per-image ones."""
+    bmean = mean.mean(0)
+    bvar = var_biased.mean(0) + (mean - bmean).pow(2).mean(0)
+    total = count * mean.shape[0]
+    if correction and total > correction:
+        bvar = bvar * (total / (total - correction))
+    return bmean, torch.sqrt(bvar + eps)
+
+
+class BNStatsRecorder:
+    """Forward pre-hooks on BN layers that record the channel statistics of each layer's input.
+
+    Use as a context manager: hooks are installed on enter and removed on exit, also when the
+    body raises. After each forward pass, :meth:`image_stats` / :meth:`batch_stats` hold one
+    entry per layer, in the order of :attr:`names`; :meth:`clear` forgets them.
+
+    - ``layer_types`` / ``names`` / ``layers``: which BN layers (``layers`` wins, e.g. a slice of
+      :func:`find_bn_layers` for "the deep layers only").
+    - ``per_image`` (N×C) and/or ``per_batch`` (C,): when both are asked for, the batch statistics
+      are derived from the per-image ones (law of total variance), so each input is read once.
+    - ``detach``: statistics without autograd history (selection, margins, monitoring); the
+      default keeps the graph so a loss on them has a gradient.
+    - ``eps``: added to the variance before the square root; ``None`` uses each BN layer's own
+      ``eps``, the value the layer itself normalizes with, and the one :meth:`targets` uses.
+    """
+
+    def __init__(self, model: nn.Module, *, layer_types: Sequence[type[_BatchNorm]] = (nn.BatchNorm2d,),
+                 names: Optional[Sequence[str]] = None,
+                 layers: Optional[Sequence[tuple[str, _BatchNorm]]] = None,
+                 per_image: bool = True, per_batch: bool = False, detach: bool = False,
+                 correction: int = 1, eps: Optional[float] = None) -> None:
+        if not (per_image or per_batch):
+            raise ValueError("BNStatsRecorder: ask for per_image and/or per_batch statistics")
+        self.model = model
+        self.layers = list(layers) if layers is not None else find_bn_layers(model, layer_types, names)
+        if not self.layers:
+            raise ConfigError(f"model {type(model).__name__}: no BatchNorm layers selected")
+        self.names = [n for n, _ in self.layers]
+        self.per_image, self.per_batch, self.detach = per_image, per_batch, detach
+        self.correction, self.eps = correction, eps
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._image: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(self.layers)
+        self._batch: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(self.layers)
+        self._calls = [0] * len(self.layers)
+        self._warned_reuse = False
+
+    # -- hooks ------------------------------------------------------------------------------
+    def __enter__(self) -> "BNStatsRecorder":
+        self.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def install(self) -> None:
+        if self._handles:
+            return
+        for i, (_, bn) in enumerate(self.layers):
+            self._handles.append(bn.register_forward_pre_hook(self._make_hook(i, bn)))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def _make_hook(self, index: int, bn: _BatchNorm):  # noqa: ANN202 - torch hook signature
+        eps = bn.eps if self.eps is None else self.eps
+
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            x = inputs[0]
+            if self._calls[index] and not self._warned_reuse:
+                log.warning("BatchNorm layer %r ran more than once in one forward pass; its "
+                            "statistics are those of the last call", self.names[index])
+                self._warned_reuse = True
+            self._calls[index] += 1
+            if self.detach:
+                with torch.no_grad():
+                    self._record(index, x.detach(), eps)
+            else:
+                self._record(index, x, eps)
+
+        return hook
+
+    def _record(self, index: int, x: Tensor, eps: float) -> None:
+        x = x.float()
+        count = x[0, 0].numel()
+        corr = self.correction if count > self.correction else 0
+        mean, var = spatial_moments(x, corr)
+        if self.per_image:
+            self._image[index] = (mean, torch.sqrt(var + eps))
+        if self.per_batch:
+            var_b = var * ((count - corr) / count) if corr else var  # biased per-image variance
+            self._batch[index] = _pooled(mean, var_b, count, self.correction, eps)
+
+    # -- results ----------------------------------------------------------------------------
+    def clear(self) -> None:
+        """Forget the last forward pass (call before each one, so a skipped layer is caught)."""
+        self._image = [None] * len(self.layers)
+        self._batch = [None] * len(self.layers)
+        self._calls = [0] * len(self.layers)
+
+    def _collect(self, slots: list[Optional[tuple[Tensor, Tensor]]], what: str
+                 ) -> list[tuple[Tensor, Tensor]]:
+        missing = [self.names[i] for i, s in enumerate(slots) if s is None]
+        if missing:
+            if len(missing) == len(slots) and not self._handles:
+                raise RuntimeError("BNStatsRecorder: hooks are not installed (use it as a context manager)")
+            raise RuntimeError(f"no {what} statistics recorded for BatchNorm layer(s) {missing[:5]}: they did "
+                               f"not run in the last forward pass (or the recorder was not asked for {what} "
+                               f"statistics)")
+        return slots  # type: ignore[return-value]
+
+    def image_stats(self) -> list[tuple[Tensor, Tensor]]:
+        """Per layer: (mean, std), each N×C, of the BN input of every image."""
+        return self._collect(self._image, "per-image")
+
+    def batch_stats(self) -> list[tuple[Tensor, Tensor]]:
+        """Per layer: (mean, std), each (C,), of the BN input over the whole batch."""
+        return self._collect(self._batch, "per-batch")
+
+    def flat_image_stats(self) -> tuple[Tensor, Tensor]:
+        """Per-image statistics of every layer side by side (N×ΣC), aligned with
+        :meth:`BNTargets.flat`: one tensor op then covers all layers."""
+        stats = self.image_stats()
+        return torch.cat([m for m, _ in stats], 1), torch.cat([s for _, s in stats], 1)
+
+    def flat_batch_stats(self) -> tuple[Tensor, Tensor]:
+        stats = self.batch_stats()
+        return torch.cat([m for m, _ in stats]), torch.cat([s for _, s in stats])
+
+    def targets(self, device: Optional[torch.device] = None) -> BNTargets:
+        """The running statistics of the recorded layers, with the same ``eps`` as the recorder."""
+        return bn_targets(self.layers, device, self.eps)
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no parameter gradients for the body; both restored afterwards.
+
+    Eval mode keeps BN layers normalizing with (and not updating) their running statistics, so a
+    synthesis loop reads the model without changing it; frozen parameters mean a backward pass
+    computes only the input gradient.
+    """
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for p, _ in grads:
+            p.requires_grad_(False)
+        model.eval()
+        yield model
+    finally:
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        for m, flag in modes:
+            m.training = flag

@@ -1,0 +1,526 @@
+"""``selectq``: calibration-data selection by dynamic clustering of activation statistics.
+
+SelectQ (Zhang et al., Machine Intelligence Research 2025, ``papers/000_8e5482a96f4fddd0.txt``,
+section 4) has no public code; this is the first implementation. What the paper fixes:
+
+* statistics of every weight-layer (Conv2d/Linear) *output*, per image: layer-wise mean μ and
+  standard deviation σ (channel-wise is mentioned as a variant: ``stats=channel``);
+* Knowledge Distance to a centroid C: ``D = ||μ_C − μ||² + γ||σ_C − σ||²`` (eq. 2), γ = 1;
+* K = 10 centroids per layer initialised from the statistics of K uniformly random inputs;
+* one epoch over the training set; for every image and layer the *nearest* centroid moves,
+  with a step λ_t cosine-annealed over the batches (eq. 4), λ_max = 0.1, λ_min = 0.001;
+* score ``S = Σ_layers min_j D(C_j)`` with the final centroids (eq. 5); no backward pass, no BN
+  parameters (the model stays in eval mode, its BN running statistics are never touched).
+
+Where the paper is ambiguous, each reading is a config switch (defaults first; docs/selectq.md
+has the reasoning):
+
+* ``update_rule``: ``toward_mean`` ``C ← C + λ_t (s − C)`` (moves the centroid toward the
+  statistics, as the text and Fig. 5 describe) | ``literal`` ``C ← C + λ_t s`` (eq. 3 as printed;
+  the centroids grow without bound — kept reachable so the divergence can be shown).
+* ``update_mode``: ``batch_mean`` (each centroid moves toward the mean of the statistics assigned
+  to it in the batch — one step per batch, t counts batches; centroids with no assignment stay)
+  | ``per_image`` (the images of a batch update one after another with the batch's λ_t; each
+  assignment sees the centroids the previous image left).
+  In ``batch_mean`` + ``literal`` the "s" is the mean of the assigned statistics.
+* ``anneal_t_max``: ``last_batch`` (t_max = number of batches − 1: λ_0 = λ_max and the last batch
+  gets λ_min exactly) | ``num_batches`` (the text's "t_max is the total amount of batches" with
+  t = 0..T−1: the last step stays slightly above λ_min). A single batch gets λ_max. The text
+  also says λ_min is "the beginning" while eq. 4 starts at λ_max; we follow the formula — the
+  text's reading is reachable by swapping the two values.
+* ``select``: ``lowest`` | ``highest``. The paper says the highest scores are picked; its
+  motivation (filter out images with outlier statistics, Figs. 3 and 8) points to the lowest.
+  The default is ``lowest`` until it is decided by measurement.
+* ``stats``: ``layer`` (one μ, σ per layer: the paper's choice) | ``channel`` (one per channel;
+  distances are summed over the channels of a layer, as the squared L2 norm of eq. 2 reads).
+  Channel statistics of an output with no spatial extent (a Linear layer, an SE block's 1×1
+  conv) are the value itself with σ = 0.
+* ``shuffle``: the pool is traversed in a seeded random order (what a ``shuffle=True`` training
+  loader does). ``false`` traverses in dataset order, which for a class-sorted ImageFolder drags
+  the annealed centroids toward the last classes.
+* ``pool_size``: a seeded random subset of the train split (``null`` → ``budget.pool_size``,
+  ``null`` there too → the whole split — the paper's setting).
+
+Fixed decisions (not switches): σ is the population std (correction 0 — the per-channel σ of a
+1×1 output would be NaN otherwise), computed in two passes (mean, then the norm of the
+centred tensor) for accuracy; ties go to the lower centroid index and, in the ranking, to the
+lower dataset index; the K random inputs are drawn in [0, 1] pixel space with
+``ctx.generator()`` and mapped through the model's normalization.
+
+One traversal, not two: every image's statistics (2 floats per layer in ``layer`` mode) are
+kept from the update pass and ranked once the centroids are final, which gives exactly the
+scores of the paper's second traversal (the model is unchanged between the passes).
+
+``info["indices"]`` are train-split indices in **rank order** (best first), aligned with
+``info["scores"]`` and with the returned images and labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from calibbench.config import ConfigError, StrategyConfig, check_choice
+from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext, register
+from calibbench.strategies.random import check_pool
+
+log = logging.getLogger(__name__)
+
+STATS = ("layer", "channel")
+UPDATE_RULES = ("toward_mean", "literal")
+UPDATE_MODES = ("batch_mean", "per_image")
+ANNEAL_T_MAX = ("last_batch", "num_batches")
+SELECT = ("lowest", "highest")
+# Offsets of ctx.generator(): independent streams for the random init inputs, the pool subset
+# and the traversal order, so changing one setting does not reshuffle the others.
+_GEN_INIT, _GEN_POOL, _GEN_ORDER = 0, 1, 2
+_CHUNK_ELEMENTS = 1 << 24  # distance tensors are computed in chunks of at most this many floats
+_QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
+
+
+@dataclass
+class SelectQConfig(StrategyConfig):
+    name: str = "selectq"
+    num_centroids: int = 10  # K per layer (paper: 10)
+    gamma: float = 1.0  # weight of the σ term in the Knowledge Distance (eq. 2)
+    lambda_max: float = 0.1  # λ at the first batch (eq. 4)
+    lambda_min: float = 0.001  # λ at the last batch
+    anneal_t_max: str = "last_batch"  # last_batch | num_batches
+    stats: str = "layer"  # layer | channel
+    update_rule: str = "toward_mean"  # toward_mean | literal
+    update_mode: str = "batch_mean"  # batch_mean | per_image
+    select: str = "lowest"  # lowest | highest
+    pool_size: Optional[int] = None  # None → budget.pool_size → whole train split
+    shuffle: bool = True  # seeded random traversal order of the pool
+    batch_size: Optional[int] = None  # forward batch; None → budget.eval_batch_size
+
+
+def validate(cfg: Any) -> None:
+    """Range and choice checks with one readable message (Hydra only checks types)."""
+    check_choice("strategy.stats", cfg.stats, STATS)
+    check_choice("strategy.update_rule", cfg.update_rule, UPDATE_RULES)
+    check_choice("strategy.update_mode", cfg.update_mode, UPDATE_MODES)
+    check_choice("strategy.anneal_t_max", cfg.anneal_t_max, ANNEAL_T_MAX)
+    check_choice("strategy.select", cfg.select, SELECT)
+    if cfg.num_centroids < 1:
+        raise ConfigError(f"strategy.num_centroids={cfg.num_centroids} must be >= 1")
+    for key in ("gamma", "lambda_max", "lambda_min"):
+        value = getattr(cfg, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"strategy.{key}={value} must be a finite number >= 0")
+    for key in ("pool_size", "batch_size"):
+        value = getattr(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"strategy.{key}={value} must be >= 1 or null")
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics: flat layout
+#
+# An image's statistics are one vector of F floats: the μ entries of all layers, then the σ
+# entries in the same order (F = 2 × Σ_l c_l, c_l = 1 in layer mode, the channel count in channel
+# mode). The K centroids of every layer live in one (K, F) tensor: row j holds centroid j of each
+# layer. ``segment`` maps each entry to its layer, ``weight`` is 1 for μ and γ for σ entries. This
+# keeps the per-batch clustering work to a handful of tensor ops whatever the number of layers.
+
+
+@dataclass
+class StatsLayout:
+    """Which layer each entry of a statistics vector belongs to, and its distance weight."""
+
+    names: list[str]  # one per hooked output, in execution order
+    channels: list[int]  # entries per layer in the μ half (1 in layer mode)
+    segment: torch.Tensor  # (F,) long: layer of each entry
+    weight: torch.Tensor  # (F,) float: 1 for μ entries, γ for σ entries
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.names)
+
+    @property
+    def half(self) -> int:
+        """Number of μ entries (the σ entries follow)."""
+        return int(sum(self.channels))
+
+    @classmethod
+    def build(cls, names: Sequence[str], channels: Sequence[int], gamma: float) -> "StatsLayout":
+        seg = torch.repeat_interleave(torch.arange(len(channels)), torch.tensor(list(channels)))
+        half = int(seg.numel())
+        weight = torch.cat([torch.ones(half), torch.full((half,), float(gamma))])
+        return cls(list(names), list(channels), torch.cat([seg, seg]), weight)
+
+    def to(self, device: torch.device) -> "StatsLayout":
+        return StatsLayout(self.names, self.channels, self.segment.to(device), self.weight.to(device))
+
+
+class ActivationStats:
+    """Forward hooks on every Conv2d/Linear that record per-image (μ, σ) of the layer output.
+
+    Used as a context manager so the hooks never outlive the selection. Per layer the hook does
+    two reductions (mean, then the norm of the centred output): ``torch.var_mean`` is Welford
+    and measured ~8× slower here, and E[x²] − E[x]² cancels badly when |μ| ≫ σ.
+    """
+
+    def __init__(self, model: nn.Module, stats: str = "layer") -> None:
+        check_choice("strategy.stats", stats, STATS)
+        self.model = model
+        self.channelwise = stats == "channel"
+        self.modules = [(name, m) for name, m in model.named_modules()
+                        if isinstance(m, (nn.Conv2d, nn.Linear))]
+        if not self.modules:
+            raise ConfigError(f"SelectQ needs Conv2d/Linear layers; {type(model).__name__} has none")
+        self._handles: list[Any] = []
+        self._mu: list[torch.Tensor] = []
+        self._sigma: list[torch.Tensor] = []
+        self._names: list[str] = []
+        self.names: Optional[list[str]] = None
+        self.channels: Optional[list[int]] = None
+
+    def __enter__(self) -> "ActivationStats":
+        for name, module in self.modules:
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):  # noqa: ANN202 - a forward hook
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            mu, sigma = self.reduce(output)
+            self._mu.append(mu)
+            self._sigma.append(sigma)
+            self._names.append(name)
+        return hook
+
+    def reduce(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(μ, σ) of one layer output, each (B, c): c = 1 (layer) or the channel count."""
+        y = y.detach().float()
+        b = y.shape[0]
+        if not self.channelwise:
+            x = y.reshape(b, -1)
+        elif y.dim() == 2:  # Linear (B, F): each channel is a single value
+            return y, torch.zeros_like(y)
+        elif y.dim() == 4:  # Conv2d (B, C, H, W)
+            x = y.reshape(b, y.shape[1], -1)
+        else:  # Linear on (B, ..., F): the channel is the last dim
+            x = y.reshape(b, -1, y.shape[-1]).transpose(1, 2)
+        mu = x.mean(-1, keepdim=True)
+        sigma = torch.linalg.vector_norm(x - mu, dim=-1) / math.sqrt(x.shape[-1])
+        return mu.reshape(b, -1), sigma.reshape(b, -1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Run the model on ``images`` and return their (B, F) statistics (on the images' device)."""
+        self._mu.clear()
+        self._sigma.clear()
+        self._names.clear()
+        self.model(images)
+        if self.names is None:  # the first forward fixes the layout
+            self.names = list(self._names)
+            self.channels = [int(m.shape[1]) for m in self._mu]
+        elif self._names != self.names:
+            raise RuntimeError(f"the hooked layers changed between forward passes "
+                               f"({len(self._names)} outputs, expected {len(self.names)})")
+        out = torch.cat(self._mu + self._sigma, dim=1)
+        self._mu.clear()
+        self._sigma.clear()
+        return out
+
+    def layout(self, gamma: float) -> StatsLayout:
+        if self.names is None or self.channels is None:
+            raise RuntimeError("layout is known after the first forward pass")
+        return StatsLayout.build(self.names, self.channels, gamma)
+
+
+# ----------------------------------------------------------------------------------------------
+# The clustering maths: pure functions of tensors, tested on hand-made numbers.
+
+
+def lambda_schedule(num_batches: int, lambda_max: float, lambda_min: float,
+                    t_max: str = "last_batch") -> list[float]:
+    """λ_t = λ_min + ½(λ_max − λ_min)(1 + cos(π t / t_max)) for t = 0 … num_batches − 1 (eq. 4)."""
+    check_choice("strategy.anneal_t_max", t_max, ANNEAL_T_MAX)
+    if num_batches < 1:
+        return []
+    denominator = num_batches - 1 if t_max == "last_batch" else num_batches
+    if denominator == 0:  # one batch: t / t_max := 0
+        return [float(lambda_max)]
+    return [lambda_min + 0.5 * (lambda_max - lambda_min) * (1.0 + math.cos(math.pi * t / denominator))
+            for t in range(num_batches)]
+
+
+def knowledge_distance(stats: torch.Tensor, centroids: torch.Tensor, layout: StatsLayout
+                       ) -> torch.Tensor:
+    """D[b, k, l] = Σ_{μ entries of l} (μ_C − μ)² + γ Σ_{σ entries of l} (σ_C − σ)² (eq. 2).
+
+    ``stats`` (B, F), ``centroids`` (K, F) → (B, K, L). Chunked over B to bound memory.
+    """
+    b, f = stats.shape
+    k = centroids.shape[0]
+    out = stats.new_zeros(b, k, layout.num_layers)
+    seg, weight = layout.segment.to(stats.device), layout.weight.to(stats.device)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, k * f))
+    for start in range(0, b, chunk):
+        diff = stats[start:start + chunk, None, :] - centroids[None]
+        out[start:start + chunk].index_add_(2, seg, diff.square_().mul_(weight))
+    return out
+
+
+def assign(stats: torch.Tensor, centroids: torch.Tensor, layout: StatsLayout
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid per image and layer: (assignment (B, L) long, its distance (B, L))."""
+    dist = knowledge_distance(stats, centroids, layout)
+    best, idx = dist.min(dim=1)  # ties → the lower centroid index
+    return idx, best
+
+
+def update_centroids(centroids: torch.Tensor, stats: torch.Tensor, assignment: torch.Tensor,
+                     lam: float, layout: StatsLayout, rule: str = "toward_mean") -> torch.Tensor:
+    """One batched update: each centroid moves by λ toward (``toward_mean``) — or by λ times
+    (``literal``) — the mean of the statistics assigned to it; unassigned centroids stay.
+
+    ``centroids`` (K, F), ``stats`` (B, F), ``assignment`` (B, L). Returns a new tensor.
+    """
+    check_choice("strategy.update_rule", rule, UPDATE_RULES)
+    k, f = centroids.shape
+    seg = layout.segment.to(stats.device)
+    per_entry = assignment[:, seg]  # (B, F): the centroid index of each entry's layer
+    sums = stats.new_zeros(k, f).scatter_add_(0, per_entry, stats)
+    counts = stats.new_zeros(k, layout.num_layers).scatter_add_(
+        0, assignment, torch.ones_like(assignment, dtype=stats.dtype))[:, seg]
+    mean = sums / counts.clamp(min=1)
+    step = (mean - centroids) if rule == "toward_mean" else mean
+    return torch.where(counts > 0, centroids + lam * step, centroids)
+
+
+def update_centroids_per_image(centroids: torch.Tensor, stats: torch.Tensor, lam: float,
+                               layout: StatsLayout, rule: str = "toward_mean") -> torch.Tensor:
+    """Sequential update: image by image, the nearest centroid of each layer moves
+    (``C + λ(s − C)`` or ``C + λ s``); later images see the earlier moves. Returns a new tensor."""
+    check_choice("strategy.update_rule", rule, UPDATE_RULES)
+    out = centroids.clone()
+    seg = layout.segment.to(stats.device)
+    cols = torch.arange(out.shape[1], device=out.device)
+    for row in stats:
+        idx, _ = assign(row[None], out, layout)
+        rows = idx[0, seg]
+        current = out[rows, cols]
+        step = (row - current) if rule == "toward_mean" else row
+        out[rows, cols] = current + lam * step
+    return out
+
+
+def layer_shift(before: torch.Tensor, after: torch.Tensor, layout: StatsLayout) -> float:
+    """Mean over layers of the Frobenius norm of the change of that layer's K centroids."""
+    sq = (after - before).square().sum(0)
+    per_layer = sq.new_zeros(layout.num_layers).index_add_(0, layout.segment.to(sq.device), sq)
+    return float(per_layer.sqrt().mean())
+
+
+def score(stats: torch.Tensor, centroids: torch.Tensor, layout: StatsLayout
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """S = Σ_l min_j D(C_l^j) per image (eq. 5) and the per-layer nearest centroid (B, L)."""
+    idx, best = assign(stats, centroids, layout)
+    return best.sum(1), idx
+
+
+def score_pool(stats: torch.Tensor, centroids: torch.Tensor, layout: StatsLayout,
+               chunk: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of the whole pool and the per-layer cluster sizes (L, K), in chunks of rows so an
+    ImageNet-sized pool never materialises its (N, K, L) distances or (N, L) assignments."""
+    k = centroids.shape[0]
+    scores = stats.new_empty(stats.shape[0])
+    sizes = torch.zeros(layout.num_layers, k, dtype=torch.long)
+    for start in range(0, stats.shape[0], chunk):
+        total, idx = score(stats[start:start + chunk], centroids, layout)
+        scores[start:start + chunk] = total
+        sizes.scatter_add_(1, idx.t().cpu(), torch.ones(idx.t().shape, dtype=torch.long))
+    return scores, sizes
+
+
+def rank(scores: torch.Tensor, n: int, select: str) -> torch.Tensor:
+    """Positions of the ``n`` lowest or highest scores, best first; ties → lower position."""
+    check_choice("strategy.select", select, SELECT)
+    order = torch.sort(scores, descending=(select == "highest"), stable=True).indices
+    return order[:n]
+
+
+# ----------------------------------------------------------------------------------------------
+# Pool and traversal
+
+
+def resolve_pool_size(cfg: Any, ctx: StrategyContext) -> Optional[int]:
+    return cfg.pool_size if cfg.pool_size is not None else ctx.budget.pool_size
+
+
+def pool_and_order(ctx: StrategyContext, pool_size: Optional[int], shuffle: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pool, order): the pool's train indices sorted ascending, and the traversal order as
+    positions into ``pool``. Seeded; the benchmark reuses it to time the same loader."""
+    n_train = len(ctx.data.train)  # type: ignore[arg-type]
+    if pool_size is None or pool_size >= n_train:
+        pool = torch.arange(n_train)
+    else:
+        pool = torch.randperm(n_train, generator=ctx.generator(_GEN_POOL))[:pool_size].sort().values
+    if shuffle:
+        order = torch.randperm(len(pool), generator=ctx.generator(_GEN_ORDER))
+    else:
+        order = torch.arange(len(pool))
+    return pool, order
+
+
+def random_inputs(ctx: StrategyContext, k: int) -> torch.Tensor:
+    """K images with U(0, 1) pixels (seeded), in the model's normalized input space."""
+    size = ctx.data.input_size
+    pixels = torch.rand(k, 3, size, size, generator=ctx.generator(_GEN_INIT))
+    return ctx.data.normalize(pixels).to(ctx.device)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClusteringResult:
+    """Everything the single pass produces; ranking needs only ``stats`` and ``centroids``."""
+
+    pool: torch.Tensor  # (N,) train indices, ascending
+    stats: torch.Tensor  # (N, F) per-image statistics, rows aligned with ``pool``
+    init_centroids: torch.Tensor  # (K, F)
+    centroids: torch.Tensor  # (K, F) final
+    layout: StatsLayout
+    lambdas: list[float]
+    shifts: list[float] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@register("selectq", SelectQConfig)
+class SelectQ(Strategy):
+    """Rank the pool by distance to activation-statistics centroids learned in one pass."""
+
+    def calibration_set(self, ctx: StrategyContext) -> CalibrationSet:
+        cfg = self.cfg
+        validate(cfg)
+        pool_size = resolve_pool_size(cfg, ctx)
+        pool, order = pool_and_order(ctx, pool_size, cfg.shuffle)
+        what = (f"the SelectQ pool (pool_size={pool_size})" if pool_size is not None
+                else "the train split")
+        check_pool(ctx.num_samples, len(pool), what)
+
+        result = self.cluster(ctx, pool, order)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            scores, sizes = score_pool(result.stats, result.centroids, result.layout)
+            chosen = rank(scores, ctx.num_samples, cfg.select)
+        result.seconds["rank"] = time.perf_counter() - t0
+        indices = pool[chosen].tolist()
+
+        t0 = time.perf_counter()
+        images, labels = ctx.data.load(indices, "train", ctx.budget.calib_batch_size)
+        result.seconds["load"] = time.perf_counter() - t0
+        info = self._info(ctx, result, scores, sizes, chosen, indices, labels)
+        log.info("selectq: %d of %d images (%s scores %.4g … %.4g), %d layers, %.1fs pass",
+                 len(indices), len(pool), cfg.select, info["scores"][0], info["scores"][-1],
+                 result.layout.num_layers, result.seconds["pass"])
+        return CalibrationSet(images, labels, info)
+
+    def cluster(self, ctx: StrategyContext, pool: torch.Tensor, order: torch.Tensor
+                ) -> ClusteringResult:
+        """Init the centroids, traverse the pool once updating them, keep every image's stats."""
+        cfg = self.cfg
+        batch_size = cfg.batch_size or ctx.budget.eval_batch_size
+        num_batches = math.ceil(len(pool) / batch_size)
+        lambdas = lambda_schedule(num_batches, cfg.lambda_max, cfg.lambda_min, cfg.anneal_t_max)
+        model = ctx.model
+        was_training = model.training
+        model.eval()  # BN uses its running statistics and never updates them
+        try:
+            with ActivationStats(model, cfg.stats) as tap, torch.inference_mode():
+                t0 = time.perf_counter()
+                centroids = tap(random_inputs(ctx, cfg.num_centroids))
+                layout = tap.layout(cfg.gamma).to(centroids.device)
+                init = centroids.clone()
+                seconds = {"init": time.perf_counter() - t0}
+                _warn_memory(len(pool), centroids.shape[1])
+                stats = torch.empty(len(pool), centroids.shape[1])
+                shifts: list[float] = []
+                t0 = time.perf_counter()
+                loader = ctx.data.loader(ctx.data.train, batch_size, pool[order].tolist())
+                bar = tqdm(total=len(pool), unit="img", desc="selectq", disable=not ctx.progress,
+                           leave=False)
+                start = 0
+                for t, (images, _) in enumerate(loader):
+                    batch = tap(images.to(ctx.device, non_blocking=True))
+                    before = centroids
+                    if cfg.update_mode == "batch_mean":
+                        idx, _ = assign(batch, centroids, layout)
+                        centroids = update_centroids(centroids, batch, idx, lambdas[t], layout,
+                                                     cfg.update_rule)
+                    else:
+                        centroids = update_centroids_per_image(centroids, batch, lambdas[t],
+                                                               layout, cfg.update_rule)
+                    shifts.append(layer_shift(before, centroids, layout))
+                    stop = start + batch.shape[0]
+                    stats[order[start:stop]] = batch.cpu()  # one device→host copy per batch
+                    start = stop
+                    bar.update(batch.shape[0])
+                bar.close()
+                seconds["pass"] = time.perf_counter() - t0
+        finally:
+            model.train(was_training)
+        if start != len(pool):
+            raise RuntimeError(f"the loader yielded {start} images for a pool of {len(pool)}")
+        return ClusteringResult(pool, stats, init.cpu(), centroids.cpu(), layout.to(torch.device("cpu")),
+                                lambdas, shifts, seconds)
+
+    def _info(self, ctx: StrategyContext, r: ClusteringResult, scores: torch.Tensor,
+              sizes: torch.Tensor, chosen: torch.Tensor, indices: list[int],
+              labels: torch.Tensor) -> dict[str, Any]:
+        """JSON-ready summary: small per-layer tables, per-batch scalars, pool quantiles."""
+        cfg = self.cfg
+        layout, half = r.layout, r.layout.half
+        seg = layout.segment[:half]
+        channels = torch.tensor(layout.channels, dtype=torch.float32)
+        # (K, L) tables: the value itself in layer mode, the mean over channels in channel mode
+        mu, sigma = (part.new_zeros(part.shape[0], layout.num_layers).index_add_(1, seg, part)
+                     / channels for part in (r.centroids[:, :half], r.centroids[:, half:]))
+        centroids = [{"layer": name, "mu": m, "sigma": s}
+                     for name, m, s in zip(layout.names, mu.t().tolist(), sigma.t().tolist())]
+        q = torch.tensor(_QUANTILES, dtype=torch.float64)
+        quantiles = torch.quantile(scores.double(), q).tolist()
+        return {
+            "indices": indices,  # train-split indices, rank order (best first)
+            "indices_order": "rank (best first)",
+            "scores": scores[chosen].tolist(),
+            "select": cfg.select,
+            "pool_size": len(r.pool),
+            "num_layers": layout.num_layers,
+            "stats": cfg.stats,
+            "centroids": centroids,
+            "centroids_reduced": "none" if cfg.stats == "layer" else "channel_mean",
+            "cluster_sizes": sizes.tolist(),
+            "centroid_shift": r.shifts,
+            "centroid_norm": {"init": float(r.init_centroids.norm()),
+                              "final": float(r.centroids.norm())},
+            "lambda": {"max": cfg.lambda_max, "min": cfg.lambda_min,
+                       "first": r.lambdas[0], "last": r.lambdas[-1],
+                       "num_batches": len(r.lambdas)},
+            "pool_score_quantiles": {f"{qq:g}": v for qq, v in zip(_QUANTILES, quantiles)},
+            "class_counts": torch.bincount(labels, minlength=ctx.data.num_classes).tolist(),
+            "seconds": {key: round(v, 3) for key, v in r.seconds.items()},
+        }
+
+
+def _warn_memory(pool: int, features: int) -> None:
+    """The one-pass design keeps N × F floats; say so before a channel-mode ImageNet run OOMs."""
+    gib = pool * features * 4 / 2**30
+    if gib > 2:
+        log.warning("selectq keeps %.1f GiB of statistics (%d images × %d floats); use "
+                    "stats=layer or a smaller pool_size if memory is short", gib, pool, features)

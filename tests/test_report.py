@@ -1,0 +1,184 @@
+"""report.py on hand-made result.json files: the aggregation numbers, what splits a cell, failures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+
+from calibbench import report
+
+
+def config(strategy: str = "random", bits: int = 4, seed: int = 0, quant: str = "dfq_legacy",
+           dataset: str = "cifar10_jpeg", model: str = "resnet20_cifar10", budget: str = "smoke",
+           num_samples: int = 16, w_bits: Optional[int] = None, **strategy_fields: Any) -> dict:
+    """The shape of a resolved config as the pipeline records it (only the fields that matter here)."""
+    return {"model": {"name": model, "arch": f"{model}_arch"}, "dataset": {"name": dataset, "num_classes": 10},
+            "quant": {"name": quant, "w_bits": w_bits, "a_bits": None, "act_observer": "minmax"},
+            "budget": {"name": budget, "pool_size": 256}, "refine": {"name": "none"},
+            "strategy": {"name": strategy, **strategy_fields},
+            "logger": {"mode": "disabled"}, "paths": {"output_dir": f"/tmp/out{seed}"},
+            "bits": bits, "seed": seed, "num_samples": num_samples, "device": "cpu",
+            "progress": False, "resume": True, "threads": None}
+
+
+def write(root: Path, sub: str, cfg: dict, top1: Optional[float] = None, top5: Optional[float] = None,
+          fp: float = 88.0, status: str = "ok", error: Optional[str] = None,
+          run_key: Optional[str] = None) -> Path:
+    record: dict[str, Any] = {"status": status, "run_key": run_key or sub, "seed": cfg["seed"],
+                              "config": cfg, "finished_at": "2025-01-01T00:00:00+00:00"}
+    if status == "ok":
+        record["metrics"] = {"fp": {"top1": fp, "top5": 99.0, "n": 200},
+                             "quant": {"top1": top1, "top5": top5, "n": 200}}
+    if error:
+        record["error"] = error
+    path = root / sub / "result.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    return path
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def row(rows: list[dict[str, str]], **match: Any) -> dict[str, str]:
+    found = [r for r in rows if all(r[k] == str(v) for k, v in match.items())]
+    assert len(found) == 1, (match, rows)
+    return found[0]
+
+
+def test_mean_and_sample_std_over_seeds(tmp_path):
+    for seed, (t1, t5) in enumerate([(10.0, 50.0), (20.0, 52.0), (30.0, 54.0)]):
+        write(tmp_path, f"random/w4/seed{seed}", config(seed=seed), t1, t5, fp=88.0 + seed)
+    write(tmp_path, "random/w8/seed0", config(bits=8), 80.0, 95.0)
+    summary, files = report.build(tmp_path)
+    rows = read_csv(tmp_path / "summary.csv")
+    assert len(rows) == 2 and summary.n_ok == 4 and not summary.failures
+    w4 = row(rows, w_bits=4)
+    # By hand: mean(10, 20, 30) = 20, sample std = sqrt(((-10)² + 0² + 10²) / 2) = 10; top-5: 52 ± 2.
+    assert (w4["n"], w4["seeds"], w4["a_bits"]) == ("3", "0 1 2", "4")
+    assert float(w4["top1_mean"]) == 20.0 and float(w4["top1_std"]) == 10.0
+    assert float(w4["top5_mean"]) == 52.0 and float(w4["top5_std"]) == 2.0
+    assert float(w4["fp_top1"]) == 89.0  # FP beside: mean of 88, 89, 90
+    w8 = row(rows, w_bits=8)
+    assert w8["n"] == "1" and float(w8["top1_mean"]) == 80.0 and w8["top1_std"] == ""  # no std from 1 seed
+    md = (tmp_path / "summary.md").read_text()
+    assert "| random | 20.00 ± 10.00 | 80.00 |" in md  # pivot: strategy × bits
+    assert "FP top-1: 88.50" in md and "## Failed jobs" in md and "None." in md
+    assert (tmp_path / "top1_vs_bits.png").stat().st_size > 1000
+    assert {p.name for p in files} >= {"summary.csv", "summary.md", "failures.csv", "top1_vs_bits.png"}
+    assert list(summary.columns) == ["dataset", "model", "quant", "budget", "num_samples", "strategy",
+                                     "w_bits", "a_bits"]
+
+
+def test_presets_datasets_budgets_and_sizes_are_never_mixed(tmp_path):
+    variants = {"base": {}, "academic": {"quant": "academic"}, "c10": {"dataset": "cifar10"},
+                "paper": {"budget": "paper"}, "n32": {"num_samples": 32}, "r56": {"model": "resnet56_cifar10"},
+                "w8a4": {"w_bits": 8}}
+    for i, (name, kw) in enumerate(variants.items()):
+        for seed in (0, 1):
+            cfg = config(seed=seed, **kw)
+            cfg["dataset"]["num_workers"] = seed * 2  # how images were loaded: never splits a cell
+            write(tmp_path, f"{name}/seed{seed}", cfg, 40.0 + i + seed, 90.0)
+    summary, _ = report.build(tmp_path, plots=False)
+    rows = read_csv(tmp_path / "summary.csv")
+    assert len(rows) == len(variants) and all(r["n"] == "2" for r in rows)
+    assert {float(r["top1_mean"]) for r in rows} == {40.5 + i for i in range(len(variants))}
+    assert row(rows, quant="academic")["top1_mean"] == "41.5"
+    assert row(rows, dataset="cifar10")["top1_mean"] == "42.5"
+    assert row(rows, w_bits=8, a_bits=4)["top1_mean"] == "46.5"  # quant.w_bits overrides bits
+    # Fields that follow from a name (model.arch) or only describe the run (paths, logger) are not columns.
+    assert "model.arch" not in summary.columns and not any(c.startswith("paths") for c in summary.columns)
+
+
+def test_swept_strategy_fields_become_columns_and_heatmap(tmp_path):
+    for k in (2, 5):
+        for gamma in (0.1, 1.0):
+            for seed in (0, 1):
+                write(tmp_path, f"selectq/k{k}/g{gamma}/s{seed}",
+                      config("selectq", seed=seed, num_centroids=k, gamma=gamma, select="lowest"),
+                      k * 10 + gamma + seed, 90.0)
+    write(tmp_path, "random/s0", config("random", class_balanced=False), 33.0, 80.0)
+    summary, files = report.build(tmp_path)
+    assert summary.columns[5:8] == ["strategy", "strategy.gamma", "strategy.num_centroids"]
+    assert "strategy.select" not in summary.columns  # constant within selectq
+    assert "strategy.class_balanced" not in summary.columns  # constant within random
+    rows = read_csv(tmp_path / "summary.csv")
+    assert len(rows) == 5
+    assert float(row(rows, **{"strategy.num_centroids": 5, "strategy.gamma": 1.0})["top1_mean"]) == 51.5
+    assert row(rows, strategy="random")["strategy.gamma"] == ""  # not a random field: blank, not mixed
+    md = (tmp_path / "summary.md").read_text()
+    assert "| selectq (gamma=0.1, num_centroids=2) | 20.60 ± 0.71 |" in md
+    assert "selectq_heatmap.png" in {p.name for p in files}
+
+
+def test_failures_are_listed_and_counted_not_hidden(tmp_path):
+    write(tmp_path, "ok/seed0", config(num_samples=16), 50.0, 90.0)
+    write(tmp_path, "big/seed0", config(num_samples=60000), status="failed",
+          error="ConfigError: num_samples=60000 is larger than the calibration pool\nmore")
+    write(tmp_path, "cut/seed1", config(seed=1, num_samples=16), status="running")
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "result.json").write_text('{"status": "ok", "conf')
+    summary, _ = report.build(tmp_path, plots=False)
+    assert summary.n_ok == 1 and len(summary.failures) == 3
+    rows = read_csv(tmp_path / "summary.csv")
+    assert row(rows, num_samples=16)["n_failed"] == "1"  # the interrupted seed 1 of the same config
+    big = row(rows, num_samples=60000)
+    assert (big["n"], big["n_failed"], big["top1_mean"]) == ("0", "1", "")
+    failures = {r["job"]: r for r in read_csv(tmp_path / "failures.csv")}
+    assert set(failures) == {"big/seed0", "cut/seed1", "torn"}
+    assert failures["big/seed0"]["error"] == "ConfigError: num_samples=60000 is larger than the calibration pool"
+    assert failures["cut/seed1"]["status"] == "running" and "interrupted" in failures["cut/seed1"]["error"]
+    assert failures["torn"]["status"] == "unreadable"
+    md = (tmp_path / "summary.md").read_text()
+    assert "3 job(s) failed or did not finish" in md and "num_samples=60000 is larger" in md
+
+
+def test_same_run_key_counts_once(tmp_path):
+    write(tmp_path, "a/seed0", config(), 50.0, 90.0, run_key="k0")
+    write(tmp_path, "b/seed0", config(), 52.0, 90.0, run_key="k0")  # the same job in another folder
+    write(tmp_path, "c/seed1", config(seed=1), 60.0, 90.0, run_key="k1")
+    summary, _ = report.build(tmp_path, plots=False)
+    assert [c.n for c in summary.cells] == [2] and summary.cells[0].seeds == [0, 1]
+
+
+def test_main_exit_codes_and_output(tmp_path, capsys):
+    assert report.main([str(tmp_path / "nope")]) == 2
+    assert report.main([str(tmp_path)]) == 1
+    write(tmp_path, "x/seed0", config(), 50.0, 90.0)
+    out = tmp_path / "elsewhere"
+    assert report.main([str(tmp_path), "--out", str(out), "--no-plots"]) == 0
+    assert (out / "summary.md").is_file() and not (out / "top1_vs_bits.png").exists()
+    assert "1 jobs ok, 0 failed or unfinished, 1 configurations" in capsys.readouterr().out
+
+
+def test_both_command_lines_rebuild_the_summary(tmp_path):
+    write(tmp_path, "x/seed0", config(), 50.0, 90.0)
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    for cmd in (["-m", "calibbench.report"], ["-m", "calibbench", "report"]):
+        (tmp_path / "summary.csv").unlink(missing_ok=True)
+        proc = subprocess.run([sys.executable, *cmd, str(tmp_path), "--no-plots"], capture_output=True,
+                              text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert (tmp_path / "summary.csv").is_file() and "summary.md" in proc.stdout
+
+
+def test_aggregate_wandb_run_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from calibbench.config import LoggerConfig
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for seed in (0, 1):
+        write(tmp_path, f"random/seed{seed}", config(seed=seed), 50.0 + seed, 90.0)
+    summary, files = report.build(tmp_path)
+    report.log_aggregate(summary, files, LoggerConfig(mode="offline"), "sweep-x")
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
