@@ -7,6 +7,7 @@ tensor every time it is drawn, which keeps selection and caching reproducible.
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -48,8 +49,11 @@ class DataModule:
         if indices is not None:
             dataset = Subset(dataset, list(indices))
         workers = self.num_workers if num_workers is None else num_workers
+        # An explicit start method: inside joblib's (loky) worker processes the default one cannot
+        # start DataLoader workers. "fork" is what Linux uses by default anyway.
+        context = "fork" if workers > 0 and "fork" in mp.get_all_start_methods() else None
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                          persistent_workers=False)
+                          persistent_workers=False, multiprocessing_context=context)
 
     def load(self, indices: Sequence[int], split: str = "train", batch_size: int = 256
              ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,6 +66,7 @@ def run_key(cfg: DictConfig) -> str:
     data = to_container(cfg)
     for key in _NOT_IN_RUN_KEY:
         data.pop(key, None)
+    data["dataset"].pop("num_workers", None)
     return content_key(data)
 
 
