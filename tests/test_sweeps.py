@@ -160,9 +160,9 @@ def test_two_by_two_sweep_writes_summary_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_failing_job_does_not_stop_a_joblib_sweep(tmp_path):
     # 60000 > the 50000-image train split: that job fails, the other must still run.
-    # dataset.num_workers=0 is required under joblib: a loky worker's default multiprocessing
-    # context is "loky", with which torch's DataLoader cannot start worker processes.
-    sweep(tmp_path, "strategy=random", "budget=smoke", "budget.eval_limit=32", "dataset.num_workers=0",
+    # DataLoader workers (num_workers=1) inside joblib's loky workers: the loader's explicit
+    # "fork" context is what makes this work (loky's default context cannot start them).
+    sweep(tmp_path, "strategy=random", "budget=smoke", "budget.eval_limit=32", "dataset.num_workers=1",
           "num_samples=16,60000", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
     sweep_dir = the_sweep_dir(tmp_path)
     by_n = {r["config"]["num_samples"]: r for r in results(sweep_dir).values()}

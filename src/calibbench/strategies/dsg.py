@@ -175,9 +175,11 @@ class DSG(ZeroQ):
             if cfg.margin_source == "real":
                 info["images_seen"] = int(dev_m.shape[0])
         counts = torch.bincount(layer_of, minlength=len(targets.names)).clamp_min(1)
-        per_layer = lambda v: (torch.zeros(len(targets.names), device=v.device)  # noqa: E731
-                               .index_add_(0, layer_of, v) / counts).tolist()
-        info["delta_per_layer"] = per_layer(delta)  # channel granularity: mean over channels
+
+        def per_layer(v: Tensor) -> list[float]:  # channel granularity: mean over the layer's channels
+            return (v.new_zeros(len(targets.names)).index_add_(0, layer_of, v) / counts).tolist()
+
+        info["delta_per_layer"] = per_layer(delta)
         info["gamma_per_layer"] = per_layer(gamma)
         return delta, gamma, info
 
