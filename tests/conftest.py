@@ -19,7 +19,9 @@ os.environ.setdefault("CALIBBENCH_DATA_DIR", str(SHARED / "data"))
 os.environ.setdefault("CALIBBENCH_WEIGHTS_DIR", str(SHARED / "weights"))
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: on a 2-core machine shared with data-loader workers (and other jobs), more threads
+# make the many small forward passes of the tests slower, not faster.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):  # noqa: ANN001

@@ -14,6 +14,7 @@ loss built from them reaches the input pixels (or a generator).
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -172,7 +173,7 @@ def spatial_moments(x: Tensor, correction: int = 1, buffer: Optional[GradBuffer]
     """
     if x.dim() == 2:
         return x, torch.zeros_like(x)
-    count = x[0, 0].numel()
+    count = math.prod(x.shape[2:])
     return _SpatialMoments.apply(x, correction if count > correction else 0, buffer)
 
 
@@ -187,7 +188,7 @@ def channel_stats(x: Tensor, per_image: bool = True, correction: int = 1, eps: f
     """
     if x.dim() < 2:
         raise ValueError(f"channel_stats needs (N, C, ...) input, got shape {tuple(x.shape)}")
-    count = x[0, 0].numel()
+    count = math.prod(x.shape[2:])
     corr = correction if count > correction else 0
     mean, var = spatial_moments(x, corr)
     if per_image:
@@ -291,7 +292,7 @@ class BNStatsRecorder:
 
     def _record(self, index: int, x: Tensor, eps: float) -> None:
         x = x.float()
-        count = x[0, 0].numel()
+        count = math.prod(x.shape[2:])
         corr = self.correction if count > self.correction else 0
         mean, var = spatial_moments(x, corr, None if self.detach else self._buffers[index])
         if self.per_image:

@@ -76,6 +76,14 @@ class QuantConfig:
     act_observer: str = "minmax"  # minmax | ema | percentile | mse | aciq
     act_symmetric: bool = False
     act_placement: str = "after_relu"  # after_relu | layer_input
+    # Which modules get an output quantizer under after_relu: all feature activations (ReLU,
+    # ReLU6, Hardswish, SiLU, pytorchcv HSwish, ...; gates like Sigmoid never) or ZeroQ's literal
+    # ReLU/ReLU6 only. Identical on ReLU networks (resnet20/56). null = the preset's choice (all).
+    act_modules: Optional[str] = None  # all | relu
+    # Force 0 into the weight / activation range (null = the preset's choice: dfq_legacy weights
+    # no, as ZeroQ's per-channel min/max; activations yes; academic both yes).
+    weight_include_zero: Optional[bool] = None
+    act_include_zero: Optional[bool] = None
     fold_bn: bool = False
     first_last_bits: Optional[int] = None  # academic: 8
     quantize_input: bool = False
