@@ -34,6 +34,14 @@ class _QuantWeightMixin:
     input_quantizer: Optional[UniformQuantizer]
     training: bool
 
+    def _adopt(self, src: nn.Module, weight_quantizer: UniformQuantizer,
+               input_quantizer: Optional[UniformQuantizer]) -> None:
+        """Take over ``src``'s Parameters (shared, not copied) and training flag."""
+        self.weight = src.weight
+        self.bias = src.bias
+        self.train(src.training)
+        self._init_quant(weight_quantizer, input_quantizer)
+
     def _init_quant(self, weight_quantizer: UniformQuantizer,
                     input_quantizer: Optional[UniformQuantizer]) -> None:
         self.weight_quantizer = weight_quantizer
@@ -98,10 +106,7 @@ class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                 padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
                 bias=conv.bias is not None, padding_mode=conv.padding_mode, device="meta")
-        q.weight = conv.weight
-        q.bias = conv.bias
-        q.train(conv.training)
-        q._init_quant(weight_quantizer, input_quantizer)
+        q._adopt(conv, weight_quantizer, input_quantizer)
         return q
 
     def forward(self, x: Tensor) -> Tensor:
@@ -116,10 +121,7 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
                    input_quantizer: Optional[UniformQuantizer] = None) -> "QuantLinear":
         """Wrap ``linear`` (its Parameters are shared, not copied)."""
         q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        q.weight = linear.weight
-        q.bias = linear.bias
-        q.train(linear.training)
-        q._init_quant(weight_quantizer, input_quantizer)
+        q._adopt(linear, weight_quantizer, input_quantizer)
         return q
 
     def forward(self, x: Tensor) -> Tensor:
