@@ -239,7 +239,7 @@ def test_info_is_complete_and_json(make_ctx, tiny_data) -> None:
     assert all(torch.equal(m.running_mean, b) for m, b in zip(bn, before))
     json.dumps(info)
     n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
-    assert info["pool_size"] == 64 and info["num_layers"] == n_layers == 22
+    assert info["pool_size"] == info["images_seen"] == 64 and info["num_layers"] == n_layers == 22
     assert len(info["cluster_sizes"]) == n_layers
     assert all(len(row) == 4 and sum(row) == 64 for row in info["cluster_sizes"])
     assert len(info["centroids"]) == n_layers

@@ -405,6 +405,8 @@ class ClusteringResult:
 class SelectQ(Strategy):
     """Rank the pool by distance to activation-statistics centroids learned in one pass."""
 
+    cache_version = 2  # 2: info records images_seen (the pool size)
+
     def calibration_set(self, ctx: StrategyContext) -> CalibrationSet:
         cfg = self.cfg
         validate(cfg)
@@ -501,6 +503,7 @@ class SelectQ(Strategy):
             "scores": scores[chosen].tolist(),
             "select": cfg.select,
             "pool_size": len(r.pool),
+            "images_seen": len(r.pool),  # every pool image is read once
             "num_layers": layout.num_layers,
             "stats": cfg.stats,
             "centroids": centroids,
