@@ -182,3 +182,14 @@ def test_aggregate_wandb_run_offline(tmp_path, monkeypatch):
     report.log_aggregate(summary, files, LoggerConfig(mode="offline"), "sweep-x")
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def test_a_field_added_later_does_not_split_cells(tmp_path):
+    old = config(seed=0)
+    new = config(seed=1)
+    new["quant"]["act_modules"] = None  # a schema field added after the first job ran: null = default
+    write(tmp_path, "random/w4/seed0", old, 10.0, 50.0)
+    write(tmp_path, "random/w4/seed1", new, 20.0, 52.0)
+    report.build(tmp_path)
+    rows = read_csv(tmp_path / "summary.csv")
+    assert len(rows) == 1 and rows[0]["n"] == "2" and "quant.act_modules" not in rows[0]

@@ -51,6 +51,13 @@ _BASE = (("dataset", "dataset.name"), ("model", "model.name"), ("quant", "quant.
 _BITS = ("w_bits", "a_bits")
 _STRATEGY = "strategy"
 _MISSING = "<missing>"  # a field a job's config lacks (another strategy's option)
+
+
+def _get(flat: dict, key: str) -> Any:
+    """A job's value for ``key``; ``null`` and absent are the same ("the default"): a field added
+    to a schema after some jobs ran must not split their results into separate cells."""
+    value = flat.get(key)
+    return _MISSING if value is None else value
 _METRICS = ("fp_top1", "top1_mean", "top1_std", "top5_mean", "top5_std")
 
 
@@ -217,10 +224,10 @@ def _varying_keys(jobs: list[Job]) -> list[str]:
         if rest and rest != "name" and name_key in all_keys:
             seen: dict[Any, set] = defaultdict(set)
             for f in flats:
-                seen[f.get(name_key, _MISSING)].add(f.get(key, _MISSING))
+                seen[_get(f, name_key)].add(_get(f, key))
             varies = any(len(v) > 1 for v in seen.values())
         else:
-            varies = len({f.get(key, _MISSING) for f in flats}) > 1
+            varies = len({_get(f, key) for f in flats}) > 1
         if varies:
             out.append(key)
     return out
@@ -259,7 +266,7 @@ def aggregate(jobs: list[Job], root: Path) -> Summary:
     keys = _order_keys(_varying_keys(keyed))
     groups: dict[tuple, list[Job]] = defaultdict(list)
     for job in keyed:
-        groups[tuple(job.flat.get(k, _MISSING) for k in keys)].append(job)
+        groups[tuple(_get(job.flat, k) for k in keys)].append(job)
     cells = []
     for key, members in groups.items():
         ok = sorted((j for j in members if j.ok), key=lambda j: _sort_key(j.seed))
@@ -499,7 +506,7 @@ def plot_selectq_heatmap(summary: Summary, out_dir: Path) -> list[Path]:
     paths = []
     for gkey, gcells in groups.items():
         def coord(c: Cell, key: str) -> Any:
-            return c.flat.get(key, _MISSING)
+            return _get(c.flat, key)
 
         rows = sorted({coord(c, _HEAT_ROW) for c in gcells}, key=_sort_key)
         cols = sorted({coord(c, _HEAT_COL) for c in gcells}, key=_sort_key)
