@@ -16,6 +16,8 @@ input ``mse_steps`` times. Observers keep no persistent state: after calibration
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import logging
 from typing import Any, Optional
 
@@ -57,7 +59,7 @@ def _subsample(rows: Tensor, max_values: int, generator: torch.Generator) -> Ten
     return rows.index_select(1, idx)
 
 
-class Observer(nn.Module):
+class Observer(nn.Module, ABC):
     """Base: sees tensors, knows the target grid, returns ``(scale, zero_point)``."""
 
     name = "base"
@@ -71,19 +73,21 @@ class Observer(nn.Module):
         self.include_zero = bool(include_zero)
 
     @property
+    @abstractmethod
     def has_data(self) -> bool:
-        raise NotImplementedError
+        """True once any data was observed."""
 
+    @abstractmethod
     def reset(self) -> None:
         """Forget everything seen (a new calibration starts from scratch)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def observe(self, rows: Tensor) -> None:
-        raise NotImplementedError
+        """Fold one batch (one row per channel, or a single row) into the estimate."""
 
+    @abstractmethod
     def calculate_range(self) -> tuple[Tensor, Tensor]:
         """The estimated ``(lo, hi)``: one value per row."""
-        raise NotImplementedError
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
@@ -167,8 +171,9 @@ class _AveragedObserver(Observer):
         self.count = 0
         self._gen = torch.Generator().manual_seed(self.seed)
 
+    @abstractmethod
     def batch_range(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        """This batch's ``(lo, hi)`` per row; the observer averages them over batches."""
 
     def observe(self, rows: Tensor) -> None:
         lo, hi = self.batch_range(rows)
