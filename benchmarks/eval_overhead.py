@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     data = datasets.build(cfg.dataset, cfg.model)
 
     t0 = time.perf_counter()
-    n_val = len(data.val)
+    n_val = len(data.test)
     idx = datasets.spread_indices(n_val, args.limit)
     images, targets = data.load(idx, "val", batch_size=args.batch_size)
     batches = list(images.split(args.batch_size))

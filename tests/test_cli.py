@@ -58,6 +58,14 @@ BAD = [
     (["paths.data_dir=/nonexistent/data"], ["/nonexistent/data", "CALIBBENCH_DATA_DIR"]),
     (["model.weights=/nonexistent/w.pth"], ["/nonexistent/w.pth", "model.weights=pretrained"]),
     (["model=resnet20_cifar100", "dataset=cifar10_jpeg"], ["100 classes", "has 10"]),
+    (["budget.eval_batch_size=0"], ["budget.eval_batch_size=0", ">= 1"]),
+    (["budget.synth_iterations=-1"], ["budget.synth_iterations=-1", ">= 0"]),
+    (["dataset.val_size=-1"], ["dataset.val_size=-1", ">= 0"]),
+    (["dataset.val_size=49900"], ["dataset.val_size=49900", "num_samples=256", "leaving 100"]),
+    (["dataset.val_size=50000"], ["dataset.val_size=50000", "50000 images"]),
+    (["eval_split=train"], ["eval_split", "'train'", "test, val"]),
+    (["eval_split=val", "dataset.val_size=0"], ["eval_split=val", "dataset.val_size=0"]),
+    (["strategy=selectq", "strategy.update_batch_size=0"], ["strategy.update_batch_size=0"]),
 ]
 
 
@@ -70,3 +78,11 @@ def test_bad_input_fails_clearly(tmp_path, args, needles):
         assert needle in out, f"{needle!r} not in:\n{out[-3000:]}"
     assert "Traceback" not in proc.stderr
     assert all(r["status"] != "ok" for r in results(tmp_path))
+
+
+def test_unknown_strategy_lists_only_real_options(tmp_path):
+    proc = cli(tmp_path, "strategy=nope")
+    assert proc.returncode != 0
+    listed = proc.stderr.split("Available options in 'strategy':", 1)[1].split("Config search path")[0].split()
+    assert {"random", "selectq", "zeroq", "dsg"} <= set(listed)
+    assert not [name for name in listed if name.startswith("base_")]  # schemas are not choices

@@ -12,7 +12,7 @@ def test_offline_default_pair(compose, cifar):
     built = models.build(cfg.model, cfg.dataset.name, cfg.paths.weights_dir)
     assert built.weights_source.endswith("resnet20_cifar10_jpeg.pth")
     assert len(built.weights_id) == 16 and not built.module.training
-    assert (len(cifar.train), len(cifar.val), cifar.num_classes) == (50000, 10000, 10)
+    assert (len(cifar.train), len(cifar.test), cifar.num_classes) == (50000, 10000, 10)
     x, y = cifar.load([0, 5000, 49999])
     assert x.shape == (3, 3, 32, 32) and y.tolist() == [0, 1, 9]
     assert x.mean().abs() < 1.5  # normalized, not raw [0, 1] pixels
@@ -72,6 +72,6 @@ def test_legacy_gdfq_normalization(compose):
 
 
 def test_spread_indices_cover_all_classes(cifar):
-    idx = datasets.spread_indices(len(cifar.val), 50)
-    labels = {cifar.val.targets[i] for i in idx}
+    idx = datasets.spread_indices(len(cifar.test), 50)
+    labels = {cifar.test.targets[i] for i in idx}
     assert len(idx) == 50 and labels == set(range(10))

@@ -14,8 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_wheel_carries_conf_and_composes_without_the_repo(tmp_path):
     pytest.importorskip("setuptools")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    str(REPO), "-w", str(tmp_path / "wheel")], check=True, capture_output=True)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation",
+                            str(REPO), "-w", str(tmp_path / "wheel")], check=True, capture_output=True, text=True)
+    # setuptools' deprecations (license table, conf folders missing from `packages`) would be here
+    assert "BuildBackendWarning" not in build.stdout + build.stderr
     wheel = next((tmp_path / "wheel").glob("calibbench-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     shipped = {n for n in names if n.startswith("calibbench/conf/") and n.endswith(".yaml")}

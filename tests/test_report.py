@@ -30,9 +30,11 @@ def config(strategy: str = "random", bits: int = 4, seed: int = 0, quant: str = 
 
 def write(root: Path, sub: str, cfg: dict, top1: Optional[float] = None, top5: Optional[float] = None,
           fp: float = 88.0, status: str = "ok", error: Optional[str] = None,
-          run_key: Optional[str] = None) -> Path:
+          run_key: Optional[str] = None, deviations: Optional[list[str]] = None) -> Path:
     record: dict[str, Any] = {"status": status, "run_key": run_key or sub, "seed": cfg["seed"],
                               "config": cfg, "finished_at": "2025-01-01T00:00:00+00:00"}
+    if deviations is not None:
+        record["calibration"] = {"paper_deviations": deviations}
     if status == "ok":
         record["metrics"] = {"fp": {"top1": fp, "top5": 99.0, "n": 200},
                              "quant": {"top1": top1, "top5": top5, "n": 200}}
@@ -75,8 +77,8 @@ def test_mean_and_sample_std_over_seeds(tmp_path):
     assert "FP top-1: 88.50" in md and "## Failed jobs" in md and "None." in md
     assert (tmp_path / "top1_vs_bits.png").stat().st_size > 1000
     assert {p.name for p in files} >= {"summary.csv", "summary.md", "failures.csv", "top1_vs_bits.png"}
-    assert list(summary.columns) == ["dataset", "model", "quant", "budget", "num_samples", "strategy",
-                                     "w_bits", "a_bits"]
+    assert list(summary.columns) == ["dataset", "model", "quant", "budget", "eval_split", "num_samples",
+                                     "strategy", "w_bits", "a_bits"]
 
 
 def test_presets_datasets_budgets_and_sizes_are_never_mixed(tmp_path):
@@ -108,7 +110,7 @@ def test_swept_strategy_fields_become_columns_and_heatmap(tmp_path):
                       k * 10 + gamma + seed, 90.0)
     write(tmp_path, "random/s0", config("random", class_balanced=False), 33.0, 80.0)
     summary, files = report.build(tmp_path)
-    assert summary.columns[5:8] == ["strategy", "strategy.gamma", "strategy.num_centroids"]
+    assert summary.columns[6:9] == ["strategy", "strategy.gamma", "strategy.num_centroids"]
     assert "strategy.select" not in summary.columns  # constant within selectq
     assert "strategy.class_balanced" not in summary.columns  # constant within random
     rows = read_csv(tmp_path / "summary.csv")
@@ -193,3 +195,19 @@ def test_a_field_added_later_does_not_split_cells(tmp_path):
     report.build(tmp_path)
     rows = read_csv(tmp_path / "summary.csv")
     assert len(rows) == 1 and rows[0]["n"] == "2" and "quant.act_modules" not in rows[0]
+
+
+def test_eval_splits_never_share_a_cell_and_non_paper_defaults_are_labelled(tmp_path):
+    for seed in range(2):
+        for split in ("test", "val"):
+            write(tmp_path, f"selectq/{split}/seed{seed}",
+                  {**config("selectq", seed=seed, select="lowest"), "eval_split": split}, 50.0 + seed,
+                  90.0, deviations=["select=lowest"])
+        write(tmp_path, f"selectq_hi/seed{seed}", {**config("selectq", seed=seed, select="highest"),
+                                                   "eval_split": "test"}, 40.0, 90.0, deviations=[])
+    summary, _ = report.build(tmp_path, plots=False)
+    assert sorted((summary.value(c, "eval_split"), c.n) for c in summary.cells) == [
+        ("test", 2), ("test", 2), ("val", 2)]
+    md = (tmp_path / "summary.md").read_text()
+    assert "| selectq (select=lowest, not the paper's reading) | 50.50 ± 0.71 |" in md
+    assert "| selectq (select=highest) | 40.00 ± 0.00 |" in md

@@ -8,14 +8,17 @@ temporary file in the same folder and are renamed into place, so readers never s
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.util
 import io
 import json
 import logging
 import os
 import tempfile
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -27,6 +30,60 @@ def content_key(payload: Any) -> str:
     """Stable hash of a JSON-able payload (dict key order does not matter)."""
     text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _calibbench_imports(name: str, source: str) -> set[str]:
+    """calibbench modules imported by module ``name`` (absolute and relative, any nesting)."""
+    package = name if name.endswith(".__init__") else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "calibbench")
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            if base.split(".")[0] != "calibbench":
+                continue
+            for alias in node.names:  # `from calibbench import datasets` names a submodule
+                sub = f"{base}.{alias.name}"
+                found.add(sub if importlib.util.find_spec(base) and _is_module(sub) else base)
+    return found
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@lru_cache(maxsize=None)
+def _module_source(name: str) -> tuple[str, str]:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+        raise ImportError(f"no Python source for module {name!r}")
+    return spec.origin, Path(spec.origin).read_text()
+
+
+def source_digest(modules: Iterable[str]) -> str:
+    """Hash of the source of ``modules`` and of every calibbench module they import, transitively.
+
+    Put into a cache key, it makes an algorithm change invalidate old entries by construction,
+    with no version number to remember to bump. Package ``__init__`` files are only followed
+    when something is imported from the package itself, not from one of its submodules.
+    """
+    seen: dict[str, str] = {}
+    todo = list(modules)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        _, text = _module_source(name)
+        seen[name] = hashlib.sha256(text.encode()).hexdigest()
+        todo.extend(_calibbench_imports(name, text) - seen.keys())
+    return content_key(sorted(seen.items()))
 
 
 def atomic_write_bytes(path: Path, body: bytes) -> None:

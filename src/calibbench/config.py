@@ -61,6 +61,10 @@ class DatasetConfig:
     normalization: str = "model_zoo"  # model_zoo | legacy_gdfq
     resize: Optional[int] = None  # ImageNet: shorter side before the center crop
     num_workers: int = 2
+    # Validation split carved from train (seeded by val_seed, not the run seed), disjoint from
+    # every calibration/selection pool; decisions are made on it (eval_split=val).
+    val_size: int = 0
+    val_seed: int = 0
 
 
 @dataclass
@@ -94,9 +98,27 @@ class QuantConfig:
 
 @dataclass
 class RefineConfig:
-    """Optional fine-tuning of the quantized model after calibration (``none`` = pure PTQ)."""
+    """Optional fine-tuning of the quantized model after calibration (``none`` = pure PTQ).
 
-    name: str = "none"
+    ``none`` ignores everything below ``name``. Steps come from ``budget.refine_steps``; the
+    batch size from ``budget.refine_batch_size`` unless ``batch_size`` is set. Defaults are
+    ``refine=kd``'s, so a summary splits none/kd by ``refine.name`` alone.
+    """
+
+    name: str = "none"  # none | kd (registry: calibbench.refine.available())
+    # Loss term -> weight (kd | ce | feature); 0 switches a term off.
+    losses: dict[str, float] = field(default_factory=lambda: {"kd": 1.0})
+    temperature: float = 1.0  # kd: T; the KL is scaled by T^2
+    ce_labels: str = "batch"  # ce: batch (the stream's labels) | teacher (the FP model's argmax)
+    feature_modules: list[str] = field(default_factory=list)  # feature: module paths to match
+    optimizer: str = "sgd"  # sgd | adam
+    lr: float = 1e-3  # peak learning rate; cosine decay to 0 over the run
+    momentum: float = 0.9  # sgd
+    nesterov: bool = True  # sgd
+    weight_decay: float = 1e-4
+    batch_size: Optional[int] = None  # null: budget.refine_batch_size
+    act_ranges: str = "frozen"  # frozen (the calibrated grid) | learned (per-tensor range trains)
+    bn: str = "frozen"  # frozen (eval mode: running stats used, untouched) | train (batch stats)
 
 
 @dataclass
@@ -110,7 +132,8 @@ class BudgetConfig:
     pool_size: Optional[int] = None  # real-data pool subset for selection strategies
     synth_iterations: int = 500
     synth_batch_size: int = 32
-    refine_epochs: int = 0
+    refine_steps: int = 0  # optimizer steps of a training refiner (refine=kd, ...)
+    refine_batch_size: int = 64
 
 
 @dataclass
@@ -145,6 +168,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_samples: int = 256
+    eval_split: str = "test"  # test: what tables report | val: the held-out train slice, for decisions
     progress: bool = True
     resume: bool = True  # skip a job whose run dir already holds a complete result
     threads: Optional[int] = None  # torch intra-op threads (sweeps with parallel jobs)
@@ -166,7 +190,10 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RunConfig)
     for group, schema in _SCHEMAS.items():
-        cs.store(group=group, name=f"base_{group}", node=schema)
+        # Under schema/<group>, not <group>: the schemas are not options a user picks, so they
+        # stay out of Hydra's "Available options in 'strategy'" list. YAMLs extend them with
+        # `- /schema/<group>/base_<name>@_here_`.
+        cs.store(group=f"schema/{group}", name=f"base_{group}", node=schema)
     # Importing the package registers every strategy and its schema.
     import calibbench.strategies  # noqa: F401
 
@@ -191,10 +218,27 @@ def effective_bits(cfg: DictConfig) -> tuple[int, int]:
     return int(w), int(a)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Checks that need more than a type: ranges and registry names. Raises ConfigError."""
-    from calibbench.strategies import available
+# Budget fields by what they count: sizes need at least one image, step counts may be zero.
+_COUNT_SUFFIXES = ("_iterations", "_steps", "_epochs")
 
+
+def validate_budget(budget: Any) -> None:
+    """Every budget field: sizes (and limits) >= 1 or null where allowed, step counts >= 0."""
+    for key, value in (budget.items() if isinstance(budget, DictConfig) else vars(budget).items()):
+        if key == "name" or value is None or not isinstance(value, int):
+            continue
+        low = 0 if key.endswith(_COUNT_SUFFIXES) else 1
+        if value < low:
+            kind = "a step count" if low == 0 else "a size"
+            raise ConfigError(f"budget.{key}={value} is out of range: {kind}, must be >= {low}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that need more than a type: value ranges and fixed choices. Raises ConfigError.
+
+    Registry names (strategy, refine) are checked by their registries when the pipeline builds
+    them, before any work: config.py stays below the packages that import it (no import cycle).
+    """
     for key, value in (("bits", cfg.bits), ("quant.w_bits", cfg.quant.w_bits),
                        ("quant.a_bits", cfg.quant.a_bits),
                        ("quant.first_last_bits", cfg.quant.first_last_bits)):
@@ -202,7 +246,12 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} is out of range; valid: integers {MIN_BITS}..{MAX_BITS}")
     if cfg.num_samples <= 0:
         raise ConfigError(f"num_samples={cfg.num_samples} must be a positive integer")
-    check_choice("strategy", cfg.strategy.name, available())
+    check_choice("eval_split", cfg.eval_split, ("test", "val"))
+    validate_budget(cfg.budget)
+    if cfg.dataset.val_size < 0:
+        raise ConfigError(f"dataset.val_size={cfg.dataset.val_size} must be >= 0")
+    if cfg.eval_split == "val" and cfg.dataset.val_size == 0:
+        raise ConfigError("eval_split=val needs a validation split: dataset.val_size=0; set it > 0")
     check_choice("quant preset", cfg.quant.name, ("dfq_legacy", "academic"))
     check_choice("quant.act_observer", cfg.quant.act_observer, ("minmax", "ema", "percentile", "mse", "aciq"))
     check_choice("quant.weight_observer", cfg.quant.weight_observer, ("minmax", "mse"))
@@ -211,7 +260,6 @@ def validate(cfg: DictConfig) -> None:
     check_choice("dataset.normalization", cfg.dataset.normalization, ("model_zoo", "legacy_gdfq"))
     check_choice("model.source", cfg.model.source, ("pytorchcv", "torchvision"))
     check_choice("logger.mode", cfg.logger.mode, ("auto", "online", "offline", "disabled"))
-    check_choice("refine", cfg.refine.name, ("none",))
     dev = str(cfg.device)
     if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
         raise ConfigError(f"unknown device {dev!r}; valid choices: auto, cpu, cuda, cuda:N")

@@ -1,4 +1,9 @@
-"""Datasets: the train split is the calibration pool, the test/val split is for evaluation.
+"""Datasets: the train split feeds calibration, the test split is what tables report.
+
+A validation split (``dataset.val_size`` images, drawn with ``dataset.val_seed`` from the train
+split) is held out of every calibration and selection pool: defaults and hyperparameters are
+chosen on it (``eval_split=val``), never on the test split. Its draw does not depend on the run
+seed, so every run and strategy sees the same validation images and the same pool.
 
 Both splits use deterministic eval transforms (no augmentation): a calibration image is the same
 tensor every time it is drawn, which keeps selection and caching reproducible.
@@ -8,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -28,20 +34,53 @@ LEGACY_GDFQ = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 FAMILY = {"cifar10": "cifar10", "cifar10_jpeg": "cifar10", "cifar100": "cifar100", "imagenet": "imagenet"}
+EVAL_SPLITS = ("test", "val")
+
+
+def holdout_indices(n_train: int, val_size: int, val_seed: int) -> list[int]:
+    """The validation split: ``val_size`` train indices (sorted), a uniform seeded draw."""
+    if val_size <= 0:
+        return []
+    seed = int.from_bytes(hashlib.sha256(f"{int(val_seed)}/val_split".encode()).digest()[:8], "little")
+    gen = torch.Generator().manual_seed(seed & ((1 << 63) - 1))
+    return sorted(torch.randperm(n_train, generator=gen)[:val_size].tolist())
 
 
 @dataclass
 class DataModule:
-    """Two splits plus what a strategy needs to make or read images in the model's input space."""
+    """The splits plus what a strategy needs to make or read images in the model's input space.
+
+    ``train`` is the whole train split (recorded indices always refer to it); ``holdout`` lists
+    its validation indices and ``pool`` the rest, sorted: the only images a strategy may draw.
+    ``test`` is the dataset's own evaluation split (CIFAR test, ImageNet val).
+    """
 
     name: str
     train: Dataset
-    val: Dataset
+    test: Dataset
     num_classes: int
     input_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     num_workers: int = 2
+    holdout: list[int] = field(default_factory=list)
+    pool: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        keep = torch.ones(len(self.train), dtype=torch.bool)  # type: ignore[arg-type]
+        keep[torch.tensor(self.holdout, dtype=torch.long)] = False
+        self.pool = keep.nonzero().flatten()
+
+    def eval_set(self, split: str = "test", limit: Optional[int] = None) -> tuple[Dataset, list[int]]:
+        """(dataset, indices) to evaluate on: the test split, or the validation split carved from
+        train; ``limit`` keeps that many indices spread evenly (class-sorted folders stay balanced)."""
+        if split == "test":
+            return self.test, spread_indices(len(self.test), limit)  # type: ignore[arg-type]
+        if split != "val":
+            raise ConfigError(f"unknown eval_split {split!r}; valid choices: {', '.join(EVAL_SPLITS)}")
+        if not self.holdout:
+            raise ConfigError("eval_split=val needs a validation split: set dataset.val_size > 0")
+        return self.train, [self.holdout[i] for i in spread_indices(len(self.holdout), limit)]
 
     def loader(self, dataset: Dataset, batch_size: int, indices: Optional[Sequence[int]] = None,
                num_workers: Optional[int] = None) -> DataLoader:
@@ -58,7 +97,7 @@ class DataModule:
     def load(self, indices: Sequence[int], split: str = "train", batch_size: int = 256
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Stack the images and labels at ``indices`` (calibration-sized sets only)."""
-        dataset = self.train if split == "train" else self.val
+        dataset = self.train if split == "train" else self.test
         xs, ys = [], []
         workers = 0 if len(indices) <= batch_size else None
         for x, y in self.loader(dataset, batch_size, indices, num_workers=workers):
@@ -68,7 +107,7 @@ class DataModule:
 
     def targets(self, split: str = "train") -> list[int]:
         """Labels without decoding images (ImageFolder and torchvision CIFAR both keep them)."""
-        dataset = self.train if split == "train" else self.val
+        dataset = self.train if split == "train" else self.test
         return list(dataset.targets)  # type: ignore[attr-defined]
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -126,8 +165,14 @@ def build(cfg: DatasetConfig, model: ModelConfig) -> DataModule:
     if found != cfg.num_classes:
         raise ConfigError(f"dataset {cfg.name!r} at {str(root)!r} has {found} class folders, "
                           f"the config says {cfg.num_classes}")
-    log.info("dataset %s: %d train / %d eval images from %s", cfg.name, len(train), len(val), root)
-    return DataModule(cfg.name, train, val, cfg.num_classes, size, mean, std, cfg.num_workers)
+    n_train = len(train)
+    if not 0 <= cfg.val_size < n_train:
+        raise ConfigError(f"dataset.val_size={cfg.val_size} must be >= 0 and leave a calibration pool: "
+                          f"the train split has {n_train} images")
+    holdout = holdout_indices(n_train, cfg.val_size, cfg.val_seed)
+    log.info("dataset %s: %d train (%d held out for validation) / %d test images from %s",
+             cfg.name, n_train, len(holdout), len(val), root)
+    return DataModule(cfg.name, train, val, cfg.num_classes, size, mean, std, cfg.num_workers, holdout)
 
 
 def spread_indices(n_total: int, n: Optional[int]) -> list[int]:

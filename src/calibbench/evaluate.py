@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from calibbench.datasets import DataModule
@@ -21,10 +22,11 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] =
 
 def evaluate(model: nn.Module, data: DataModule, device: torch.device, batch_size: int = 256,
              indices: Optional[Sequence[int]] = None, progress: bool = False,
-             desc: str = "eval") -> dict[str, float]:
-    """Accuracy in percent of ``model`` on the evaluation split (or the ``indices`` of it)."""
+             desc: str = "eval", dataset: Optional[Dataset] = None) -> dict[str, float]:
+    """Accuracy in percent of ``model`` on ``dataset`` (default: the test split), or the
+    ``indices`` of it. ``DataModule.eval_set`` gives (dataset, indices) for ``eval_split``."""
     model.eval()
-    loader = data.loader(data.val, batch_size, indices)
+    loader = data.loader(data.test if dataset is None else dataset, batch_size, indices)
     correct1 = correct5 = seen = 0
     with torch.inference_mode():
         for images, labels in tqdm(loader, desc=desc, disable=not progress, leave=False):

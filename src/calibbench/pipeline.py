@@ -13,6 +13,7 @@ import random
 import time
 import traceback
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -20,10 +21,10 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from calibbench import __version__, datasets, models, quant, refine, strategies
-from calibbench.cache import Cache, atomic_write_bytes, content_key
+from calibbench.cache import Cache, atomic_write_bytes, content_key, source_digest
 from calibbench.config import ConfigError, effective_bits, to_container, validate
 from calibbench.evaluate import evaluate
 from calibbench.tracking import tracker
@@ -105,19 +106,63 @@ class Timings(dict):
             self[name] = round(time.perf_counter() - start, 4)
 
 
-def _fp_key(cfg: DictConfig, built: models.BuiltModel, data: datasets.DataModule, n_eval: int) -> dict:
+def _fp_key(cfg: DictConfig, built: models.BuiltModel, data: datasets.DataModule,
+            eval_idx: list[int]) -> dict:
     return {"arch": cfg.model.arch, "source": cfg.model.source, "weights": built.weights_id,
-            "dataset": data.name, "mean": data.mean, "std": data.std, "input_size": data.input_size,
-            "resize": cfg.dataset.resize, "eval_size": len(data.val), "n_eval": n_eval}  # type: ignore[arg-type]
+            "dataset": _dataset_key(cfg, data), "split": cfg.eval_split,
+            "eval_indices": content_key(eval_idx), "n_eval": len(eval_idx)}
 
 
-def _calibration_key(cfg: DictConfig, strategy: strategies.Strategy, built: models.BuiltModel,
-                     data: datasets.DataModule) -> dict:
-    budget = {k: v for k, v in to_container(cfg.budget).items() if not k.startswith("eval_")}
-    return {"strategy": to_container(cfg.strategy), "version": strategy.cache_version,
-            "model": [cfg.model.arch, built.weights_id], "seed": cfg.seed, "num_samples": cfg.num_samples,
-            "dataset": [data.name, data.mean, data.std, data.input_size, len(data.train)],  # type: ignore[arg-type]
-            "budget": budget}
+def _dataset_key(cfg: DictConfig, data: datasets.DataModule) -> dict:
+    """Everything about the data that changes pixels or which images exist, resolved."""
+    spec = {k: v for k, v in to_container(cfg.dataset).items() if k not in ("num_workers", "download")}
+    return {**spec, "mean": data.mean, "std": data.std, "input_size": data.input_size,
+            "train_size": len(data.train), "test_size": len(data.test),  # type: ignore[arg-type]
+            "pool": content_key(data.pool.tolist())}
+
+
+# Budget fields a strategy's calibration_set may not read: they are for evaluation and
+# refinement only. Strategies see the budget without them (reading one fails), and everything
+# they can read is in the cache key, so no budget change can leave a stale entry behind.
+_BUDGET_NOT_FOR_CALIBRATION = ("eval_limit",)
+_BUDGET_NOT_FOR_CALIBRATION_PREFIX = "refine_"
+
+
+def calibration_budget(budget: DictConfig) -> DictConfig:
+    """The budget as ``calibration_set`` sees it: a read-only, struct-mode copy without the
+    evaluation/refinement fields (reading one raises an error naming the key)."""
+    keep = [k for k in budget if k not in _BUDGET_NOT_FOR_CALIBRATION
+            and not str(k).startswith(_BUDGET_NOT_FOR_CALIBRATION_PREFIX)]
+    view = OmegaConf.masked_copy(budget, keep)
+    OmegaConf.set_struct(view, True)
+    OmegaConf.set_readonly(view, True)
+    return view
+
+
+def calibration_key(cfg: DictConfig, strategy: strategies.Strategy, ctx: strategies.StrategyContext,
+                    built: models.BuiltModel, data: datasets.DataModule) -> dict:
+    """Every resolved value the calibration set depends on, plus the strategy's source code.
+
+    ``ctx`` must carry :func:`calibration_budget`: the budget part of the key is exactly what the
+    strategy can read. The source digest covers the strategy's module and every calibbench module
+    it imports, so an algorithm change invalidates old entries without a version to bump.
+    """
+    return {"strategy": strategy.resolved_config(ctx),
+            "source": source_digest([type(strategy).__module__]),
+            "model": [cfg.model.source, cfg.model.arch, built.weights_id],
+            "seed": cfg.seed, "num_samples": cfg.num_samples,
+            "dataset": _dataset_key(cfg, data), "budget": to_container(ctx.budget)}
+
+
+def _check_pool(cfg: DictConfig, data: datasets.DataModule, resolved: dict) -> None:
+    """The train split minus the validation split must hold num_samples and the selection pool."""
+    n_pool, n_val = len(data.pool), len(data.holdout)
+    for what, need in (("num_samples", cfg.num_samples), ("strategy pool_size", resolved.get("pool_size"))):
+        if need is not None and need > n_pool:
+            raise ConfigError(
+                f"{what}={need} does not fit in the calibration pool: the train split has "
+                f"{len(data.train)} images and dataset.val_size={n_val} of them are held out for "  # type: ignore[arg-type]
+                f"validation, leaving {n_pool}; lower dataset.val_size or {what}")
 
 
 def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[str] = None) -> dict:
@@ -138,6 +183,8 @@ def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[s
     timings = Timings()
     try:
         validate(cfg)
+        strategy = strategies.build(cfg.strategy)  # an unknown name fails here, before any work
+        refine.validate(cfg)  # likewise an unknown refiner or a bad refine option
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         device = resolve_device(str(cfg.device))
@@ -153,37 +200,43 @@ def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[s
                 model = built.module.to(device)
             with timings.stage("data"):
                 data = datasets.build(cfg.dataset, cfg.model)
-            eval_idx = datasets.spread_indices(len(data.val), cfg.budget.eval_limit)  # type: ignore[arg-type]
-            with timings.stage("fp_eval"):
-                fp, fp_hit, _ = cache.get_or_compute(
-                    "fp_metrics", _fp_key(cfg, built, data, len(eval_idx)),
-                    lambda: evaluate(model, data, device, cfg.budget.eval_batch_size, eval_idx,
-                                     cfg.progress, "FP eval"))
-            strategy = strategies.build(cfg.strategy)
+            eval_set, eval_idx = data.eval_set(cfg.eval_split, cfg.budget.eval_limit)
             ctx = strategies.StrategyContext(model, data, device, cfg.seed, cfg.num_samples, cfg.budget,
                                              cfg.progress)
+            calib_ctx = replace(ctx, budget=calibration_budget(cfg.budget))
+            calib_spec = calibration_key(cfg, strategy, calib_ctx, built, data)
+            _check_pool(cfg, data, calib_spec["strategy"])
+            with timings.stage("fp_eval"):
+                fp, fp_hit, _ = cache.get_or_compute(
+                    "fp_metrics", _fp_key(cfg, built, data, eval_idx),
+                    lambda: evaluate(model, data, device, cfg.budget.eval_batch_size, eval_idx,
+                                     cfg.progress, "FP eval", eval_set))
             with timings.stage("calibration"):
                 calib, calib_hit, calib_key = cache.get_or_compute(
-                    "calibration", _calibration_key(cfg, strategy, built, data),
-                    lambda: strategy.calibration_set(ctx))
+                    "calibration", calib_spec, lambda: strategy.calibration_set(calib_ctx))
             if len(calib) != cfg.num_samples:
                 raise RuntimeError(f"strategy {strategy.name!r} returned {len(calib)} images, "
                                    f"num_samples={cfg.num_samples}")
             with timings.stage("quantize"):
                 qmodel = quant.quantize(model, cfg.quant, w_bits, a_bits).to(device)
+            # Observers see the set in a seeded random order: class order (random) or rank order
+            # (SelectQ) would bias order-dependent estimators (ema, per-batch percentile/mse/aciq).
+            calib_order = torch.randperm(len(calib), generator=ctx.generator("calibrate/order"))
             with timings.stage("calibrate"):
-                quant.calibrate(qmodel, (x for x, _ in calib.batches(cfg.budget.calib_batch_size)), device)
+                shuffled = calib.subset(calib_order)
+                quant.calibrate(qmodel, (x for x, _ in shuffled.batches(cfg.budget.calib_batch_size)), device)
             with timings.stage("refine"):
-                refine_info = refine.run(qmodel, model, strategy, ctx, cfg.refine)
+                refine_info = refine.run(qmodel, model, strategy, ctx, calib, cfg.refine, track)
             with timings.stage("quant_eval"):
                 q = evaluate(qmodel, data, device, cfg.budget.eval_batch_size, eval_idx, cfg.progress,
-                             f"W{w_bits}A{a_bits} eval")
+                             f"W{w_bits}A{a_bits} eval", eval_set)
             info = dict(calib.info)
             record.update({
                 "model": {"name": cfg.model.name, "arch": cfg.model.arch,
                           "weights_source": built.weights_source, "weights_id": built.weights_id},
                 "dataset": {"name": data.name, "train_size": len(data.train),  # type: ignore[arg-type]
-                            "eval_size": len(eval_idx)},
+                            "val_size": len(data.holdout), "pool_size": len(data.pool),
+                            "eval_split": cfg.eval_split, "eval_size": len(eval_idx)},
                 "quant": {"preset": cfg.quant.name, "w_bits": w_bits, "a_bits": a_bits,
                           **quant.describe(qmodel)},
                 "metrics": {"fp": fp, "quant": q, "drop_top1": fp["top1"] - q["top1"]},
@@ -192,9 +245,13 @@ def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[s
                     "num_samples": len(calib), "indices": info.pop("indices", None),
                     "images_seen": info.pop("images_seen", 0 if strategy.synthetic else len(calib)),
                     "cache_key": calib_key, "cache_hit": calib_hit, "fp_cache_hit": fp_hit,
+                    "calibrate_order": calib_order.tolist(),
+                    "paper_deviations": strategy.paper_deviations(),
                     "info": info},
                 "refine": {"name": cfg.refine.name, **refine_info},
             })
+            # Every image the run looked at: selection or synthesis, plus refinement batches.
+            record["images_seen"] = record["calibration"]["images_seen"] + refine_info["images_seen"]
             track.log({"fp/top1": fp["top1"], "quant/top1": q["top1"], "quant/top5": q["top5"]})
             track.summary({"fp_top1": fp["top1"], "quant_top1": q["top1"], "quant_top5": q["top5"],
                            "w_bits": w_bits, "a_bits": a_bits, **{f"time/{k}": v for k, v in timings.items()}})

@@ -37,17 +37,19 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
+_DEVIATIONS = "paper_deviations"  # flat key: the record's calibration.paper_deviations, joined
 RESULT_FILE = "result.json"  # pipeline.RESULT_FILE; not imported, the pipeline pulls in torch models
 SUMMARY_CSV, SUMMARY_MD, FAILURES_CSV = "summary.csv", "summary.md", "failures.csv"
 
 # Config keys that never split a cell: how a job was run or logged, the seed (averaged over), and
 # bits / quant.w_bits / quant.a_bits, which the effective w_bits and a_bits columns replace, and
 # dataset.num_workers (DataLoader processes: same images, same order, same numbers).
-_IGNORED_ROOTS = ("seed", "logger", "progress", "resume", "threads", "paths", "bits")
+_IGNORED_ROOTS = ("seed", "logger", "progress", "resume", "threads", "paths", "bits", _DEVIATIONS)
 _IGNORED_KEYS = ("quant.w_bits", "quant.a_bits", "dataset.num_workers")
 # The columns every table has, in order: (label, flattened config key).
 _BASE = (("dataset", "dataset.name"), ("model", "model.name"), ("quant", "quant.name"),
-         ("budget", "budget.name"), ("num_samples", "num_samples"), ("strategy", "strategy.name"))
+         ("budget", "budget.name"), ("split", "eval_split"), ("num_samples", "num_samples"),
+         ("strategy", "strategy.name"))
 _BITS = ("w_bits", "a_bits")
 _STRATEGY = "strategy"
 _MISSING = "<missing>"  # a field a job's config lacks (another strategy's option)
@@ -115,6 +117,7 @@ def _read_job(path: Path, root: Path) -> Job:
         return Job(rel, "unreadable", error=f"{type(err).__name__}: {err}")
     flat = _flatten(record.get("config") or {})
     flat["w_bits"], flat["a_bits"] = _effective_bits(flat)
+    flat[_DEVIATIONS] = ", ".join((record.get("calibration") or {}).get(_DEVIATIONS) or [])
     job = Job(rel, str(record.get("status", "unknown")), record.get("error"), record.get("run_key"),
               str(record.get("finished_at") or ""), record.get("seed", flat.get("seed")), flat)
     metrics = record.get("metrics") or {}
@@ -295,10 +298,15 @@ def _strategy_labels(summary: Summary) -> list[str]:
 
 
 def _variant(summary: Summary, cell: Cell) -> str:
-    """'selectq (num_centroids=5, gamma=1.0)': the strategy and its swept fields."""
+    """'selectq (num_centroids=5, gamma=1.0)': the strategy and its swept fields; a setting that
+    departs from the paper's reading is named as such: 'selectq (select=lowest, not the paper's
+    reading)'."""
     name, *fields = _strategy_labels(summary)
     opts = [f"{f.split('.', 1)[1]}={summary.value(cell, f)}" for f in fields
             if summary.value(cell, f) != _MISSING]
+    for dev in filter(None, str(cell.flat.get(_DEVIATIONS) or "").split(", ")):
+        note = f"{dev}, not the paper's reading"
+        opts = [note if o == dev else o for o in opts] if dev in opts else [*opts, note]
     return f"{summary.value(cell, name)}" + (f" ({', '.join(opts)})" if opts else "")
 
 

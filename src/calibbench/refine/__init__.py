@@ -1,22 +1,171 @@
-"""Refinement stage after calibration: ``none`` (pure PTQ) for now.
+"""Refinement stage after calibration: ``none`` (pure PTQ) or training the fake-quant model.
 
-Training-based strategies (FDDA, ClusterQ, PLF) plug in here as Lightning modules that fine-tune
-the fake-quant model from ``strategy.batches(ctx)`` with the FP model as teacher; the pipeline
-already passes both, so adding one is a new module here plus ``conf/refine/<name>.yaml``.
+``refine=kd`` distils the FP model into the calibrated fake-quant model on Lightning
+(``distill.py``), fed by ``strategy.batches(ctx, calib, batch_size, generator)`` (``stream.py``)
+with a weighted sum of loss terms (``losses.py``: kd, ce, feature). Method-specific refiners
+(FDDA, ClusterQ, PLF) are the same loop with their own terms and streams: a class registered here
+with ``@register("name")`` plus ``conf/refine/<name>.yaml``.
+
+Public doors: :func:`available` (registered names), :func:`validate` (every refine option, before
+any work), :func:`run` (train in place, return what ``result.json`` records under ``refine``).
+Sizes come from the budget: ``budget.refine_steps`` and ``budget.refine_batch_size`` (which
+``refine.batch_size`` overrides when set).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Optional
 
+import torch
 from torch import nn
 
-from calibbench.config import RefineConfig, check_choice
+from calibbench.config import ConfigError, check_choice
+from calibbench.refine.losses import TERMS, available_terms
 
-REFINERS = ("none",)
+OPTIMIZERS = ("sgd", "adam")
+CE_LABELS = ("batch", "teacher")
+ACT_RANGES = ("frozen", "learned")
+BN_MODES = ("frozen", "train")
 
 
-def run(qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, cfg: RefineConfig) -> dict:
-    """Fine-tune ``qmodel`` in place per ``cfg``; return what to record (steps, losses, images seen)."""
-    check_choice("refine", cfg.name, REFINERS)
-    return {"steps": 0, "images_seen": 0}
+class Refiner(ABC):
+    """One refinement method. ``cfg`` is the RefineConfig."""
+
+    name: str = ""
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    @abstractmethod
+    def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any,
+            track: Any = None) -> dict[str, Any]:
+        """Refine ``qmodel`` in place; return the ``refine`` part of the record."""
+
+
+_REGISTRY: dict[str, type[Refiner]] = {}
+
+
+def register(name: str) -> Callable[[type[Refiner]], type[Refiner]]:
+    def wrap(cls: type[Refiner]) -> type[Refiner]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"refiner {name!r} is registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build(cfg: Any) -> Refiner:
+    check_choice("refine", cfg.name, available())
+    return _REGISTRY[cfg.name](cfg)
+
+
+def _empty(batch_size: Optional[int] = None) -> dict[str, Any]:
+    return {"steps": 0, "batch_size": batch_size, "images_seen": 0, "seconds": 0.0,
+            "loss_first": None, "loss_last": None, "terms": {}, "curve": {}}
+
+
+@register("none")
+class NoRefine(Refiner):
+    """Pure post-training quantization: the calibrated model is evaluated as it is."""
+
+    def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any,
+            track: Any = None) -> dict[str, Any]:
+        return _empty()
+
+
+@register("kd")
+class Distill(Refiner):
+    """Knowledge distillation from the FP model (terms and weights from ``refine.losses``)."""
+
+    def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any,
+            track: Any = None) -> dict[str, Any]:
+        from calibbench.refine.distill import distill  # Lightning is imported only when training
+
+        steps = int(ctx.budget.refine_steps)
+        batch_size = int(self.cfg.batch_size or ctx.budget.refine_batch_size)
+        if steps == 0:
+            return _empty(batch_size)
+        check_feature_modules(self.cfg, teacher, qmodel)
+        return distill(qmodel, teacher, strategy, ctx, calib, self.cfg, steps, batch_size, track)
+
+
+def _active_terms(cfg: Any) -> list[str]:
+    return [name for name, weight in cfg.losses.items() if float(weight) > 0]
+
+
+def check_feature_modules(cfg: Any, *models: nn.Module) -> None:
+    """Every ``refine.feature_modules`` name exists in each model (when the feature term is on)."""
+    if "feature" not in _active_terms(cfg):
+        return
+    for model in models:
+        names = {name for name, _ in model.named_modules() if name}
+        missing = [m for m in cfg.feature_modules if m not in names]
+        if missing:
+            sample = ", ".join(sorted(names)[:12])
+            raise ConfigError(f"refine.feature_modules: {missing} not in model "
+                              f"{type(model).__name__}; module names look like: {sample}, ...")
+
+
+def _architecture(model_cfg: Any) -> Optional[nn.Module]:
+    """The model's architecture without weights, on the meta device (no memory, no download)."""
+    from calibbench.models import _architecture as build_arch
+
+    with torch.device("meta"):
+        return build_arch(model_cfg, pretrained=False)
+
+
+def validate(cfg: Any) -> None:
+    """Every refine option of the run config ``cfg`` (and the refine budget): one ConfigError."""
+    r = cfg.refine
+    check_choice("refine", r.name, available())
+    steps = cfg.budget.refine_steps
+    if steps is None or int(steps) < 0:
+        raise ConfigError(f"budget.refine_steps={steps} is out of range: a step count, must be >= 0")
+    if r.batch_size is not None and int(r.batch_size) < 1:
+        raise ConfigError(f"refine.batch_size={r.batch_size} must be >= 1 (or null: budget.refine_batch_size)")
+    for key, weight in r.losses.items():
+        check_choice("refine loss term", key, available_terms())
+        if float(weight) < 0:
+            raise ConfigError(f"refine.losses.{key}={weight} is negative; loss weights must be >= 0 "
+                              f"(0 switches a term off)")
+    if r.name != "none" and int(steps) > 0 and not _active_terms(r):
+        raise ConfigError(f"refine={r.name} has no loss term with a positive weight "
+                          f"(refine.losses={dict(r.losses)}); valid terms: {', '.join(available_terms())}")
+    if not float(r.temperature) > 0:
+        raise ConfigError(f"refine.temperature={r.temperature} must be > 0")
+    if not float(r.lr) > 0:
+        raise ConfigError(f"refine.lr={r.lr} must be > 0")
+    if float(r.weight_decay) < 0:
+        raise ConfigError(f"refine.weight_decay={r.weight_decay} must be >= 0")
+    if not 0 <= float(r.momentum) < 1:
+        raise ConfigError(f"refine.momentum={r.momentum} must be in [0, 1)")
+    check_choice("refine.optimizer", r.optimizer, OPTIMIZERS)
+    if r.optimizer == "sgd" and r.nesterov and float(r.momentum) == 0:
+        raise ConfigError("refine.nesterov=true needs refine.momentum > 0")
+    check_choice("refine.ce_labels", r.ce_labels, CE_LABELS)
+    check_choice("refine.act_ranges", r.act_ranges, ACT_RANGES)
+    check_choice("refine.bn", r.bn, BN_MODES)
+    if "feature" in _active_terms(r):
+        if not r.feature_modules:
+            raise ConfigError("refine loss 'feature' needs refine.feature_modules: the module paths "
+                              "whose outputs student and teacher should match")
+        if r.name != "none":
+            check_feature_modules(r, _architecture(cfg.model))
+
+
+def run(qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any, cfg: Any,
+        track: Any = None) -> dict[str, Any]:
+    """Refine ``qmodel`` in place per ``cfg`` (a RefineConfig); return what to record (steps,
+    batch size, images seen, seconds, first/last loss, the thinned loss curve)."""
+    return build(cfg).run(qmodel, teacher, strategy, ctx, calib, track)
+
+
+__all__ = ["Refiner", "register", "available", "build", "validate", "run", "TERMS",
+           "check_feature_modules"]

@@ -7,13 +7,15 @@ strategy is compared on exactly the same quantize → calibrate → evaluate pat
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from calibbench.config import BudgetConfig, ConfigError, StrategyConfig
@@ -40,11 +42,28 @@ class CalibrationSet:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def subset(self, positions: torch.Tensor) -> "CalibrationSet":
+        """The images (and labels) at ``positions``, in that order; ``info`` is shared."""
+        labels = None if self.labels is None else self.labels[positions]
+        return CalibrationSet(self.images[positions], labels, self.info)
+
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
         for start in range(0, len(self), batch_size):
             stop = start + batch_size
             labels = None if self.labels is None else self.labels[start:stop]
             yield self.images[start:stop], labels
+
+    def replay(self, batch_size: int, generator: torch.Generator
+               ) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """Endless full batches over successive random permutations drawn from ``generator``."""
+        if len(self) == 0:
+            raise ValueError("replay(): the calibration set is empty")
+        order = torch.empty(0, dtype=torch.long)
+        while True:
+            while len(order) < batch_size:
+                order = torch.cat([order, torch.randperm(len(self), generator=generator)])
+            take, order = order[:batch_size], order[batch_size:]
+            yield self.images[take], None if self.labels is None else self.labels[take]
 
 
 @dataclass
@@ -59,9 +78,25 @@ class StrategyContext:
     budget: BudgetConfig
     progress: bool = True
 
-    def generator(self, offset: int = 0) -> torch.Generator:
-        """A CPU generator seeded from the run seed: same seed → same draws on any device."""
-        return torch.Generator().manual_seed(self.seed + offset)
+    def generator(self, stream: str) -> torch.Generator:
+        """A CPU generator for the named random ``stream`` of this run (same on any device).
+
+        Its seed hashes (run seed, stream name), so no two streams replay each other: seed s+1 of
+        one stream is unrelated to seed s of another (``seed + offset`` made ``random`` at seed 1
+        replay SelectQ's pool draw at seed 0).
+        """
+        return torch.Generator().manual_seed(stream_seed(self.seed, stream))
+
+    def pool_permutation(self) -> torch.Tensor:
+        """The calibration pool (``data.pool``: train indices outside the validation split) in the
+        seeded order of the shared ``"pool"`` stream.
+
+        Shared on purpose: ``random`` takes its first ``num_samples`` entries and SelectQ's
+        ``pool_size`` subset is its first ``pool_size`` entries, so at one seed the random set is
+        a uniform sample of the very pool SelectQ ranks — paired comparisons share the pool.
+        """
+        pool = self.data.pool
+        return pool[torch.randperm(len(pool), generator=self.generator("pool"))]
 
 
 class Strategy(ABC):
@@ -69,7 +104,9 @@ class Strategy(ABC):
 
     name: str = ""
     synthetic: bool = False  # True when images are generated, not selected from the train split
-    cache_version: int = 1  # bump when a change to the algorithm invalidates cached sets
+    # The paper's reading of each config field whose calibbench default departs from it (e.g.
+    # SelectQ's select: the paper says "highest"). A run that departs is labelled as such.
+    paper_reading: dict[str, Any] = {}
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -78,15 +115,41 @@ class Strategy(ABC):
     def calibration_set(self, ctx: StrategyContext) -> CalibrationSet:
         """Return ``ctx.num_samples`` calibration images."""
 
-    def batches(self, ctx: StrategyContext, batch_size: Optional[int] = None
-                ) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        """Stream of ``(images, labels)`` for a refinement stage.
+    def resolved_config(self, ctx: StrategyContext) -> dict[str, Any]:
+        """The strategy config with every ``null``-means-fallback value replaced by the value the
+        run will use (e.g. SelectQ's ``batch_size: null`` → ``budget.eval_batch_size``).
 
-        The default replays the calibration set; generator-based strategies override this to
-        train their generator inside the iterator so the refinement loop stays generic.
+        The calibration cache key hashes this, so two runs that compute the same set share an
+        entry and two that do not never do. Override when a field falls back to ctx/budget.
         """
-        calib = self.calibration_set(ctx)
-        yield from calib.batches(batch_size or ctx.budget.calib_batch_size)
+        cfg = self.cfg
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+        return dict(asdict(cfg)) if is_dataclass(cfg) else dict(cfg)
+
+    def paper_deviations(self) -> list[str]:
+        """``["select=lowest"]``: the fields of this run that differ from the paper's reading."""
+        return [f"{key}={getattr(self.cfg, key)}" for key, paper in self.paper_reading.items()
+                if getattr(self.cfg, key) != paper]
+
+    def batches(self, ctx: StrategyContext, calib: CalibrationSet, batch_size: int,
+                generator: torch.Generator) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """The refinement stream: an endless iterator of ``(images, labels)`` batches (labels
+        ``None`` when the set has none); the refinement stage takes as many as it has steps.
+
+        The default replays ``calib`` (the set the run calibrated with, never recomputed) in the
+        seeded random order of ``generator``, reshuffled every pass; every batch holds exactly
+        ``batch_size`` images (a batch may span two passes, so each image is seen equally often).
+        Generator-based strategies override this and train their generator inside the iterator,
+        so the refinement loop stays generic.
+        """
+        yield from calib.replay(batch_size, generator)
+
+
+def stream_seed(seed: int, stream: str) -> int:
+    """A 63-bit seed from (run seed, stream name): sha256, so streams are independent."""
+    digest = hashlib.sha256(f"{int(seed)}/{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 _REGISTRY: dict[str, type[Strategy]] = {}
@@ -94,14 +157,14 @@ _REGISTRY: dict[str, type[Strategy]] = {}
 
 def register(name: str, schema: type = StrategyConfig) -> Callable[[type[Strategy]], type[Strategy]]:
     """Class decorator: add a strategy to the registry and its schema to Hydra's ConfigStore
-    as ``strategy/base_<name>`` (which ``conf/strategy/<name>.yaml`` lists in its defaults)."""
+    as ``schema/strategy/base_<name>`` (which ``conf/strategy/<name>.yaml`` lists in its defaults)."""
 
     def wrap(cls: type[Strategy]) -> type[Strategy]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"strategy {name!r} is registered twice")
         cls.name = name
         _REGISTRY[name] = cls
-        ConfigStore.instance().store(group="strategy", name=f"base_{name}", node=schema)
+        ConfigStore.instance().store(group="schema/strategy", name=f"base_{name}", node=schema)
         return cls
 
     return wrap

@@ -9,9 +9,13 @@ collapse onto the BN statistics (homogenization). It changes ZeroQ's loss in two
   inside the margin costs nothing. The margins δ, γ are the ε-percentile (ε = 0.9) of the
   deviations observed on the synthetic images at initialization (Gaussian noise) —
   ``margin_source=init``; ``real`` measures them on real train images, ``fixed`` takes constants.
-- **Layerwise sample enhancement (LSE)**: image i of a batch has the SDA loss of BN layer
-  ``i mod L`` weighted by ``enhance_weight`` (the paper's ``I + 11ᵀ``: 2) instead of 1, so
-  different images are pulled hardest at different depths.
+- **Layerwise sample enhancement (LSE)**: the paper sets the batch size N to the number of BN
+  layers L and weights image i's SDA loss at layer i by 2 (``I + 11ᵀ``), so different images are
+  pulled hardest at different depths. Here batches have L images by default (``batch_size:
+  layers``; the last batch smaller) and image g of the run (0-based over all batches) has layer
+  ``g mod L`` weighted by ``enhance_weight`` — image i of every full batch at layer i, the paper's
+  matrix, and with any other batch size every layer is still enhanced equally often (within one)
+  over the whole synthesis.
 
 The CVPR paper's objective has no label term; ``ce_weight > 0`` adds one cross-entropy term
 towards random labels (the TPAMI/reference code's addition — counted once here, the reference
@@ -28,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from calibbench.bnstats import BNStatsRecorder, BNTargets
+from calibbench.bnstats import BNStatsRecorder, BNTargets, find_bn_layers
 from calibbench.config import ConfigError, check_choice
 from calibbench.strategies.base import StrategyContext, register
+from calibbench.strategies.random import check_pool
 from calibbench.strategies.zeroq import (ZeroQ, ZeroQConfig, ZeroQObjective, init_images,
                                          input_loss)
 
@@ -38,9 +43,10 @@ log = logging.getLogger(__name__)
 
 MARGIN_SOURCES = ("init", "real", "fixed")
 GRANULARITIES = ("layer", "channel")
-# Seed offset of the margin draw: below the batch stride (zeroq.BATCH_SEED_STRIDE), so it never
-# coincides with a batch's stream for seeds < 500,000.
-MARGIN_SEED_OFFSET = 500_009
+BATCH_SIZES = ("layers", "budget")  # or a positive integer
+# Named random streams (ctx.generator): the margin draw and the CE labels. The starting images
+# use zeroq's "synth/image{i}" streams, shared with ZeroQ.
+STREAM_MARGINS, STREAM_LABELS = "dsg/margins", "dsg/labels"
 
 
 @dataclass
@@ -54,6 +60,9 @@ class DSGConfig(ZeroQConfig):
     gamma: float = 0.0  # margin_source=fixed: std margin
     enhance_weight: float = 2.0  # LSE: weight of layer (i mod L) for image i; 1 = no enhancement
     ce_weight: float = 0.0  # cross-entropy to random labels; 0 = the CVPR paper (no label term)
+    # Images per optimized batch: layers (the number of BN layers L, the paper's N = L) | budget
+    # (budget.synth_batch_size) | a positive integer.
+    batch_size: Any = "layers"
 
 
 def slack_hinge(deviation: Tensor, margin: Tensor | float) -> Tensor:
@@ -72,13 +81,33 @@ def quantile(x: Tensor, q: float, dim: int = 0) -> Tensor:
     return s.select(dim, lo) * (1 - frac) + s.select(dim, hi) * frac
 
 
-def enhancement_weights(n: int, num_layers: int, weight: float, device: Optional[torch.device] = None
-                        ) -> Tensor:
-    """N×L weights: 1 everywhere, ``weight`` at (i, i mod L) — the paper's I + 11ᵀ for N = L."""
+def enhanced_layers(start: int, n: int, num_layers: int, device: Optional[torch.device] = None
+                    ) -> Tensor:
+    """The layer each of images ``start … start + n − 1`` (run indices) is enhanced at: g mod L."""
+    return torch.arange(start, start + n, device=device) % num_layers
+
+
+def enhancement_weights(n: int, num_layers: int, weight: float, device: Optional[torch.device] = None,
+                        start: int = 0) -> Tensor:
+    """N×L weights: 1 everywhere, ``weight`` at (i, (start + i) mod L), where ``start`` is the run
+    index of the batch's first image — the paper's I + 11ᵀ for N = L and start a multiple of L."""
     w = torch.ones(n, num_layers, device=device)
-    idx = torch.arange(n, device=device)
-    w[idx, idx % num_layers] = weight
+    w[torch.arange(n, device=device), enhanced_layers(start, n, num_layers, device)] = weight
     return w
+
+
+def resolve_batch_size(value: Any, num_layers: int, budget_batch: int) -> int:
+    """``layers`` → L, ``budget`` → ``budget.synth_batch_size``, an integer ≥ 1 → itself."""
+    if isinstance(value, str) and value.strip().lstrip("+").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not (value in BATCH_SIZES or (isinstance(value, int) and value >= 1)):
+        raise ConfigError(f"strategy.batch_size={value!r} must be 'layers' (the number of BN layers, "
+                          f"the paper), 'budget' (budget.synth_batch_size) or an integer >= 1")
+    if value == "layers":
+        return int(num_layers)
+    if value == "budget":
+        return int(budget_batch)
+    return int(value)
 
 
 class DSGObjective(ZeroQObjective):
@@ -96,13 +125,24 @@ class DSGObjective(ZeroQObjective):
         self.layer_of = targets.layer_index().to(self.target_mean.device)
         self.num_layers = len(targets.names)
         self.enhance_weight, self.ce_weight = enhance_weight, ce_weight
-        self._weights: dict[int, Tensor] = {}
+        self._weights: dict[tuple[int, int], Tensor] = {}
+        self.start = 0  # run index of the current batch's first image (begin_batch)
+        self.enhance_counts = [0] * self.num_layers  # images enhanced per layer so far
+
+    def begin_batch(self, start: int, size: int) -> None:
+        self.start = start
+        for layer in enhanced_layers(start, size, self.num_layers).tolist():
+            self.enhance_counts[layer] += 1
+
+    def info(self) -> dict[str, Any]:
+        return {"enhance_counts": list(self.enhance_counts)}
 
     def weights(self, n: int) -> Tensor:
-        if n not in self._weights:
-            self._weights[n] = enhancement_weights(n, self.num_layers, self.enhance_weight,
-                                                   self.target_mean.device)
-        return self._weights[n]
+        key = (n, self.start % self.num_layers)
+        if key not in self._weights:
+            self._weights[key] = enhancement_weights(n, self.num_layers, self.enhance_weight,
+                                                     self.target_mean.device, start=key[1])
+        return self._weights[key]
 
     def __call__(self, images: Tensor, logits: Tensor, labels: Optional[Tensor]) -> dict[str, Tensor]:
         dm, ds = self.deviations()
@@ -141,18 +181,36 @@ class DSG(ZeroQ):
         for key in ("delta", "gamma", "enhance_weight", "ce_weight"):
             if getattr(cfg, key) < 0:
                 raise ConfigError(f"strategy.{key}={getattr(cfg, key)} must be non-negative")
+        resolve_batch_size(cfg.batch_size, 1, 1)  # the value's form; L and the budget come later
 
-    def batch_labels(self, ctx: StrategyContext, generator: torch.Generator, size: int) -> Optional[Tensor]:
+    def batch_size(self, ctx: StrategyContext) -> int:
+        return resolve_batch_size(self.cfg.batch_size, len(find_bn_layers(ctx.model)),
+                                  ctx.budget.synth_batch_size)
+
+    def resolved_config(self, ctx: StrategyContext) -> dict[str, Any]:
+        """``batch_size`` resolved to the number of images per batch this run uses."""
+        out = super().resolved_config(ctx)
+        out["batch_size"] = self.batch_size(ctx)
+        return out
+
+    def labels(self, ctx: StrategyContext) -> Optional[Tensor]:
+        """Uniform random labels (one draw of the ``"dsg/labels"`` stream, independent of the
+        batch layout) when ``ce_weight > 0``; none otherwise."""
         if self.cfg.ce_weight <= 0:
             return None
-        return torch.randint(0, ctx.data.num_classes, (size,), generator=generator)
+        return torch.randint(0, ctx.data.num_classes, (ctx.num_samples,),
+                             generator=ctx.generator(STREAM_LABELS))
 
     def make_objective(self, ctx: StrategyContext, recorder: BNStatsRecorder, targets: BNTargets
                        ) -> tuple[DSGObjective, dict[str, Any]]:
         delta, gamma, info = self.margins(ctx, recorder, targets)
         objective = DSGObjective(recorder, targets, self.cfg.input_weight, delta, gamma,
                                  self.cfg.enhance_weight, self.cfg.ce_weight)
-        info.update(enhance_weight=self.cfg.enhance_weight, ce_weight=self.cfg.ce_weight)
+        info.update(enhance_weight=self.cfg.enhance_weight, ce_weight=self.cfg.ce_weight,
+                    batch_size_setting=str(self.cfg.batch_size),
+                    streams={"init": "synth/image{i}", "margins": STREAM_MARGINS
+                             if self.cfg.margin_source != "fixed" else None,
+                             "labels": STREAM_LABELS if self.cfg.ce_weight > 0 else None})
         return objective, info
 
     # -- margins ----------------------------------------------------------------------------
@@ -195,16 +253,14 @@ class DSG(ZeroQ):
                             ) -> tuple[Tensor, Tensor]:
         """|μ̃ − μ_BN| and |σ̃ − σ_BN| per image (M×ΣC) on ``margin_samples`` images, no gradient."""
         cfg = self.cfg
-        gen = ctx.generator(MARGIN_SEED_OFFSET)
+        gen = ctx.generator(STREAM_MARGINS)
         n = cfg.margin_samples
         if cfg.margin_source == "init":
             images = init_images(cfg.init, n, ctx.data, gen)
-        else:
-            from calibbench.strategies.random import check_pool
-
-            pool = len(ctx.data.train)  # type: ignore[arg-type]
-            check_pool(n, pool, "the train split (strategy.margin_samples)")
-            indices = torch.randperm(pool, generator=gen)[:n].sort().values.tolist()
+        else:  # real: a uniform draw from the calibration pool (never the validation split)
+            pool = ctx.data.pool
+            check_pool(n, len(pool), "the calibration pool (strategy.margin_samples)")
+            indices = pool[torch.randperm(len(pool), generator=gen)[:n]].sort().values.tolist()
             images, _ = ctx.data.load(indices, "train", ctx.budget.calib_batch_size)
         t_mean, t_std = targets.flat()
         dev_m, dev_s = [], []

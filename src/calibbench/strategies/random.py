@@ -17,7 +17,7 @@ class RandomConfig(StrategyConfig):
     class_balanced: bool = False
 
 
-def check_pool(num_samples: int, pool: int, what: str = "the train split") -> None:
+def check_pool(num_samples: int, pool: int, what: str = "the train split outside the validation split") -> None:
     if num_samples > pool:
         raise ConfigError(f"num_samples={num_samples} is larger than the calibration pool "
                           f"({pool} images in {what}); use num_samples <= {pool}")
@@ -26,13 +26,11 @@ def check_pool(num_samples: int, pool: int, what: str = "the train split") -> No
 @register("random", RandomConfig)
 class RandomSelection(Strategy):
     def calibration_set(self, ctx: StrategyContext) -> CalibrationSet:
-        n_pool = len(ctx.data.train)  # type: ignore[arg-type]
-        check_pool(ctx.num_samples, n_pool)
-        gen = ctx.generator()
+        check_pool(ctx.num_samples, len(ctx.data.pool))
         if self.cfg.class_balanced:
-            indices = self._balanced(ctx, gen)
-        else:
-            indices = torch.randperm(n_pool, generator=gen)[: ctx.num_samples]
+            indices = self._balanced(ctx, ctx.generator("random/class_balanced"))
+        else:  # the head of the shared pool order: a uniform sample of SelectQ's pool at this seed
+            indices = ctx.pool_permutation()[: ctx.num_samples]
         # Sorted so the set (and its cache key) does not depend on draw order; reading is sequential.
         indices = indices.sort().values.tolist()
         images, labels = ctx.data.load(indices, "train", ctx.budget.calib_batch_size)
@@ -41,7 +39,8 @@ class RandomSelection(Strategy):
 
     @staticmethod
     def _balanced(ctx: StrategyContext, gen: torch.Generator) -> torch.Tensor:
-        targets = torch.tensor(ctx.data.targets("train"))
+        pool = ctx.data.pool
+        targets = torch.tensor(ctx.data.targets("train"))[pool]
         k = ctx.data.num_classes
         per_class = torch.full((k,), ctx.num_samples // k)
         per_class[torch.randperm(k, generator=gen)[: ctx.num_samples % k]] += 1
@@ -51,5 +50,5 @@ class RandomSelection(Strategy):
             if per_class[c] > len(members):
                 raise ConfigError(f"class_balanced: class {c} has {len(members)} images, "
                                   f"{int(per_class[c])} needed; lower num_samples")
-            chosen.append(members[torch.randperm(len(members), generator=gen)[: per_class[c]]])
+            chosen.append(pool[members[torch.randperm(len(members), generator=gen)[: per_class[c]]]])
         return torch.cat(chosen)

@@ -8,7 +8,7 @@ section 4) has no public code; this is the first implementation. What the paper 
 * Knowledge Distance to a centroid C: ``D = ||μ_C − μ||² + γ||σ_C − σ||²`` (eq. 2), γ = 1;
 * K = 10 centroids per layer initialised from the statistics of K uniformly random inputs;
 * one epoch over the training set; for every image and layer the *nearest* centroid moves,
-  with a step λ_t cosine-annealed over the batches (eq. 4), λ_max = 0.1, λ_min = 0.001;
+  with a step λ_t cosine-annealed over the epoch (eq. 4), λ_max = 0.1, λ_min = 0.001;
 * score ``S = Σ_layers min_j D(C_j)`` with the final centroids (eq. 5); no backward pass, no BN
   parameters (the model stays in eval mode, its BN running statistics are never touched).
 
@@ -18,20 +18,21 @@ has the reasoning):
 * ``update_rule``: ``toward_mean`` ``C ← C + λ_t (s − C)`` (moves the centroid toward the
   statistics, as the text and Fig. 5 describe) | ``literal`` ``C ← C + λ_t s`` (eq. 3 as printed;
   the centroids grow without bound — kept reachable so the divergence can be shown).
-* ``update_mode``: ``batch_mean`` (each centroid moves toward the mean of the statistics assigned
-  to it in the batch — one step per batch, t counts batches; centroids with no assignment stay)
-  | ``per_image`` (the images of a batch update one after another with the batch's λ_t; each
-  assignment sees the centroids the previous image left).
-  In ``batch_mean`` + ``literal`` the "s" is the mean of the assigned statistics.
-* ``anneal_t_max``: ``last_batch`` (t_max = number of batches − 1: λ_0 = λ_max and the last batch
-  gets λ_min exactly) | ``num_batches`` (the text's "t_max is the total amount of batches" with
-  t = 0..T−1: the last step stays slightly above λ_min). A single batch gets λ_max. The text
+* ``update_batch_size``: images per centroid-update step, independent of the forward batch. The
+  per-image statistics are consumed in traversal order, ``update_batch_size`` at a time: per layer,
+  each centroid that is the nearest one of at least one image of the chunk (assignments use the
+  centroids from before the chunk) moves by λ_t toward the mean of the statistics assigned to it;
+  the others stay. ``1`` is the paper's literal per-image reading (every image moves its nearest
+  centroid, the next image sees the move). λ_t is annealed over the update steps,
+  ``ceil(pool / update_batch_size)`` of them. The forward batch (``batch_size``) is speed only.
+* ``anneal_t_max``: ``last_step`` (t_max = number of steps − 1: λ_0 = λ_max and the last step
+  gets λ_min exactly) | ``num_steps`` (the text's "t_max is the total amount of batches" with
+  t = 0..T−1: the last step stays slightly above λ_min). A single step gets λ_max. The text
   also says λ_min is "the beginning" while eq. 4 starts at λ_max; we follow the formula — the
   text's reading is reachable by swapping the two values.
 * ``select``: ``lowest`` | ``highest``. The paper says the highest scores are picked; its
   motivation (filter out images with outlier statistics, Figs. 3 and 8) points to the lowest.
-  The default is ``lowest``, decided by measurement (docs/results.md: +2.4 points over
-  ``highest`` at W4A4 on resnet20/cifar10_jpeg, higher at every bit-width).
+  The default is ``lowest``, decided on the validation split (docs/results.md).
 * ``stats``: ``layer`` (one μ, σ per layer: the paper's choice) | ``channel`` (one per channel;
   distances are summed over the channels of a layer, as the squared L2 norm of eq. 2 reads).
   Channel statistics of an output with no spatial extent (a Linear layer, an SE block's 1×1
@@ -39,21 +40,25 @@ has the reasoning):
 * ``shuffle``: the pool is traversed in a seeded random order (what a ``shuffle=True`` training
   loader does). ``false`` traverses in dataset order, which for a class-sorted ImageFolder drags
   the annealed centroids toward the last classes.
-* ``pool_size``: a seeded random subset of the train split (``null`` → ``budget.pool_size``,
-  ``null`` there too → the whole split — the paper's setting).
+* ``pool_size``: the first ``pool_size`` images of the run's shared pool order
+  (``ctx.pool_permutation()``; ``null`` → ``budget.pool_size``, ``null`` there too → the whole
+  calibration pool, i.e. the train split minus the validation split — the paper's setting). At one
+  seed, ``random`` draws from the head of the same order, so it samples SelectQ's pool uniformly.
 
 Fixed decisions (not switches): σ is the population std (correction 0 — the per-channel σ of a
 1×1 output would be NaN otherwise), computed in two passes (mean, then the norm of the
 centred tensor) for accuracy; ties go to the lower centroid index and, in the ranking, to the
-lower dataset index; the K random inputs are drawn in [0, 1] pixel space with
-``ctx.generator()`` and mapped through the model's normalization.
+lower dataset index; the K random inputs are drawn in [0, 1] pixel space from the run's
+``"selectq/init"`` stream and mapped through the model's normalization; the traversal order
+comes from the ``"selectq/order"`` stream.
 
 One traversal, not two: every image's statistics (2 floats per layer in ``layer`` mode) are
 kept from the update pass and ranked once the centroids are final, which gives exactly the
 scores of the paper's second traversal (the model is unchanged between the passes).
 
 ``info["indices"]`` are train-split indices in **rank order** (best first), aligned with
-``info["scores"]`` and with the returned images and labels.
+``info["scores"]`` and with the returned images and labels. ``info["init_residual"]`` says how
+much of its random-noise start each centroid still holds at the end.
 """
 
 from __future__ import annotations
@@ -76,14 +81,14 @@ log = logging.getLogger(__name__)
 
 STATS = ("layer", "channel")
 UPDATE_RULES = ("toward_mean", "literal")
-UPDATE_MODES = ("batch_mean", "per_image")
-ANNEAL_T_MAX = ("last_batch", "num_batches")
+ANNEAL_T_MAX = ("last_step", "num_steps")
 SELECT = ("lowest", "highest")
-# Offsets of ctx.generator(): independent streams for the random init inputs, the pool subset
-# and the traversal order, so changing one setting does not reshuffle the others.
-_GEN_INIT, _GEN_POOL, _GEN_ORDER = 0, 1, 2
+# Named random streams of the run (ctx.generator): the random init inputs and the traversal order.
+# The pool subset is the head of the run's shared "pool" stream (ctx.pool_permutation()).
+STREAM_INIT, STREAM_ORDER = "selectq/init", "selectq/order"
 _CHUNK_ELEMENTS = 1 << 24  # distance tensors are computed in chunks of at most this many floats
 _QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
+SHIFT_WINDOWS = 50  # info["centroid_shift"]: net centroid movement over this many windows of steps
 
 
 @dataclass
@@ -91,27 +96,29 @@ class SelectQConfig(StrategyConfig):
     name: str = "selectq"
     num_centroids: int = 10  # K per layer (paper: 10)
     gamma: float = 1.0  # weight of the σ term in the Knowledge Distance (eq. 2)
-    lambda_max: float = 0.1  # λ at the first batch (eq. 4)
-    lambda_min: float = 0.001  # λ at the last batch
-    anneal_t_max: str = "last_batch"  # last_batch | num_batches
+    lambda_max: float = 0.1  # λ at the first update step (eq. 4)
+    lambda_min: float = 0.001  # λ at the last update step
+    anneal_t_max: str = "last_step"  # last_step | num_steps
     stats: str = "layer"  # layer | channel
     update_rule: str = "toward_mean"  # toward_mean | literal
-    update_mode: str = "batch_mean"  # batch_mean | per_image
+    update_batch_size: int = 1  # images per centroid-update step (1 = per image, the paper)
     select: str = "lowest"  # lowest | highest
-    pool_size: Optional[int] = None  # None → budget.pool_size → whole train split
+    pool_size: Optional[int] = None  # None → budget.pool_size → whole calibration pool
     shuffle: bool = True  # seeded random traversal order of the pool
-    batch_size: Optional[int] = None  # forward batch; None → budget.eval_batch_size
+    batch_size: Optional[int] = None  # forward batch (speed only); None → budget.eval_batch_size
 
 
 def validate(cfg: Any) -> None:
     """Range and choice checks with one readable message (Hydra only checks types)."""
     check_choice("strategy.stats", cfg.stats, STATS)
     check_choice("strategy.update_rule", cfg.update_rule, UPDATE_RULES)
-    check_choice("strategy.update_mode", cfg.update_mode, UPDATE_MODES)
     check_choice("strategy.anneal_t_max", cfg.anneal_t_max, ANNEAL_T_MAX)
     check_choice("strategy.select", cfg.select, SELECT)
     if cfg.num_centroids < 1:
         raise ConfigError(f"strategy.num_centroids={cfg.num_centroids} must be >= 1")
+    if cfg.update_batch_size < 1:
+        raise ConfigError(f"strategy.update_batch_size={cfg.update_batch_size} must be >= 1 "
+                          f"(images per centroid-update step; 1 = per-image updates)")
     for key in ("gamma", "lambda_max", "lambda_min"):
         value = getattr(cfg, key)
         if not (math.isfinite(value) and value >= 0):
@@ -144,6 +151,11 @@ class StatsLayout:
     @property
     def num_layers(self) -> int:
         return len(self.names)
+
+    @property
+    def scalar(self) -> bool:
+        """Layer mode: one μ and one σ entry per layer (distances need no per-layer sum)."""
+        return all(c == 1 for c in self.channels)
 
     @property
     def half(self) -> int:
@@ -219,11 +231,22 @@ class ActivationStats:
         return mu.reshape(b, -1), sigma.reshape(b, -1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """Run the model on ``images`` and return their (B, F) statistics (on the images' device)."""
+        """Run the model on ``images`` and return their (B, F) statistics (on the images' device).
+
+        A single image is run as a batch of two (itself twice) and the copy dropped: CPU
+        convolutions take another kernel for a batch of one, whose outputs differ in the last
+        bits (~1e-5) from the same image inside any larger batch. With the pad, an image's
+        statistics do not depend on the forward batch size (or on landing alone in the last
+        batch), which keeps the selection independent of ``batch_size``.
+        """
         self._mu.clear()
         self._sigma.clear()
         self._names.clear()
-        self.model(images)
+        single = images.shape[0] == 1
+        self.model(torch.cat([images, images]) if single else images)
+        if single:
+            self._mu[:] = [m[:1] for m in self._mu]
+            self._sigma[:] = [s[:1] for s in self._sigma]
         if self.names is None:  # the first forward fixes the layout
             self.names = list(self._names)
             self.channels = [int(m.shape[1]) for m in self._mu]
@@ -245,27 +268,33 @@ class ActivationStats:
 # The clustering maths: pure functions of tensors, tested on hand-made numbers.
 
 
-def lambda_schedule(num_batches: int, lambda_max: float, lambda_min: float,
-                    t_max: str = "last_batch") -> list[float]:
-    """λ_t = λ_min + ½(λ_max − λ_min)(1 + cos(π t / t_max)) for t = 0 … num_batches − 1 (eq. 4)."""
+def lambda_schedule(num_steps: int, lambda_max: float, lambda_min: float,
+                    t_max: str = "last_step") -> list[float]:
+    """λ_t = λ_min + ½(λ_max − λ_min)(1 + cos(π t / t_max)) for t = 0 … num_steps − 1 (eq. 4)."""
     check_choice("strategy.anneal_t_max", t_max, ANNEAL_T_MAX)
-    if num_batches < 1:
+    if num_steps < 1:
         return []
-    denominator = num_batches - 1 if t_max == "last_batch" else num_batches
-    if denominator == 0:  # one batch: t / t_max := 0
+    denominator = num_steps - 1 if t_max == "last_step" else num_steps
+    if denominator == 0:  # one step: t / t_max := 0
         return [float(lambda_max)]
     return [lambda_min + 0.5 * (lambda_max - lambda_min) * (1.0 + math.cos(math.pi * t / denominator))
-            for t in range(num_batches)]
+            for t in range(num_steps)]
 
 
 def knowledge_distance(stats: torch.Tensor, centroids: torch.Tensor, layout: StatsLayout
                        ) -> torch.Tensor:
     """D[b, k, l] = Σ_{μ entries of l} (μ_C − μ)² + γ Σ_{σ entries of l} (σ_C − σ)² (eq. 2).
 
-    ``stats`` (B, F), ``centroids`` (K, F) → (B, K, L). Chunked over B to bound memory.
+    ``stats`` (B, F), ``centroids`` (K, F) → (B, K, L). Chunked over B to bound memory. In layer
+    mode (one μ and one σ per layer) the per-layer sum is the single addition μ² + γσ², the same
+    floating-point operations as the general path.
     """
     b, f = stats.shape
     k = centroids.shape[0]
+    if layout.scalar and b * k * f <= _CHUNK_ELEMENTS:
+        diff = (stats[:, None, :] - centroids[None]).square_()
+        half = layout.num_layers
+        return diff[..., :half].add_(diff[..., half:].mul_(layout.weight[half:].to(stats.device)))
     out = stats.new_zeros(b, k, layout.num_layers)
     seg, weight = layout.segment.to(stats.device), layout.weight.to(stats.device)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, k * f))
@@ -283,40 +312,101 @@ def assign(stats: torch.Tensor, centroids: torch.Tensor, layout: StatsLayout
     return idx, best
 
 
+def _update(centroids: torch.Tensor, stats: torch.Tensor, assignment: torch.Tensor, lam: float,
+            layout: StatsLayout, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`update_centroids` plus the (K, L) mask of the centroids that moved."""
+    k, f = centroids.shape
+    seg = layout.segment.to(stats.device)
+    moved_counts = stats.new_zeros(k, layout.num_layers).scatter_add_(
+        0, assignment, torch.ones_like(assignment, dtype=stats.dtype))
+    counts = moved_counts[:, seg]
+    if stats.shape[0] == 1:  # one image: its statistics are the mean (s / 1 = s exactly)
+        mean = stats.expand(k, f)
+    else:
+        sums = stats.new_zeros(k, f).scatter_add_(0, assignment[:, seg], stats)
+        mean = sums / counts.clamp(min=1)
+    step = (mean - centroids) if rule == "toward_mean" else mean
+    return torch.where(counts > 0, centroids + lam * step, centroids), moved_counts > 0
+
+
 def update_centroids(centroids: torch.Tensor, stats: torch.Tensor, assignment: torch.Tensor,
                      lam: float, layout: StatsLayout, rule: str = "toward_mean") -> torch.Tensor:
-    """One batched update: each centroid moves by λ toward (``toward_mean``) — or by λ times
-    (``literal``) — the mean of the statistics assigned to it; unassigned centroids stay.
+    """One update step: per layer, each centroid moves by λ toward (``toward_mean``) — or by λ
+    times (``literal``) — the mean of the statistics assigned to it; unassigned centroids stay.
 
     ``centroids`` (K, F), ``stats`` (B, F), ``assignment`` (B, L). Returns a new tensor.
     """
     check_choice("strategy.update_rule", rule, UPDATE_RULES)
-    k, f = centroids.shape
-    seg = layout.segment.to(stats.device)
-    per_entry = assignment[:, seg]  # (B, F): the centroid index of each entry's layer
-    sums = stats.new_zeros(k, f).scatter_add_(0, per_entry, stats)
-    counts = stats.new_zeros(k, layout.num_layers).scatter_add_(
-        0, assignment, torch.ones_like(assignment, dtype=stats.dtype))[:, seg]
-    mean = sums / counts.clamp(min=1)
-    step = (mean - centroids) if rule == "toward_mean" else mean
-    return torch.where(counts > 0, centroids + lam * step, centroids)
+    return _update(centroids, stats, assignment, lam, layout, rule)[0]
 
 
-def update_centroids_per_image(centroids: torch.Tensor, stats: torch.Tensor, lam: float,
-                               layout: StatsLayout, rule: str = "toward_mean") -> torch.Tensor:
-    """Sequential update: image by image, the nearest centroid of each layer moves
-    (``C + λ(s − C)`` or ``C + λ s``); later images see the earlier moves. Returns a new tensor."""
-    check_choice("strategy.update_rule", rule, UPDATE_RULES)
-    out = centroids.clone()
-    seg = layout.segment.to(stats.device)
-    cols = torch.arange(out.shape[1], device=out.device)
-    for row in stats:
-        idx, _ = assign(row[None], out, layout)
-        rows = idx[0, seg]
-        current = out[rows, cols]
-        step = (row - current) if rule == "toward_mean" else row
-        out[rows, cols] = current + lam * step
-    return out
+class CentroidUpdater:
+    """Consumes per-image statistics in traversal order and updates the centroids every
+    ``update_batch_size`` images, whatever the size of the forward batches they arrive in.
+
+    λ_t is annealed over ``ceil(num_images / update_batch_size)`` steps (known up front). Rows left
+    over at the end of a forward batch wait for the next one; :meth:`finish` runs the last, smaller
+    step. Also tracks, per layer and centroid, the share of its initial value it still holds
+    (``residual``: ∏(1 − λ_t) over the steps in which it moved, for ``toward_mean``; the literal
+    rule adds to the initial value, which keeps weight 1) and the net movement over
+    :data:`SHIFT_WINDOWS` equal windows of steps.
+    """
+
+    def __init__(self, centroids: torch.Tensor, layout: StatsLayout, num_images: int,
+                 update_batch_size: int, lambda_max: float, lambda_min: float,
+                 t_max: str = "last_step", rule: str = "toward_mean") -> None:
+        check_choice("strategy.update_rule", rule, UPDATE_RULES)
+        if update_batch_size < 1:
+            raise ConfigError(f"strategy.update_batch_size={update_batch_size} must be >= 1")
+        self.layout, self.rule, self.size = layout, rule, int(update_batch_size)
+        self.num_images = int(num_images)
+        self.num_steps = math.ceil(self.num_images / self.size)
+        self.lambdas = lambda_schedule(self.num_steps, lambda_max, lambda_min, t_max)
+        self.centroids = centroids.clone()
+        k, num_layers = centroids.shape[0], layout.num_layers
+        self.residual = torch.ones(k, num_layers, dtype=torch.float64, device=centroids.device)
+        self.moves = torch.zeros(k, num_layers, dtype=torch.long, device=centroids.device)
+        self.step = 0
+        self.seen = 0
+        self._pending: Optional[torch.Tensor] = None
+        windows = min(SHIFT_WINDOWS, self.num_steps)
+        self.window_ends = {round((w + 1) * self.num_steps / windows) for w in range(windows)}
+        self.shifts: list[float] = []
+        self._snapshot = self.centroids
+
+    def feed(self, stats: torch.Tensor) -> None:
+        """Take the next rows (traversal order) and run every full update step they complete."""
+        if self._pending is not None:
+            stats = torch.cat([self._pending, stats])
+            self._pending = None
+        full = stats.shape[0] - stats.shape[0] % self.size
+        for start in range(0, full, self.size):
+            self._step(stats[start:start + self.size])
+        if full < stats.shape[0]:
+            self._pending = stats[full:]
+
+    def finish(self) -> torch.Tensor:
+        """Run the last (smaller) step if rows are pending; return the final centroids."""
+        if self._pending is not None:
+            self._step(self._pending)
+            self._pending = None
+        if self.step != self.num_steps or self.seen != self.num_images:
+            raise RuntimeError(f"selectq: {self.seen} images in {self.step} update steps, expected "
+                               f"{self.num_images} in {self.num_steps}")
+        return self.centroids
+
+    def _step(self, chunk: torch.Tensor) -> None:
+        lam = self.lambdas[self.step]
+        idx, _ = assign(chunk, self.centroids, self.layout)
+        self.centroids, moved = _update(self.centroids, chunk, idx, lam, self.layout, self.rule)
+        if self.rule == "toward_mean":
+            self.residual = torch.where(moved, self.residual * (1.0 - lam), self.residual)
+        self.moves += moved
+        self.step += 1
+        self.seen += chunk.shape[0]
+        if self.step in self.window_ends:
+            self.shifts.append(layer_shift(self._snapshot, self.centroids, self.layout))
+            self._snapshot = self.centroids
 
 
 def layer_shift(before: torch.Tensor, after: torch.Tensor, layout: StatsLayout) -> float:
@@ -358,21 +448,27 @@ def rank(scores: torch.Tensor, n: int, select: str) -> torch.Tensor:
 # Pool and traversal
 
 
-def resolve_pool_size(cfg: Any, ctx: StrategyContext) -> Optional[int]:
-    return cfg.pool_size if cfg.pool_size is not None else ctx.budget.pool_size
+def resolve_pool_size(cfg: Any, ctx: StrategyContext) -> int:
+    """The number of images SelectQ traverses: ``strategy.pool_size`` → ``budget.pool_size`` →
+    the whole calibration pool, capped at the pool's size."""
+    size = cfg.pool_size if cfg.pool_size is not None else ctx.budget.pool_size
+    n_pool = len(ctx.data.pool)
+    return n_pool if size is None else min(int(size), n_pool)
 
 
 def pool_and_order(ctx: StrategyContext, pool_size: Optional[int], shuffle: bool
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pool, order): the pool's train indices sorted ascending, and the traversal order as
-    positions into ``pool``. Seeded; the benchmark reuses it to time the same loader."""
-    n_train = len(ctx.data.train)  # type: ignore[arg-type]
-    if pool_size is None or pool_size >= n_train:
-        pool = torch.arange(n_train)
+    positions into ``pool``. The pool is the head of the run's shared pool order
+    (``ctx.pool_permutation()``), or all of ``ctx.data.pool`` when ``pool_size`` is None or not
+    smaller. Seeded; the benchmark reuses it to time the same loader."""
+    full = ctx.data.pool
+    if pool_size is None or pool_size >= len(full):
+        pool = full.clone()
     else:
-        pool = torch.randperm(n_train, generator=ctx.generator(_GEN_POOL))[:pool_size].sort().values
+        pool = ctx.pool_permutation()[:pool_size].sort().values
     if shuffle:
-        order = torch.randperm(len(pool), generator=ctx.generator(_GEN_ORDER))
+        order = torch.randperm(len(pool), generator=ctx.generator(STREAM_ORDER))
     else:
         order = torch.arange(len(pool))
     return pool, order
@@ -381,8 +477,44 @@ def pool_and_order(ctx: StrategyContext, pool_size: Optional[int], shuffle: bool
 def random_inputs(ctx: StrategyContext, k: int) -> torch.Tensor:
     """K images with U(0, 1) pixels (seeded), in the model's normalized input space."""
     size = ctx.data.input_size
-    pixels = torch.rand(k, 3, size, size, generator=ctx.generator(_GEN_INIT))
+    pixels = torch.rand(k, 3, size, size, generator=ctx.generator(STREAM_INIT))
     return ctx.data.normalize(pixels).to(ctx.device)
+
+
+def residual_summary(residual: torch.Tensor, moves: torch.Tensor, sizes: torch.Tensor,
+                     names: Sequence[str], rule: str) -> dict[str, Any]:
+    """``info["init_residual"]`` from the (K, L) residuals, move counts and the (L, K) final
+    cluster sizes: per layer the max and mean over the centroids that moved, the pool-weighted
+    mean (the share of noise in the centroid an average pool image is scored against) and the
+    number of centroids that never moved; overall the worst layer of each."""
+    residual, moves = residual.double().cpu(), moves.cpu()
+    weights = sizes.t().double()  # (K, L)
+    per_layer = []
+    for l, name in enumerate(names):
+        moved = moves[:, l] > 0
+        r = residual[moved, l]
+        per_layer.append({
+            "layer": name,
+            "max_moved": float(r.max()) if len(r) else None,
+            "mean_moved": float(r.mean()) if len(r) else None,
+            "weighted": float((residual[:, l] * weights[:, l]).sum() / weights[:, l].sum().clamp(min=1)),
+            "never_moved": int((~moved).sum()),
+        })
+
+    def worst(key: str) -> Optional[float]:
+        values = [p[key] for p in per_layer if p[key] is not None]
+        return max(values) if values else None
+
+    return {
+        "rule": rule,
+        "max_moved": worst("max_moved"),
+        "weighted": worst("weighted"),
+        "weighted_mean": sum(p["weighted"] for p in per_layer) / max(1, len(per_layer)),
+        "never_moved": sum(p["never_moved"] for p in per_layer),
+        "centroids": int(residual.numel()),
+        "per_layer": per_layer,
+        "per_centroid": residual.t().tolist(),  # (L, K), like cluster_sizes
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,7 +529,9 @@ class ClusteringResult:
     init_centroids: torch.Tensor  # (K, F)
     centroids: torch.Tensor  # (K, F) final
     layout: StatsLayout
-    lambdas: list[float]
+    lambdas: list[float]  # one per update step
+    residual: torch.Tensor  # (K, L) share of its initial value each centroid still holds
+    moves: torch.Tensor  # (K, L) number of update steps in which each centroid moved
     shifts: list[float] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -406,15 +540,27 @@ class ClusteringResult:
 class SelectQ(Strategy):
     """Rank the pool by distance to activation-statistics centroids learned in one pass."""
 
-    cache_version = 2  # 2: info records images_seen (the pool size)
+    paper_reading = {"select": "highest"}
+
+    def forward_batch_size(self, ctx: StrategyContext) -> int:
+        return int(self.cfg.batch_size or ctx.budget.eval_batch_size)
+
+    def resolved_config(self, ctx: StrategyContext) -> dict[str, Any]:
+        """Fallbacks resolved: ``pool_size`` (→ budget → the whole pool, capped at the pool) and
+        the forward ``batch_size`` (→ ``budget.eval_batch_size``; speed only, but kept in the key
+        so a cache entry never depends on that claim)."""
+        out = super().resolved_config(ctx)
+        out["pool_size"] = resolve_pool_size(self.cfg, ctx)
+        out["batch_size"] = self.forward_batch_size(ctx)
+        return out
 
     def calibration_set(self, ctx: StrategyContext) -> CalibrationSet:
         cfg = self.cfg
         validate(cfg)
         pool_size = resolve_pool_size(cfg, ctx)
         pool, order = pool_and_order(ctx, pool_size, cfg.shuffle)
-        what = (f"the SelectQ pool (pool_size={pool_size})" if pool_size is not None
-                else "the train split")
+        what = (f"the SelectQ pool (pool_size={pool_size})" if pool_size < len(ctx.data.pool)
+                else "the train split outside the validation split")
         check_pool(ctx.num_samples, len(pool), what)
 
         result = self.cluster(ctx, pool, order)
@@ -429,64 +575,59 @@ class SelectQ(Strategy):
         images, labels = ctx.data.load(indices, "train", ctx.budget.calib_batch_size)
         result.seconds["load"] = time.perf_counter() - t0
         info = self._info(ctx, result, scores, sizes, chosen, indices, labels)
-        log.info("selectq: %d of %d images (%s scores %.4g … %.4g), %d layers, %.1fs pass",
-                 len(indices), len(pool), cfg.select, info["scores"][0], info["scores"][-1],
-                 result.layout.num_layers, result.seconds["pass"])
+        log.info("selectq: %d of %d images (%s scores %.4g … %.4g), %d layers, %d update steps, "
+                 "init residual ≤ %.3g (pool-weighted), %.1fs pass", len(indices), len(pool),
+                 cfg.select, info["scores"][0], info["scores"][-1], result.layout.num_layers,
+                 len(result.lambdas), info["init_residual"]["weighted"], result.seconds["pass"])
         return CalibrationSet(images, labels, info)
 
     def cluster(self, ctx: StrategyContext, pool: torch.Tensor, order: torch.Tensor
                 ) -> ClusteringResult:
         """Init the centroids, traverse the pool once updating them, keep every image's stats."""
         cfg = self.cfg
-        batch_size = cfg.batch_size or ctx.budget.eval_batch_size
-        num_batches = math.ceil(len(pool) / batch_size)
-        lambdas = lambda_schedule(num_batches, cfg.lambda_max, cfg.lambda_min, cfg.anneal_t_max)
+        batch_size = self.forward_batch_size(ctx)
         model = ctx.model
         was_training = model.training
         model.eval()  # BN uses its running statistics and never updates them
         try:
             with ActivationStats(model, cfg.stats) as tap, torch.inference_mode():
                 t0 = time.perf_counter()
-                centroids = tap(random_inputs(ctx, cfg.num_centroids))
-                layout = tap.layout(cfg.gamma).to(centroids.device)
-                init = centroids.clone()
+                init = tap(random_inputs(ctx, cfg.num_centroids))
+                layout = tap.layout(cfg.gamma).to(init.device)
+                updater = CentroidUpdater(init, layout, len(pool), cfg.update_batch_size,
+                                          cfg.lambda_max, cfg.lambda_min, cfg.anneal_t_max,
+                                          cfg.update_rule)
                 seconds = {"init": time.perf_counter() - t0}
-                _warn_memory(len(pool), centroids.shape[1])
-                stats = torch.empty(len(pool), centroids.shape[1])
-                shifts: list[float] = []
+                _warn_memory(len(pool), init.shape[1])
+                stats = torch.empty(len(pool), init.shape[1])
                 t0 = time.perf_counter()
                 loader = ctx.data.loader(ctx.data.train, batch_size, pool[order].tolist())
                 bar = tqdm(total=len(pool), unit="img", desc="selectq", disable=not ctx.progress,
                            leave=False)
                 start = 0
-                for t, (images, _) in enumerate(loader):
+                for images, _ in loader:
                     batch = tap(images.to(ctx.device, non_blocking=True))
-                    before = centroids
-                    if cfg.update_mode == "batch_mean":
-                        idx, _ = assign(batch, centroids, layout)
-                        centroids = update_centroids(centroids, batch, idx, lambdas[t], layout,
-                                                     cfg.update_rule)
-                    else:
-                        centroids = update_centroids_per_image(centroids, batch, lambdas[t],
-                                                               layout, cfg.update_rule)
-                    shifts.append(layer_shift(before, centroids, layout))
+                    updater.feed(batch)
                     stop = start + batch.shape[0]
                     stats[order[start:stop]] = batch.cpu()  # one device→host copy per batch
                     start = stop
                     bar.update(batch.shape[0])
                 bar.close()
+                if start != len(pool):
+                    raise RuntimeError(f"the loader yielded {start} images for a pool of {len(pool)}")
+                centroids = updater.finish()
                 seconds["pass"] = time.perf_counter() - t0
         finally:
             model.train(was_training)
-        if start != len(pool):
-            raise RuntimeError(f"the loader yielded {start} images for a pool of {len(pool)}")
-        return ClusteringResult(pool, stats, init.cpu(), centroids.cpu(), layout.to(torch.device("cpu")),
-                                lambdas, shifts, seconds)
+        cpu = torch.device("cpu")
+        return ClusteringResult(pool, stats, init.cpu(), centroids.cpu(), layout.to(cpu),
+                                updater.lambdas, updater.residual.cpu(), updater.moves.cpu(),
+                                updater.shifts, seconds)
 
     def _info(self, ctx: StrategyContext, r: ClusteringResult, scores: torch.Tensor,
               sizes: torch.Tensor, chosen: torch.Tensor, indices: list[int],
               labels: torch.Tensor) -> dict[str, Any]:
-        """JSON-ready summary: small per-layer tables, per-batch scalars, pool quantiles."""
+        """JSON-ready summary: small per-layer tables, per-window scalars, pool quantiles."""
         cfg = self.cfg
         layout, half = r.layout, r.layout.half
         seg = layout.segment[:half]
@@ -507,15 +648,23 @@ class SelectQ(Strategy):
             "images_seen": len(r.pool),  # every pool image is read once
             "num_layers": layout.num_layers,
             "stats": cfg.stats,
+            "update_batch_size": cfg.update_batch_size,
+            "update_steps": len(r.lambdas),
             "centroids": centroids,
             "centroids_reduced": "none" if cfg.stats == "layer" else "channel_mean",
             "cluster_sizes": sizes.tolist(),
+            "init_residual": residual_summary(r.residual, r.moves, sizes, layout.names,
+                                              cfg.update_rule),
+            "centroid_moves": r.moves.t().tolist(),  # (L, K): update steps in which each moved
             "centroid_shift": r.shifts,
+            "centroid_shift_windows": len(r.shifts),
             "centroid_norm": {"init": float(r.init_centroids.norm()),
                               "final": float(r.centroids.norm())},
             "lambda": {"max": cfg.lambda_max, "min": cfg.lambda_min,
                        "first": r.lambdas[0], "last": r.lambdas[-1],
-                       "num_batches": len(r.lambdas)},
+                       "num_steps": len(r.lambdas), "sum": math.fsum(r.lambdas)},
+            "streams": {"init": STREAM_INIT, "order": STREAM_ORDER if cfg.shuffle else None,
+                        "pool": "pool" if len(r.pool) < len(ctx.data.pool) else None},
             "pool_score_quantiles": {f"{qq:g}": v for qq, v in zip(_QUANTILES, quantiles)},
             "class_counts": torch.bincount(labels, minlength=ctx.data.num_classes).tolist(),
             "seconds": {key: round(v, 3) for key, v in r.seconds.items()},

@@ -5,8 +5,15 @@ BatchNorm layer, each image's channel mean and std of the BN input equal the lay
 mean and ``sqrt(running_var + eps)``; the image itself is pulled to channel mean 0 / std 1. No
 labels are used. See ``docs/zeroq_dsg.md`` for every decision and the reference code's quirks.
 
-The optimization loop here is shared with ``dsg`` (strategies/dsg.py), which only swaps the
-objective: :class:`ZeroQ` owns the batches, seeding, the optimizer, logging and error handling.
+The optimization loop here is shared with ``dsg`` (strategies/dsg.py), which swaps the objective
+and the batch size: :class:`ZeroQ` owns the batches, seeding, the optimizer, logging and error
+handling (a NaN/inf loss, or a batch whose final loss is above its initial one, is a
+:class:`SynthesisError`).
+
+Seeding: image i of the run (0-based, over all batches) starts from the noise of the run's
+``"synth/image{i}"`` stream (``ctx.generator``), whatever the batch it lands in. ZeroQ and DSG share
+the streams, so at one seed both optimize the very same starting images — a paired comparison
+even though DSG's batches are smaller by default.
 """
 
 from __future__ import annotations
@@ -33,9 +40,6 @@ INITS = ("normal", "zeroq_code", "uniform")
 # of U(-128, 127), where its comment says it wants unit variance. The result has std
 # sqrt((255² − 1)/12)/5418.75 ≈ 0.01359, i.e. 1/73.6 of N(0, 1) (the "~74×" of METHODS.md).
 ZEROQ_CODE_DIVISOR = 5418.75
-# ctx.generator(offset) seeds with seed + offset: a stride far above any seed keeps the streams of
-# (seed, batch) pairs apart, so seed 1 / batch 0 never replays seed 0 / batch 1.
-BATCH_SEED_STRIDE = 1_000_003
 INPUT_EPS = 1e-6  # eps in the input image's std (the ZeroQ code's value; there is no BN layer there)
 
 
@@ -51,13 +55,17 @@ class ZeroQConfig(StrategyConfig):
 
 
 class SynthesisError(RuntimeError):
-    """The synthesis loss became NaN/inf: the message names the batch and the step."""
+    """The synthesis failed: a NaN/inf loss (the message names the batch and the step) or a batch
+    that diverged (final loss above the initial one; the message names the batch and both losses)."""
 
 
-def batch_seed_offset(batch: int) -> int:
-    """Offset for ``ctx.generator`` of batch ``batch`` (0-based): shared by zeroq and dsg, so both
-    start from the same noise for the same seed (a paired comparison)."""
-    return (batch + 1) * BATCH_SEED_STRIDE
+IMAGE_STREAM = "synth/image{i}"
+
+
+def image_stream(index: int) -> str:
+    """Name of the random stream image ``index`` (0-based over the whole run) starts from; shared
+    by zeroq and dsg so both start every image from the same noise at the same seed."""
+    return IMAGE_STREAM.format(i=index)
 
 
 def init_images(kind: str, n: int, data: DataModule, generator: torch.Generator) -> Tensor:
@@ -70,6 +78,13 @@ def init_images(kind: str, n: int, data: DataModule, generator: torch.Generator)
     if kind == "uniform":
         return data.normalize(torch.rand(shape, generator=generator))
     raise ConfigError(f"unknown strategy.init {kind!r}; valid choices: {', '.join(INITS)}")
+
+
+def initial_images(kind: str, ctx: StrategyContext, start: int, size: int) -> Tensor:
+    """Starting images ``start … start + size − 1`` of the run: each from its own stream
+    (:func:`image_stream`), so an image's start does not depend on the batch layout."""
+    return torch.cat([init_images(kind, 1, ctx.data, ctx.generator(image_stream(i)))
+                      for i in range(start, start + size)])
 
 
 def input_loss(images: Tensor) -> Tensor:
@@ -95,6 +110,14 @@ class ZeroQObjective:
         """(μ̃ − μ_BN, σ̃ − σ_BN), each N×ΣC, from the last forward pass."""
         mean, std = self.recorder.flat_image_stats()
         return mean - self.target_mean, std - self.target_std
+
+    def begin_batch(self, start: int, size: int) -> None:
+        """Called before a batch's optimization with the run index of its first image; ZeroQ's
+        loss does not depend on it (DSG's layerwise enhancement does)."""
+
+    def info(self) -> dict[str, Any]:
+        """What the objective adds to ``info`` after the synthesis."""
+        return {}
 
     def __call__(self, images: Tensor, logits: Tensor, labels: Optional[Tensor]) -> dict[str, Tensor]:
         """Loss terms of the last forward pass; ``total`` first (the one that is minimized)."""
@@ -138,23 +161,31 @@ class ZeroQ(Strategy):
         """The loss and what to record about it in ``info``."""
         return ZeroQObjective(recorder, targets, self.cfg.input_weight), {}
 
-    def batch_labels(self, ctx: StrategyContext, generator: torch.Generator, size: int) -> Optional[Tensor]:
-        """Labels a batch is optimized towards; ZeroQ uses none."""
+    def labels(self, ctx: StrategyContext) -> Optional[Tensor]:
+        """Labels the ``num_samples`` images are optimized towards (image i gets entry i);
+        ZeroQ uses none."""
         return None
+
+    def batch_size(self, ctx: StrategyContext) -> int:
+        """Images per optimized batch: ``budget.synth_batch_size`` (DSG resolves its own)."""
+        return int(ctx.budget.synth_batch_size)
 
     # -- the shared loop --------------------------------------------------------------------
     def batch_sizes(self, ctx: StrategyContext) -> list[int]:
-        bs = ctx.budget.synth_batch_size
-        if bs < 1 or ctx.budget.synth_iterations < 1:
-            raise ConfigError(f"budget.synth_batch_size={bs} and budget.synth_iterations="
-                              f"{ctx.budget.synth_iterations} must both be >= 1 for {self.name}")
+        if ctx.budget.synth_batch_size < 1 or ctx.budget.synth_iterations < 1:
+            raise ConfigError(f"budget.synth_batch_size={ctx.budget.synth_batch_size} and "
+                              f"budget.synth_iterations={ctx.budget.synth_iterations} must both be "
+                              f">= 1 for {self.name}")
         if ctx.num_samples < 1:
             raise ConfigError(f"num_samples={ctx.num_samples} must be a positive integer")
+        bs = self.batch_size(ctx)
         full, rest = divmod(ctx.num_samples, bs)
         return [bs] * full + ([rest] if rest else [])
 
     def calibration_set(self, ctx: StrategyContext) -> CalibrationSet:
         sizes = self.batch_sizes(ctx)
+        starts = [sum(sizes[:b]) for b in range(len(sizes))]
+        all_labels = self.labels(ctx)
         iters = ctx.budget.synth_iterations
         start = time.perf_counter()
         images: list[Tensor] = []
@@ -162,6 +193,7 @@ class ZeroQ(Strategy):
         names: list[str] = []
         logs: dict[str, list[list[float]]] = {}
         finals: dict[str, list[float]] = {}
+        initial: list[float] = []
         final_lr: list[float] = []
         seconds: list[float] = []
         loop_seconds = 0.0
@@ -170,14 +202,15 @@ class ZeroQ(Strategy):
             objective, extra = self.make_objective(ctx, recorder, targets)
             with tqdm(total=len(sizes) * iters, desc=f"{self.name} synthesis", unit="step",
                       disable=not ctx.progress, leave=False) as bar:
-                for b, size in enumerate(sizes):
+                for b, (start_i, size) in enumerate(zip(starts, sizes)):
                     t0 = time.perf_counter()
-                    gen = ctx.generator(batch_seed_offset(b))
-                    x0 = init_images(self.cfg.init, size, ctx.data, gen)
-                    y = self.batch_labels(ctx, gen, size)
-                    x, log_b, final_b, lr_b, loop_s = self._optimize(
+                    x0 = initial_images(self.cfg.init, ctx, start_i, size)
+                    y = None if all_labels is None else all_labels[start_i:start_i + size]
+                    objective.begin_batch(start_i, size)
+                    x, log_b, first_b, final_b, lr_b, loop_s = self._optimize(
                         model, recorder, objective, x0, y, ctx, b, len(sizes), bar)
                     loop_seconds += loop_s
+                    initial.append(first_b)
                     images.append(x)
                     if y is not None:
                         labels.append(y)
@@ -194,26 +227,28 @@ class ZeroQ(Strategy):
         weights = [s / sum(sizes) for s in sizes]
         info: dict[str, Any] = {
             "method": self.name, "init": self.cfg.init, "lr": self.cfg.lr,
-            "iterations": iters, "batch_size": ctx.budget.synth_batch_size,
-            "num_batches": len(sizes), "batch_sizes": sizes,
-            "batch_seeds": [ctx.seed + batch_seed_offset(b) for b in range(len(sizes))],
+            "iterations": iters, "batch_size": sizes[0],
+            "num_batches": len(sizes), "batch_sizes": sizes, "batch_starts": starts,
+            "init_stream": IMAGE_STREAM,
             "num_bn_layers": recorder.num_layers, "bn_layers": recorder.names,
             "loss_terms": names, "log_every": self.cfg.log_every, "losses": logs,
-            "final_loss": finals["total"],
+            "initial_loss": initial, "final_loss": finals["total"],
             "final_loss_mean": sum(w * v for w, v in zip(weights, finals["total"])),
             "final_terms": finals, "final_lr": final_lr,
             "seconds": round(total_seconds, 4), "seconds_per_batch": seconds,
             "seconds_per_iteration": loop_seconds / (iters * len(sizes)),
-            **extra,
+            **extra, **objective.info(),
         }
         out_labels = torch.cat(labels) if labels else None
         return CalibrationSet(torch.cat(images), out_labels, info)
 
     def _optimize(self, model: nn.Module, recorder: BNStatsRecorder, objective: ZeroQObjective,
                   x0: Tensor, labels: Optional[Tensor], ctx: StrategyContext, batch: int,
-                  num_batches: int, bar: tqdm) -> tuple[Tensor, dict[str, list[float]], dict[str, float],
-                                                        float, float]:
-        """Optimize one batch; returns (images on CPU, logged terms, final terms, final lr, loop s)."""
+                  num_batches: int, bar: tqdm) -> tuple[Tensor, dict[str, list[float]], float,
+                                                        dict[str, float], float, float]:
+        """Optimize one batch; returns (images on CPU, logged terms, initial total loss, final
+        terms, final lr, loop seconds). Raises :class:`SynthesisError` on a NaN/inf loss and when
+        the final total loss is above the initial one (the optimization diverged)."""
         cfg, iters = self.cfg, ctx.budget.synth_iterations
         x = x0.to(ctx.device).requires_grad_(True)
         y = None if labels is None else labels.to(ctx.device)
@@ -221,6 +256,7 @@ class ZeroQ(Strategy):
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", patience=cfg.lr_patience,
                                                            min_lr=cfg.min_lr)
         logged: dict[str, list[float]] = {}
+        initial = math.nan
         t0 = time.perf_counter()
         for step in range(1, iters + 1):
             opt.zero_grad(set_to_none=True)
@@ -233,6 +269,8 @@ class ZeroQ(Strategy):
                 raise SynthesisError(
                     f"{self.name}: non-finite loss in batch {batch + 1}/{num_batches} at step {step}/{iters} "
                     f"({bad}); lower strategy.lr or check the model for NaN outputs")
+            if step == 1:
+                initial = values[0]  # the loss of the starting images
             terms["total"].backward()
             opt.step()
             sched.step(values[0])
@@ -251,4 +289,9 @@ class ZeroQ(Strategy):
         if not _finite(list(final.values())):
             raise SynthesisError(f"{self.name}: non-finite loss in batch {batch + 1}/{num_batches} after "
                                  f"the last step ({iters}): {final}")
-        return x.detach().cpu().float(), logged, final, float(opt.param_groups[0]["lr"]), loop_seconds
+        if final["total"] > initial:
+            raise SynthesisError(
+                f"{self.name}: batch {batch + 1}/{num_batches} diverged: total loss {initial:.6g} at the "
+                f"start, {final['total']:.6g} after {iters} steps (lr {cfg.lr:g}); lower strategy.lr")
+        return (x.detach().cpu().float(), logged, initial, final, float(opt.param_groups[0]["lr"]),
+                loop_seconds)

@@ -1,0 +1,255 @@
+"""Distillation of the FP teacher into the fake-quant student, on Lightning (``refine=kd``).
+
+:class:`DistillModule` owns the student (the calibrated fake-quant model; its weights train
+through the straight-through estimator of ``quant/``), the frozen FP teacher and a list of
+weighted loss terms (``losses.py``). Lightning runs the loop: optimizer and cosine schedule
+stepping, device placement, progress bar. :class:`CurveRecorder` (a Callback) keeps every step's
+loss terms and learning rate for ``result.json`` and sends them to calibbench's own tracker (not
+Lightning's WandbLogger: DESIGN.md pitfall 8).
+
+What trains and what does not:
+- student weights and biases (and BN affine parameters) always; the weight grid follows the
+  weight (its per-channel min/max is recomputed whenever the weight changes, as in calibration);
+- activation ranges: frozen at the calibrated grid (``act_ranges=frozen``, no gradient reaches
+  it) or learned (``act_ranges=learned``, see ``ranges.py``);
+- student BatchNorm: ``bn=frozen`` keeps BN layers in eval mode, so they normalise with, and never
+  update, the running statistics computed on real data; ``bn=train`` uses batch statistics and
+  updates the running ones (momentum as in the model);
+- teacher: eval mode, no gradients, bit-identical afterwards.
+
+State that must stay usable by autograd is never created under ``inference_mode``: the Trainer
+runs with ``inference_mode=False`` and :func:`distill` itself runs inside
+``torch.inference_mode(False)`` (DESIGN.md pitfall 7).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from contextlib import ExitStack, contextmanager
+from typing import Any, Iterator, Optional, Sequence
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from calibbench.refine import stream
+from calibbench.refine.losses import LossTerm, StepOutputs, build_terms
+from calibbench.refine.ranges import learned_act_ranges
+from calibbench.strategies.base import stream_seed
+
+log = logging.getLogger(__name__)
+
+CURVE_POINTS = 200  # result.json keeps at most this many points of the loss curve
+
+
+class DistillModule(L.LightningModule):
+    """Student + frozen teacher + weighted loss terms; one ``training_step`` per stream batch.
+
+    Lightning (>= 2.5) keeps the train/eval mode the module has when ``fit`` starts, so the
+    caller switches it with ``train()``, which leaves the teacher and frozen BN in eval mode.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module,
+                 terms: Sequence[tuple[str, float, LossTerm]], cfg: Any, max_steps: int,
+                 range_params: Sequence[nn.Parameter] = ()) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        self.terms = list(terms)
+        self.cfg = cfg
+        self.max_steps = int(max_steps)
+        self.range_params = list(range_params)
+        self.images_seen = 0
+        self._features: dict[str, dict[str, Tensor]] = {"student": {}, "teacher": {}}
+        self._hooks = []
+        names = sorted({m for _, _, t in self.terms for m in t.feature_modules})
+        for role, model in (("student", student), ("teacher", teacher)):
+            modules = dict(model.named_modules())
+            for name in names:
+                self._hooks.append(modules[name].register_forward_hook(self._recorder(role, name)))
+
+    def _recorder(self, role: str, name: str):  # noqa: ANN202
+        store = self._features[role]
+
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            if not isinstance(output, Tensor):
+                raise TypeError(f"refine feature module {name!r} returns {type(output).__name__}, "
+                                f"not a tensor; pick a module with a single tensor output")
+            store[name] = output.clone()  # a later in-place op (ReLU(inplace)) must not change it
+
+        return hook
+
+    def remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    def train(self, mode: bool = True) -> "DistillModule":
+        """Lightning switches the whole module to train mode; teacher and frozen BN stay in eval."""
+        super().train(mode)
+        self.teacher.eval()
+        if self.cfg.bn == "frozen":
+            for module in self.student.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.student(x)
+
+    def training_step(self, batch: tuple[Tensor, Optional[Tensor]], batch_idx: int) -> dict[str, Any]:
+        images, labels = batch
+        step = self.global_step + 1
+        with torch.no_grad():
+            teacher_logits = self.teacher(images)
+        student_logits = self.student(images)
+        out = StepOutputs(student_logits, teacher_logits, labels, dict(self._features["student"]),
+                          dict(self._features["teacher"]))
+        values = {name: term(out) for name, _, term in self.terms}
+        total = sum(weight * values[name] for name, weight, _ in self.terms)
+        detached = torch.stack([v.detach() for v in values.values()])
+        if not bool(torch.isfinite(detached).all()):
+            bad = {name: float(v) for name, v in values.items() if not math.isfinite(float(v))}
+            raise FloatingPointError(
+                f"refine: loss term(s) {', '.join(f'{k!r} = {v}' for k, v in bad.items())} at step "
+                f"{step} of {self.max_steps}; lower refine.lr or check the stream's images")
+        lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.images_seen += int(images.shape[0])
+        self.log("loss", total.detach(), prog_bar=True, logger=False)
+        self.log("lr", lr, prog_bar=True, logger=False)
+        return {"loss": total, "terms": dict(zip(values, detached)), "lr": lr}
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.cfg
+        ranges = {id(p) for p in self.range_params}
+        weights = [p for p in self.student.parameters() if p.requires_grad and id(p) not in ranges]
+        groups = [{"params": weights, "weight_decay": float(cfg.weight_decay)}]
+        if self.range_params:
+            groups.append({"params": self.range_params, "weight_decay": 0.0})
+        if cfg.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(
+                groups, lr=float(cfg.lr), momentum=float(cfg.momentum), nesterov=bool(cfg.nesterov))
+        else:
+            opt = torch.optim.Adam(groups, lr=float(cfg.lr))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.max_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class CurveRecorder(L.Callback):
+    """Every step's total loss, terms and lr: kept for the record and sent to the tracker."""
+
+    def __init__(self, track: Any = None) -> None:
+        self.track = track
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        row = {"step": trainer.global_step, "loss": float(outputs["loss"]),
+               **{name: float(v) for name, v in outputs["terms"].items()}, "lr": outputs["lr"]}
+        self.rows.append(row)
+        if self.track is not None:
+            self.track.log({f"refine/{k}": v for k, v in row.items()})
+
+    def curve(self, max_points: int = CURVE_POINTS) -> dict[str, list[float]]:
+        """Columns ``step, loss, <terms>, lr`` at evenly spaced steps (first and last included)."""
+        n = len(self.rows)
+        if n == 0:
+            return {}
+        k = min(n, max_points)
+        keep = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
+        return {key: [self.rows[i][key] for i in keep] for key in self.rows[0]}
+
+
+def trainer_kwargs(device: torch.device, steps: int, progress: bool) -> dict[str, Any]:
+    """CPU-friendly Trainer settings: a fixed number of steps, nothing written to disk, no
+    validation, no inference_mode (pitfall 7), deterministic kernels, one device."""
+    if device.type == "cuda":
+        accelerator, devices = "cuda", [device.index if device.index is not None else torch.cuda.current_device()]
+    else:
+        accelerator, devices = device.type, 1
+    return dict(accelerator=accelerator, devices=devices, max_steps=int(steps), max_epochs=-1,
+                logger=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+                deterministic=True, inference_mode=False, enable_progress_bar=bool(progress),
+                enable_model_summary=False, log_every_n_steps=1, precision="32-true")
+
+
+@contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Lightning's start-up banners (GPU/TPU available, tips) and the num_workers hint, which does
+    not apply to an in-memory stream, stay out of the run's log."""
+    names = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
+             "lightning.fabric.utilities.seed")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*isn't any `val_dataloader`.*")
+            # the teacher and frozen BN layers are in eval mode on purpose
+            warnings.filterwarnings("ignore", message=".*in eval mode at the start of training.*")
+            warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+@contextmanager
+def _restore(student: nn.Module, teacher: nn.Module, device: torch.device) -> Iterator[None]:
+    """Put back what refinement changes around the models: modes, devices, grad flags, and the
+    process-wide deterministic-algorithms switch that ``Trainer(deterministic=True)`` sets."""
+    modes = (student.training, teacher.training)
+    grads = [p.requires_grad for p in teacher.parameters()]
+    det = (torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(det[0], warn_only=det[1])
+        for p, flag in zip(teacher.parameters(), grads):
+            p.requires_grad_(flag)
+        student.train(modes[0]).to(device)  # Lightning's teardown moves the module to the CPU
+        teacher.train(modes[1]).to(device)
+
+
+def distill(student: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any, cfg: Any,
+            steps: int, batch_size: int, track: Any = None) -> dict[str, Any]:
+    """Train ``student`` in place for ``steps`` steps on ``strategy.batches(...)``; the record."""
+    terms = build_terms(cfg)
+    device = torch.device(ctx.device)
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    start = time.perf_counter()
+    recorder = CurveRecorder(track)
+    module: Optional[DistillModule] = None
+    with ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(_restore(student, teacher, device))
+        # Dropout (if any) draws from a stream of its own; the caller's RNG state is left as it was.
+        stack.enter_context(torch.random.fork_rng(devices=rng_devices))
+        torch.manual_seed(stream_seed(ctx.seed, "refine/torch"))
+        ranges = stack.enter_context(learned_act_ranges(student)) if cfg.act_ranges == "learned" else []
+        stack.enter_context(_quiet_lightning())
+        teacher.requires_grad_(False)
+        module = DistillModule(student, teacher, terms, cfg, steps,
+                               [p for q in ranges for p in (q.lo, q.hi)])
+        stack.callback(module.remove_hooks)
+        module.train()
+        trainer = L.Trainer(callbacks=[recorder], **trainer_kwargs(device, steps, ctx.progress))
+        data = stream.loader(strategy, ctx, calib, batch_size, ctx.generator("refine/order"))
+        trainer.fit(module, train_dataloaders=data)
+    seconds = time.perf_counter() - start
+    rows = recorder.rows
+    if len(rows) != steps:
+        raise RuntimeError(f"refine: the stream of strategy {getattr(strategy, 'name', strategy)!r} "
+                           f"ended after {len(rows)} of {steps} steps")
+    log.info("refine: %d steps x %d images in %.1f s, loss %.4f -> %.4f", steps, batch_size, seconds,
+             rows[0]["loss"], rows[-1]["loss"])
+    return {"steps": len(rows), "batch_size": batch_size, "images_seen": module.images_seen,
+            "seconds": round(seconds, 3), "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
+            "terms": {name: weight for name, weight, _ in terms}, "curve": recorder.curve()}

@@ -1,0 +1,119 @@
+"""Loss terms of a refinement objective: each maps one step's outputs to a scalar.
+
+A refinement objective is a weighted sum of named terms (``refine.losses: {kd: 1.0, ce: 0.5}``);
+each term is logged on its own every step. Terms register themselves with ``@term("name")``, so a
+method-specific objective (FDDA's CE + 20·KD, PLF's pseudo-label CE) adds a class here, not an
+``if`` in the training module.
+
+- ``kd``: ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, ``reduction="batchmean"`` (the per-sample KL
+  summed over classes, averaged over the batch), as Hinton et al.; the T² keeps the gradient scale
+  independent of T.
+- ``ce``: cross-entropy of the student's logits to the batch's labels (``ce_labels=batch``: the
+  stream's real or assigned labels) or to the teacher's argmax (``ce_labels=teacher``).
+- ``feature``: MSE between the outputs of the named intermediate modules of student and teacher
+  (forward hooks; a module path names the same place in both, since quantization only replaces
+  modules in place), averaged over the modules.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from calibbench.config import ConfigError
+
+
+@dataclass
+class StepOutputs:
+    """What one refinement step computed; the teacher's tensors carry no gradient."""
+
+    student_logits: Tensor
+    teacher_logits: Tensor
+    labels: Optional[Tensor] = None
+    student_features: dict[str, Tensor] = field(default_factory=dict)
+    teacher_features: dict[str, Tensor] = field(default_factory=dict)
+
+
+class LossTerm(ABC):
+    """One named term; ``cfg`` is the RefineConfig (a term reads only its own options)."""
+
+    name: str = ""
+    # Module paths whose outputs the training module must record (for the feature term).
+    feature_modules: tuple[str, ...] = ()
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    @abstractmethod
+    def __call__(self, out: StepOutputs) -> Tensor:
+        """The term's scalar value for this step."""
+
+
+TERMS: dict[str, type[LossTerm]] = {}
+
+
+def term(name: str) -> Callable[[type[LossTerm]], type[LossTerm]]:
+    """Class decorator: make a loss term available as ``refine.losses.<name>``."""
+
+    def wrap(cls: type[LossTerm]) -> type[LossTerm]:
+        if name in TERMS and TERMS[name] is not cls:
+            raise ValueError(f"loss term {name!r} is registered twice")
+        cls.name = name
+        TERMS[name] = cls
+        return cls
+
+    return wrap
+
+
+def available_terms() -> list[str]:
+    return sorted(TERMS)
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """``T² · KL(teacher ‖ student)`` on temperature-softened distributions, batch-mean."""
+    t = float(temperature)
+    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+@term("kd")
+class KDTerm(LossTerm):
+    def __call__(self, out: StepOutputs) -> Tensor:
+        return kd_loss(out.student_logits, out.teacher_logits, self.cfg.temperature)
+
+
+@term("ce")
+class CETerm(LossTerm):
+    def __call__(self, out: StepOutputs) -> Tensor:
+        if self.cfg.ce_labels == "teacher":
+            labels = out.teacher_logits.argmax(dim=1)
+        elif out.labels is None:
+            raise ConfigError("refine loss 'ce' with refine.ce_labels=batch needs labels, but this "
+                              "strategy's stream has none; use refine.ce_labels=teacher (the FP "
+                              "model's argmax) or drop the ce term")
+        else:
+            labels = out.labels
+        return F.cross_entropy(out.student_logits, labels)
+
+
+@term("feature")
+class FeatureTerm(LossTerm):
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.feature_modules = tuple(cfg.feature_modules)
+
+    def __call__(self, out: StepOutputs) -> Tensor:
+        losses = [F.mse_loss(out.student_features[name], out.teacher_features[name])
+                  for name in self.feature_modules]
+        return torch.stack(losses).mean()
+
+
+def build_terms(cfg: Any) -> list[tuple[str, float, LossTerm]]:
+    """``(name, weight, term)`` for every term with a positive weight, in config order."""
+    return [(name, float(weight), TERMS[name](cfg)) for name, weight in cfg.losses.items()
+            if float(weight) > 0]

@@ -1,0 +1,45 @@
+"""The refinement data stream: ``strategy.batches(...)`` as a loader Lightning can iterate.
+
+The strategy owns the stream (``Strategy.batches(ctx, calib, batch_size, generator)``): the default
+replays the calibration set in a seeded random order, reshuffled every pass; a generator-based
+strategy overrides it and trains its generator inside the iterator. This module only adapts that
+iterator to Lightning: an IterableDataset whose items are whole batches (``batch_size=None``: no
+collation) and whose iterator is created once and never restarted, so the generator's state runs
+on across Lightning epochs. ``num_workers=0``: the stream may hold a generator network that trains
+in this process.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+Batch = tuple[Tensor, Optional[Tensor]]
+
+
+class BatchStream(IterableDataset):
+    """Yields the batches of ``make_iterator()``, created on first use and then continued.
+
+    (Lightning fetches one batch ahead, so the images actually trained on are counted by the
+    training module, not here.)
+    """
+
+    def __init__(self, make_iterator: Callable[[], Iterator[Batch]]) -> None:
+        super().__init__()
+        self._make = make_iterator
+        self._it: Optional[Iterator[Batch]] = None
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._it is None:
+            self._it = iter(self._make())
+        return self._it
+
+
+def loader(strategy: Any, ctx: Any, calib: Any, batch_size: int, generator: torch.Generator
+           ) -> DataLoader:
+    """A DataLoader over ``strategy.batches(ctx, calib, batch_size, generator)``."""
+    stream = BatchStream(lambda: strategy.batches(ctx, calib, batch_size, generator))
+    return DataLoader(stream, batch_size=None, num_workers=0)
