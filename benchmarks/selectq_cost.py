@@ -4,8 +4,9 @@
     python benchmarks/selectq_cost.py --pool 2000  # quicker
 
 Both timings use the same loader (same indices, order, batch size, workers) on the same model,
-so the ratio isolates what SelectQ adds: hooks, statistics, centroid updates and ranking (plus
-its K random init images and loading the selected images). An untimed warm-up pass first puts
+so the ratio isolates what SelectQ adds: hooks, statistics, centroid updates (per image by default:
+``strategy.update_batch_size=1``, one update step per pool image) and ranking (plus its K random
+init images and loading the selected images). An untimed warm-up pass first puts
 the JPEG files in the page cache so neither timed pass pays for cold disk reads; the FP pass is
 timed before and after the selection and averaged to even out load from other jobs. Goal ≤ 1.2.
 """
@@ -62,7 +63,7 @@ def main() -> None:
 
     from calibbench import datasets, models
     from calibbench.strategies import StrategyContext, build
-    from calibbench.strategies.selectq import pool_and_order
+    from calibbench.strategies.selectq import pool_and_order, resolve_pool_size
 
     cfg = compose("strategy=selectq", "budget=cpu", f"budget.pool_size={args.pool}",
                   f"num_samples={args.num_samples}", *args.overrides)
@@ -71,9 +72,8 @@ def main() -> None:
     ctx = StrategyContext(model=model, data=data, device=torch.device("cpu"), seed=int(cfg.seed),
                           num_samples=args.num_samples, budget=cfg.budget, progress=False)
     strategy = build(cfg.strategy)
-    batch_size = cfg.strategy.batch_size or cfg.budget.eval_batch_size
-    pool, order = pool_and_order(ctx, cfg.strategy.pool_size or cfg.budget.pool_size,
-                                 cfg.strategy.shuffle)
+    batch_size = strategy.forward_batch_size(ctx)
+    pool, order = pool_and_order(ctx, resolve_pool_size(cfg.strategy, ctx), cfg.strategy.shuffle)
 
     def loader():  # noqa: ANN202 - the exact loader SelectQ builds
         return data.loader(data.train, batch_size, pool[order].tolist())
@@ -88,10 +88,10 @@ def main() -> None:
     fp, sel = statistics.mean(fp_times), statistics.median(sel_times)
     print(f"pool {len(pool)} images, batch {batch_size}, threads {args.threads}, "
           f"workers {data.num_workers}, stats={cfg.strategy.stats}, "
-          f"update_mode={cfg.strategy.update_mode}")
+          f"update_batch_size={cfg.strategy.update_batch_size}")
     print(f"FP forward pass : {fp:8.2f} s  (runs: {', '.join(f'{t:.2f}' for t in fp_times)})")
     print(f"SelectQ select  : {sel:8.2f} s  (runs: {', '.join(f'{t:.2f}' for t in sel_times)}; "
-          f"breakdown {calib.info['seconds']})")
+          f"breakdown {calib.info['seconds']}; {calib.info['update_steps']} update steps)")
     print(f"ratio           : {sel / fp:8.3f}  (goal <= 1.2)")
 
 

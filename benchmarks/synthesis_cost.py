@@ -65,7 +65,8 @@ def time_strategy(name: str, model: torch.nn.Module, iterations: int, batch: int
 
     data = DataModule("bench", [], [], 10, 32, MEAN, STD, num_workers=0)  # type: ignore[arg-type]
     budget = BudgetConfig(name="bench", synth_iterations=iterations, synth_batch_size=batch)
-    cfg = ZeroQConfig() if name == "zeroq" else DSGConfig(margin_samples=batch)
+    # DSG at the same batch as the baseline (its default is L images, 21 for resnet20).
+    cfg = ZeroQConfig() if name == "zeroq" else DSGConfig(margin_samples=batch, batch_size=batch)
     ctx = StrategyContext(model, data, torch.device("cpu"), 0, batch, budget, progress=False)
     return float(build(cfg).calibration_set(ctx).info["seconds_per_iteration"])
 

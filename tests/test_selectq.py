@@ -1,5 +1,7 @@
-"""SelectQ: the clustering maths on hand-made numbers, the one-pass design against a literal
-second traversal, and end-to-end selection on three architectures and on real CIFAR-10."""
+"""SelectQ: the clustering maths on hand-made numbers (per-image updates against a literal loop,
+the init residual), the one-pass design against a literal second traversal, independence of the
+forward batch, the pool (head of the shared pool order, outside the validation split), resolved
+config, and end-to-end selection on three architectures and on real CIFAR-10."""
 
 from __future__ import annotations
 
@@ -9,16 +11,17 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from conftest import SHARED, tiny_datamodule
+from conftest import SHARED, TensorImages, tiny_datamodule
 from omegaconf import OmegaConf
 from torch import nn
 
 from calibbench.config import ConfigError
 from calibbench.strategies import build
-from calibbench.strategies.selectq import (ActivationStats, SelectQ, SelectQConfig, StatsLayout,
-                                           knowledge_distance, lambda_schedule, pool_and_order,
-                                           rank, score, score_pool, update_centroids,
-                                           update_centroids_per_image, validate)
+from calibbench.strategies.random import RandomConfig
+from calibbench.strategies.selectq import (ActivationStats, CentroidUpdater, SelectQ, SelectQConfig,
+                                           StatsLayout, knowledge_distance, lambda_schedule,
+                                           pool_and_order, rank, residual_summary, score,
+                                           score_pool, update_centroids, validate)
 
 CIFAR_DIR = SHARED / "data" / "cifar10-jpeg"
 
@@ -43,13 +46,13 @@ def selectq(**fields) -> SelectQ:  # noqa: ANN003
     return build(SelectQConfig(**fields))  # type: ignore[return-value]
 
 
-def flat(*layers: list[tuple[float, float]]) -> torch.Tensor:
+def flat(*layers: list[tuple[float, float]], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Layer-mode stats/centroids in the flat layout: rows are images/centroids,
     columns [μ of each layer…, σ of each layer…]; ``layers[l][row] = (μ, σ)``."""
     rows = len(layers[0])
     mu = [[layers[l][r][0] for l in range(len(layers))] for r in range(rows)]
     sigma = [[layers[l][r][1] for l in range(len(layers))] for r in range(rows)]
-    return torch.tensor([m + s for m, s in zip(mu, sigma)], dtype=torch.float32)
+    return torch.tensor([m + s for m, s in zip(mu, sigma)], dtype=dtype)
 
 
 # ---------------------------------------------------------------- maths by hand
@@ -62,9 +65,9 @@ def test_lambda_schedule_endpoints_and_monotone_decrease() -> None:
     assert lam[-1] == pytest.approx(0.001, rel=1e-12)
     assert all(a > b for a, b in zip(lam, lam[1:]))
     assert lam[20] == pytest.approx(0.001 + 0.5 * 0.099 * (1 + math.cos(math.pi * 20 / 39)))
-    assert lambda_schedule(1, 0.1, 0.001) == [0.1]  # one batch: t / t_max := 0
-    # The text's t_max = number of batches: the last step stays above λ_min.
-    text = lambda_schedule(4, 0.1, 0.001, "num_batches")
+    assert lambda_schedule(1, 0.1, 0.001) == [0.1]  # one step: t / t_max := 0
+    # The text's t_max = number of steps: the last step stays above λ_min.
+    text = lambda_schedule(4, 0.1, 0.001, "num_steps")
     assert text[0] == pytest.approx(0.1) and text[-1] > 0.001
     assert text[-1] == pytest.approx(0.001 + 0.5 * 0.099 * (1 + math.cos(math.pi * 3 / 4)))
 
@@ -102,15 +105,107 @@ def test_batched_update_by_hand() -> None:
                                      [(15, 0.5), (0, 0.5), (100, 100)]))
 
 
-def test_per_image_update_by_hand() -> None:
+def literal_per_image_loop(centroids: list[list[tuple[float, float]]],
+                           images: list[list[tuple[float, float]]], lambdas: list[float],
+                           gamma: float = 1.0) -> list[list[tuple[float, float]]]:
+    """The paper's reading in plain Python: image by image, in every layer the nearest centroid
+    (lowest index on ties) moves by λ_t toward the image's (μ, σ). ``centroids[l][k]``,
+    ``images[i][l]`` are (μ, σ) pairs; returns the final centroids."""
+    cents = [[list(c) for c in layer] for layer in centroids]
+    for image, lam in zip(images, lambdas):
+        for l, (mu, sigma) in enumerate(image):
+            d = [(c[0] - mu) ** 2 + gamma * (c[1] - sigma) ** 2 for c in cents[l]]
+            k = d.index(min(d))
+            cents[l][k] = [cents[l][k][0] + lam * (mu - cents[l][k][0]),
+                           cents[l][k][1] + lam * (sigma - cents[l][k][1])]
+    return [[tuple(c) for c in layer] for layer in cents]
+
+
+def test_update_batch_size_one_is_the_literal_per_image_loop() -> None:
+    layout = StatsLayout.build(["a", "b"], [1, 1], gamma=0.5)
+    cents = [[(0.0, 1.0), (4.0, 2.0), (9.0, 9.0)], [(10.0, 0.0), (0.0, 0.0), (-3.0, 5.0)]]
+    images = [[(1.0, 1.0), (0.0, 0.0)], [(3.0, 1.0), (10.0, 1.0)], [(1.0, 3.0), (0.0, 2.0)],
+              [(8.0, 7.5), (-2.0, 4.0)], [(2.0, 1.5), (5.0, 0.5)], [(3.5, 2.5), (9.0, 0.0)],
+              [(0.5, 0.5), (1.0, 1.0)]]
+    lambdas = lambda_schedule(len(images), 0.3, 0.01)
+    expected = literal_per_image_loop(cents, images, lambdas, gamma=0.5)
+    f64 = torch.float64  # the loop above runs in Python floats (doubles)
+    init = flat(*cents, dtype=f64)
+    stats = torch.stack([flat(*[[pair] for pair in image], dtype=f64)[0] for image in images])
+    for chunks in ([7], [3, 4], [1] * 7, [2, 2, 2, 1]):  # forward batches of any size
+        up = CentroidUpdater(init, layout, len(images), 1, 0.3, 0.01)
+        start = 0
+        for n in chunks:
+            up.feed(stats[start:start + n])
+            start += n
+        final = up.finish()
+        assert up.lambdas == lambdas and up.num_steps == 7
+        assert torch.equal(final, flat(*expected, dtype=f64)), chunks  # the same operations
+    assert torch.equal(init, flat(*cents, dtype=f64))  # inputs are not modified
+
+
+def test_update_chunks_do_not_depend_on_how_rows_arrive() -> None:
+    torch.manual_seed(0)
+    layout = StatsLayout.build(["a", "b", "c"], [1, 2, 1], gamma=1.0)
+    stats = torch.randn(23, 8)
+    init = torch.randn(4, 8) * 2
+    results = []
+    for feeds in ([23], [5, 2, 16], [1] * 23, [10, 10, 3]):
+        up = CentroidUpdater(init, layout, 23, 5, 0.1, 0.001)
+        start = 0
+        for n in feeds:
+            up.feed(stats[start:start + n])
+            start += n
+        results.append((up.finish(), up.residual, up.moves, up.shifts))
+    for other in results[1:]:
+        assert torch.equal(results[0][0], other[0]) and torch.equal(results[0][1], other[1])
+        assert torch.equal(results[0][2], other[2]) and results[0][3] == other[3]
+    # 23 images at 5 per step: 5 steps, the last of 3 images; by hand with update_centroids.
+    lambdas = lambda_schedule(5, 0.1, 0.001)
+    c = init
+    for t, start in enumerate(range(0, 23, 5)):
+        chunk = stats[start:start + 5]
+        c = update_centroids(c, chunk, knowledge_distance(chunk, c, layout).argmin(1), lambdas[t], layout)
+    assert torch.equal(results[0][0], c)
+    with pytest.raises(ConfigError, match=r"strategy.update_batch_size=0 must be >= 1"):
+        validate(SelectQConfig(update_batch_size=0))
+    with pytest.raises(ConfigError, match=r"update_batch_size=-3"):
+        selectq(update_batch_size=-3).calibration_set(None)  # type: ignore[arg-type]
+
+
+def test_init_residual_by_hand() -> None:
     layout = StatsLayout.build(["a"], [1], gamma=1.0)
-    c = flat([(0, 1), (4, 2)])
-    s = flat([(1, 1), (3, 1), (1, 3)])
-    new = update_centroids_per_image(c, s, 0.5, layout, "toward_mean")
-    # s1 → C0 = (0.5, 1); s2: D(C0) = 6.25, D(C1) = 2 → C1 = (3.5, 1.5);
-    # s3: D(C0) = 0.0625·4 + 4 = 4.25, D(C1) = 6.25 + 2.25 → C0 = (0.75, 2)
-    assert torch.equal(new, flat([(0.75, 2), (3.5, 1.5)]))
-    assert torch.equal(c, flat([(0, 1), (4, 2)]))  # inputs are not modified
+    # C0 near the images 1 and 3, C1 near image 2, C2 far away: it never moves.
+    init = flat([(0.0, 0.0), (10.0, 0.0), (100.0, 100.0)])
+    stats = flat([(1.0, 0.0), (9.0, 0.0), (2.0, 0.0)])
+    up = CentroidUpdater(init, layout, 3, 1, 0.1, 0.001)
+    up.feed(stats)
+    final = up.finish()
+    lam = lambda_schedule(3, 0.1, 0.001)  # [0.1, 0.0505, 0.001]
+    assert up.residual[:, 0].tolist() == pytest.approx([(1 - lam[0]) * (1 - lam[2]), 1 - lam[1], 1.0],
+                                                       rel=1e-12)
+    assert up.moves[:, 0].tolist() == [2, 1, 0]
+    # What the residual means: shifting a centroid's start by δ shifts its end by residual·δ
+    # (the assignments being the same).
+    shifted = init.clone()
+    shifted[0, 0] += 0.25
+    up2 = CentroidUpdater(shifted, layout, 3, 1, 0.1, 0.001)
+    up2.feed(stats)
+    assert float(up2.finish()[0, 0] - final[0, 0]) == pytest.approx(0.25 * float(up.residual[0, 0]),
+                                                                     rel=1e-5)
+    sizes = torch.tensor([[2, 1, 0]])  # (L, K) final cluster sizes
+    summary = residual_summary(up.residual, up.moves, sizes, ["a"], "toward_mean")
+    r0, r1 = (1 - lam[0]) * (1 - lam[2]), 1 - lam[1]
+    layer = summary["per_layer"][0]
+    assert layer["max_moved"] == pytest.approx(r1) and layer["mean_moved"] == pytest.approx((r0 + r1) / 2)
+    assert layer["weighted"] == pytest.approx((2 * r0 + r1) / 3) and layer["never_moved"] == 1
+    assert summary["weighted"] == pytest.approx((2 * r0 + r1) / 3) and summary["never_moved"] == 1
+    assert summary["per_centroid"] == [pytest.approx([r0, r1, 1.0])]
+    # The literal rule adds to the start, which keeps weight 1.
+    lit = CentroidUpdater(init, layout, 3, 1, 0.1, 0.001, rule="literal")
+    lit.feed(stats)
+    lit.finish()
+    assert lit.residual.tolist() == [[1.0], [1.0], [1.0]] and lit.moves[:, 0].tolist() == [2, 1, 0]
 
 
 def test_literal_rule_diverges_toward_mean_converges() -> None:
@@ -244,9 +339,19 @@ def test_info_is_complete_and_json(make_ctx, tiny_data) -> None:
     assert all(len(row) == 4 and sum(row) == 64 for row in info["cluster_sizes"])
     assert len(info["centroids"]) == n_layers
     assert all(len(c["mu"]) == len(c["sigma"]) == 4 for c in info["centroids"])
-    assert len(info["centroid_shift"]) == info["lambda"]["num_batches"] == 7  # ceil(64 / 10)
+    # Per-image updates by default: one step per pool image, whatever the forward batch (10).
+    assert info["update_batch_size"] == 1 and info["update_steps"] == info["lambda"]["num_steps"] == 64
+    assert len(info["centroid_shift"]) == info["centroid_shift_windows"] == 50  # min(50, steps)
     assert info["lambda"]["first"] == pytest.approx(0.1) and info["lambda"]["last"] == pytest.approx(0.001)
     assert sum(info["class_counts"]) == 8
+    res = info["init_residual"]
+    assert len(res["per_layer"]) == len(res["per_centroid"]) == n_layers
+    assert all(len(row) == 4 and all(0 <= v <= 1 for v in row) for row in res["per_centroid"])
+    assert res["centroids"] == 4 * n_layers and 0 <= res["never_moved"] < res["centroids"]
+    assert 0 <= res["weighted"] <= 1 and res["weighted"] == max(p["weighted"] for p in res["per_layer"])
+    moves = info["centroid_moves"]  # (L, K): every step moves exactly one centroid per layer
+    assert all(sum(row) == 64 for row in moves)
+    assert all((m == 0) == (r == 1.0) for mr, rr in zip(moves, res["per_centroid"]) for m, r in zip(mr, rr))
 
 
 def test_literal_rule_grows_the_centroid_norm(make_ctx, tiny_data) -> None:
@@ -259,15 +364,66 @@ def test_literal_rule_grows_the_centroid_norm(make_ctx, tiny_data) -> None:
     assert sum(lit["centroid_shift"]) > sum(tow["centroid_shift"])
 
 
-def test_pool_subset_and_traversal_order(make_ctx, tiny_data) -> None:
-    ctx = make_ctx(nn.Linear(1, 1), tiny_data)
+def held_out_datamodule(n_train: int = 64, holdout: tuple[int, ...] = (0, 3, 7, 12, 30, 31, 50, 63)):
+    """tiny_datamodule's images with a validation split held out of the calibration pool."""
+    from calibbench.datasets import DataModule
+
+    tiny = tiny_datamodule(n_train=n_train)
+    train = TensorImages(tiny.train.images, torch.tensor(tiny.train.targets))
+    return DataModule("tiny_holdout", train, tiny.test, tiny.num_classes, tiny.input_size, tiny.mean,
+                      tiny.std, num_workers=0, holdout=list(holdout))
+
+
+def test_pool_subset_and_traversal_order(make_ctx) -> None:
+    data = held_out_datamodule()
+    ctx = make_ctx(nn.Linear(1, 1), data, seed=5)
+    assert len(data.pool) == 56
     pool, order = pool_and_order(ctx, 20, shuffle=False)
-    assert len(pool) == 20 and pool.tolist() == sorted(set(pool.tolist()))
+    # The head of the shared pool order, sorted: never a validation image.
+    assert pool.tolist() == sorted(ctx.pool_permutation()[:20].tolist())
+    assert set(pool.tolist()) <= set(data.pool.tolist()) and not set(pool.tolist()) & set(data.holdout)
     assert order.tolist() == list(range(20))
     same, shuffled = pool_and_order(ctx, 20, shuffle=True)
     assert torch.equal(same, pool) and sorted(shuffled.tolist()) == list(range(20))
     assert shuffled.tolist() != list(range(20))
-    assert pool_and_order(ctx, None, False)[0].tolist() == list(range(64))
+    for size in (None, 56, 1000):  # the whole pool, in index order
+        assert torch.equal(pool_and_order(ctx, size, False)[0], data.pool)
+    # random at the same seed draws the head of the same order: a uniform sample of this pool.
+    rnd = build(RandomConfig(name="random")).calibration_set(
+        make_ctx(nn.Linear(1, 1), data, num_samples=12, seed=5)).info
+    assert set(rnd["indices"]) <= set(pool.tolist())
+    # The strategy end to end selects inside its pool.
+    info = selectq(pool_size=20).calibration_set(
+        make_ctx(random_resnet20(), data, num_samples=6, seed=5, eval_batch_size=8)).info
+    assert info["pool_size"] == 20 and set(info["indices"]) <= set(pool.tolist())
+
+
+def test_resolved_config_resolves_every_fallback(make_ctx, tiny_data) -> None:
+    model = nn.Linear(1, 1)
+    ctx = make_ctx(model, tiny_data, pool_size=None, eval_batch_size=32)
+    resolved = selectq().resolved_config(ctx)
+    assert resolved["pool_size"] == 64 and resolved["batch_size"] == 32  # whole pool, budget batch
+    assert {k: v for k, v in resolved.items() if k not in ("pool_size", "batch_size")} == \
+        {k: v for k, v in asdict(SelectQConfig()).items() if k not in ("pool_size", "batch_size")}
+    assert selectq().resolved_config(make_ctx(model, tiny_data, pool_size=20))["pool_size"] == 20
+    assert selectq(pool_size=30).resolved_config(make_ctx(model, tiny_data, pool_size=20))["pool_size"] == 30
+    # A pool_size beyond the pool is the whole pool: the same run as null, the same key.
+    assert selectq(pool_size=1000).resolved_config(ctx) == selectq().resolved_config(ctx)
+    assert selectq(batch_size=7).resolved_config(ctx)["batch_size"] == 7
+    held_out = make_ctx(model, held_out_datamodule(), pool_size=None)
+    assert selectq().resolved_config(held_out)["pool_size"] == 56  # the pool, not the train split
+
+
+def test_forward_batch_is_speed_only(make_ctx) -> None:
+    """Any forward batch gives bit-identical centroids, scores and selection (a batch of one is run
+    padded to two, since CPU convolutions take another kernel for a single image)."""
+    model = random_resnet20()
+    data = tiny_datamodule(n_train=40)
+    infos = [selectq(batch_size=bs, update_batch_size=3).calibration_set(
+                 make_ctx(model, data, num_samples=8, pool_size=None)).info
+             for bs in (1, 7, 16, 40)]
+    for key in ("indices", "scores", "centroids", "init_residual", "cluster_sizes", "centroid_shift"):
+        assert all(info[key] == infos[0][key] for info in infos[1:]), key
 
 
 def _mobilenet(name: str) -> nn.Module:
@@ -288,7 +444,7 @@ def test_architectures(make_ctx, arch: str, size: int, stats: str) -> None:
     model = random_resnet20() if arch.startswith("resnet") else _mobilenet(arch)
     data = tiny_datamodule(n_train=24, size=size)
     ctx = make_ctx(model, data, num_samples=5, pool_size=None, eval_batch_size=8)
-    calib = selectq(stats=stats, update_mode="per_image").calibration_set(ctx)
+    calib = selectq(stats=stats, update_batch_size=3).calibration_set(ctx)
     info = calib.info
     assert calib.images.shape == (5, 3, size, size) and calib.labels is not None
     n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
@@ -307,6 +463,10 @@ def test_config_yaml_matches_schema(compose) -> None:
         validate(SelectQConfig(select="middle"))
     with pytest.raises(ConfigError, match="num_centroids=0"):
         validate(SelectQConfig(num_centroids=0))
+    with pytest.raises(ConfigError, match="strategy.update_batch_size=0"):
+        validate(compose("strategy=selectq", "strategy.update_batch_size=0").strategy)
+    with pytest.raises(ConfigError, match="valid choices: last_step, num_steps"):
+        validate(SelectQConfig(anneal_t_max="last_batch"))
 
 
 @pytest.mark.skipif(not CIFAR_DIR.is_dir(), reason=f"offline data not found at {CIFAR_DIR}")

@@ -86,7 +86,8 @@ def test_compare_sweeps_every_registered_strategy_bits_and_seeds(compose):
     params = sweeper_params(compose, "compare")
     with hydra_loader_ctx() as loader:
         assert expand(loader, f"strategy={params['strategy']}") == available()  # no base_* schemas
-        assert expand(loader, f"bits={params['bits']}") == ["4", "6", "8"]
+        assert expand(loader, f"bits={params['bits']}") == ["3", "4", "6", "8"]  # W3A3 in every table
+        assert expand(loader, f"model={params['model']}") == ["resnet20_cifar10", "resnet56_cifar10"]
         assert expand(loader, f"seed={params['seed']}") == ["0", "1", "2", "3", "4"]
 
 
@@ -132,7 +133,7 @@ def test_threads_per_job_under_joblib():
 
 @pytest.mark.slow
 def test_two_by_two_sweep_writes_summary_and_resumes(tmp_path):
-    sweep(tmp_path, "sweep=compare", "strategy=random", "bits=4,8", "seed=0,1", *FAST)
+    sweep(tmp_path, "sweep=compare", "strategy=random", "model=resnet20_cifar10", "bits=4,8", "seed=0,1", *FAST)
     sweep_dir = the_sweep_dir(tmp_path)
     found = results(sweep_dir)
     assert sorted(found) == [f"random/resnet20_cifar10/bits{b}/seed{s}/{SUBDIR}" for b in (4, 8) for s in (0, 1)]
@@ -149,7 +150,7 @@ def test_two_by_two_sweep_writes_summary_and_resumes(tmp_path):
     lost = sweep_dir / f"random/resnet20_cifar10/bits8/seed1/{SUBDIR}/result.json"
     lost.unlink()
     before = {p: p.stat().st_mtime_ns for p in sweep_dir.rglob("result.json")}
-    sweep(tmp_path, "sweep=compare", "strategy=random", "bits=4,8", "seed=0,1", *FAST,
+    sweep(tmp_path, "sweep=compare", "strategy=random", "model=resnet20_cifar10", "bits=4,8", "seed=0,1", *FAST,
           f"hydra.sweep.dir={sweep_dir}")
     assert the_sweep_dir(tmp_path) == sweep_dir
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # finished jobs skipped

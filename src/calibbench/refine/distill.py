@@ -33,6 +33,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -101,19 +102,25 @@ class DistillModule(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.student(x)
 
-    def training_step(self, batch: tuple[Tensor, Optional[Tensor]], batch_idx: int) -> dict[str, Any]:
-        images, labels = batch
-        step = self.global_step + 1
+    def compute(self, images: Tensor, labels: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """Teacher forward (no grad), student forward, every term's value (unweighted)."""
         with torch.no_grad():
             teacher_logits = self.teacher(images)
         student_logits = self.student(images)
         out = StepOutputs(student_logits, teacher_logits, labels, dict(self._features["student"]),
                           dict(self._features["teacher"]))
-        values = {name: term(out) for name, _, term in self.terms}
+        for store in self._features.values():
+            store.clear()  # the step's graph is not kept alive by the hooks' store
+        return {name: term(out) for name, _, term in self.terms}
+
+    def training_step(self, batch: tuple[Tensor, Optional[Tensor]], batch_idx: int) -> dict[str, Any]:
+        images, labels = batch
+        step = self.global_step + 1
+        values = self.compute(images, labels)
         total = sum(weight * values[name] for name, weight, _ in self.terms)
         detached = torch.stack([v.detach() for v in values.values()])
         if not bool(torch.isfinite(detached).all()):
-            bad = {name: float(v) for name, v in values.items() if not math.isfinite(float(v))}
+            bad = {name: float(v) for name, v in zip(values, detached) if not math.isfinite(float(v))}
             raise FloatingPointError(
                 f"refine: loss term(s) {', '.join(f'{k!r} = {v}' for k, v in bad.items())} at step "
                 f"{step} of {self.max_steps}; lower refine.lr or check the stream's images")
@@ -162,6 +169,14 @@ class CurveRecorder(L.Callback):
         k = min(n, max_points)
         keep = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
         return {key: [self.rows[i][key] for i in keep] for key in self.rows[0]}
+
+
+class RefineProgressBar(TQDMProgressBar):
+    """Lightning's bar, labelled ``refine`` instead of ``Epoch 0`` (the stream has no epochs)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description("refine")
 
 
 def trainer_kwargs(device: torch.device, steps: int, progress: bool) -> dict[str, Any]:
@@ -240,7 +255,8 @@ def distill(student: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, cal
                                [p for q in ranges for p in (q.lo, q.hi)])
         stack.callback(module.remove_hooks)
         module.train()
-        trainer = L.Trainer(callbacks=[recorder], **trainer_kwargs(device, steps, ctx.progress))
+        bar = [RefineProgressBar(leave=True)] if ctx.progress else []
+        trainer = L.Trainer(callbacks=[recorder, *bar], **trainer_kwargs(device, steps, ctx.progress))
         data = stream.loader(strategy, ctx, calib, batch_size, ctx.generator("refine/order"))
         trainer.fit(module, train_dataloaders=data)
     seconds = time.perf_counter() - start

@@ -36,8 +36,8 @@ from calibbench.bnstats import BNStatsRecorder, BNTargets, find_bn_layers
 from calibbench.config import ConfigError, check_choice
 from calibbench.strategies.base import StrategyContext, register
 from calibbench.strategies.random import check_pool
-from calibbench.strategies.zeroq import (ZeroQ, ZeroQConfig, ZeroQObjective, init_images,
-                                         input_loss)
+from calibbench.strategies.zeroq import (IMAGE_STREAM, ZeroQ, ZeroQConfig, ZeroQObjective,
+                                         init_images, input_loss)
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,10 @@ class DSGObjective(ZeroQObjective):
 
 @register("dsg", DSGConfig)
 class DSG(ZeroQ):
-    """ZeroQ's loop and setting (Adam lr 0.5, plateau schedule, budget sizes) with DSG's loss."""
+    """ZeroQ's loop and setting (Adam lr 0.5, plateau schedule, budget iterations) with DSG's loss,
+    on batches of L images (the number of BN layers) by default."""
+
+    paper_reading = {"batch_size": "layers"}  # the paper's N = L
 
     def validate(self) -> None:
         super().validate()
@@ -208,7 +211,7 @@ class DSG(ZeroQ):
                                  self.cfg.enhance_weight, self.cfg.ce_weight)
         info.update(enhance_weight=self.cfg.enhance_weight, ce_weight=self.cfg.ce_weight,
                     batch_size_setting=str(self.cfg.batch_size),
-                    streams={"init": "synth/image{i}", "margins": STREAM_MARGINS
+                    streams={"init": IMAGE_STREAM, "margins": STREAM_MARGINS
                              if self.cfg.margin_source != "fixed" else None,
                              "labels": STREAM_LABELS if self.cfg.ce_weight > 0 else None})
         return objective, info

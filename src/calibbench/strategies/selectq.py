@@ -540,7 +540,8 @@ class ClusteringResult:
 class SelectQ(Strategy):
     """Rank the pool by distance to activation-statistics centroids learned in one pass."""
 
-    paper_reading = {"select": "highest"}
+    # The paper's text picks the highest scores and moves the nearest centroid per image.
+    paper_reading = {"select": "highest", "update_batch_size": 1}
 
     def forward_batch_size(self, ctx: StrategyContext) -> int:
         return int(self.cfg.batch_size or ctx.budget.eval_batch_size)
