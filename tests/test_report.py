@@ -211,3 +211,20 @@ def test_eval_splits_never_share_a_cell_and_non_paper_defaults_are_labelled(tmp_
     md = (tmp_path / "summary.md").read_text()
     assert "| selectq (select=lowest, not the paper's reading) | 50.50 ± 0.71 |" in md
     assert "| selectq (select=highest) | 40.00 ± 0.00 |" in md
+
+
+def test_refine_options_split_kd_cells_but_never_pure_ptq_ones(tmp_path):
+    # Two refine=none jobs that ran before and after the kd learning rate changed are one cell
+    # (no refine.* option is read without refinement); kd jobs at two rates are two cells.
+    for seed, lr in enumerate([1e-3, 1e-4]):
+        cfg = config(seed=seed)
+        cfg["refine"] = {"name": "none", "lr": lr}
+        write(tmp_path, f"none/seed{seed}", cfg, 50.0 + seed, 90.0)
+    for lr in (1e-3, 1e-4):
+        cfg = config(seed=0)
+        cfg["refine"] = {"name": "kd", "lr": lr}
+        write(tmp_path, f"kd/lr{lr}", cfg, 60.0, 95.0)
+    report.build(tmp_path)
+    rows = read_csv(tmp_path / "summary.csv")
+    assert sorted((r["refine"], r["refine.lr"], r["n"]) for r in rows) == \
+        [("kd", "0.0001", "1"), ("kd", "0.001", "1"), ("none", "", "2")]

@@ -112,7 +112,7 @@ class RefineConfig:
     ce_labels: str = "batch"  # ce: batch (the stream's labels) | teacher (the FP model's argmax)
     feature_modules: list[str] = field(default_factory=list)  # feature: module paths to match
     optimizer: str = "sgd"  # sgd | adam
-    lr: float = 1e-3  # peak learning rate; cosine decay to 0 over the run
+    lr: float = 1e-4  # peak learning rate, cosine decay to 0; chosen on the val split (docs/results.md)
     momentum: float = 0.9  # sgd
     nesterov: bool = True  # sgd
     weight_decay: float = 1e-4

@@ -101,6 +101,15 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _inactive_refine_dropped(flat: dict[str, Any]) -> dict[str, Any]:
+    """With ``refine=none`` no ``refine.*`` option is read: a learning rate changed in
+    conf/refine/ after pure-PTQ jobs ran must not split them from later ones, nor show as a column
+    of theirs."""
+    if flat.get("refine.name", "none") != "none":
+        return flat
+    return {k: v for k, v in flat.items() if not k.startswith("refine.") or k == "refine.name"}
+
+
 def _effective_bits(flat: dict[str, Any]) -> tuple[Any, Any]:
     w, a = flat.get("quant.w_bits"), flat.get("quant.a_bits")
     bits = flat.get("bits")
@@ -115,7 +124,7 @@ def _read_job(path: Path, root: Path) -> Job:
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as err:  # JSONDecodeError is a ValueError
         return Job(rel, "unreadable", error=f"{type(err).__name__}: {err}")
-    flat = _flatten(record.get("config") or {})
+    flat = _inactive_refine_dropped(_flatten(record.get("config") or {}))
     flat["w_bits"], flat["a_bits"] = _effective_bits(flat)
     flat[_DEVIATIONS] = ", ".join((record.get("calibration") or {}).get(_DEVIATIONS) or [])
     job = Job(rel, str(record.get("status", "unknown")), record.get("error"), record.get("run_key"),
