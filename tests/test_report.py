@@ -220,11 +220,14 @@ def test_refine_options_split_kd_cells_but_never_pure_ptq_ones(tmp_path):
         cfg = config(seed=seed)
         cfg["refine"] = {"name": "none", "lr": lr}
         write(tmp_path, f"none/seed{seed}", cfg, 50.0 + seed, 90.0)
-    for lr in (1e-3, 1e-4):
+    for lr, seconds in ((1e-3, 30.0), (1e-4, 40.0)):
         cfg = config(seed=0)
         cfg["refine"] = {"name": "kd", "lr": lr}
-        write(tmp_path, f"kd/lr{lr}", cfg, 60.0, 95.0)
+        path = write(tmp_path, f"kd/lr{lr}", cfg, 60.0, 95.0)
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({**record, "timings": {"refine": seconds}}))
     report.build(tmp_path)
     rows = read_csv(tmp_path / "summary.csv")
-    assert sorted((r["refine"], r["refine.lr"], r["n"]) for r in rows) == \
-        [("kd", "0.0001", "1"), ("kd", "0.001", "1"), ("none", "", "2")]
+    assert sorted((r["refine"], r["refine.lr"], r["n"], r["refine_s_mean"]) for r in rows) == \
+        [("kd", "0.0001", "1", "40.0"), ("kd", "0.001", "1", "30.0"), ("none", "", "2", "")]
+    assert "refine s/job" in (tmp_path / "summary.md").read_text()

@@ -60,7 +60,7 @@ def _get(flat: dict, key: str) -> Any:
     to a schema after some jobs ran must not split their results into separate cells."""
     value = flat.get(key)
     return _MISSING if value is None else value
-_METRICS = ("fp_top1", "top1_mean", "top1_std", "top5_mean", "top5_std")
+_METRICS = ("fp_top1", "top1_mean", "top1_std", "top5_mean", "top5_std", "refine_s_mean")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,6 +81,7 @@ class Job:
     fp_top1: Optional[float] = None
     top1: Optional[float] = None
     top5: Optional[float] = None
+    refine_s: Optional[float] = None  # timings.refine; never cached, so comparable across jobs
 
     @property
     def ok(self) -> bool:
@@ -133,6 +134,8 @@ def _read_job(path: Path, root: Path) -> Job:
     try:
         job.fp_top1 = float(metrics["fp"]["top1"])
         job.top1, job.top5 = float(metrics["quant"]["top1"]), float(metrics["quant"]["top5"])
+        if flat.get("refine.name", "none") != "none":
+            job.refine_s = float((record.get("timings") or {})["refine"])
     except (KeyError, TypeError, ValueError):
         if job.status == "ok":  # claims success without the numbers: treat as broken, say so
             job.status, job.error = "incomplete", "status ok but metrics.fp/quant top1/top5 missing"
@@ -181,6 +184,7 @@ class Cell:
     top1_std: Optional[float]  # sample std (n-1); None when n < 2
     top5_mean: Optional[float]
     top5_std: Optional[float]
+    refine_s_mean: Optional[float]  # mean refinement seconds per job (None without refinement)
     flat: dict[str, Any]  # the config of one member (for fields that are constant in the table)
 
     @property
@@ -207,7 +211,7 @@ class Summary:
         """The table as plain values (CSV and W&B): None where nothing was measured."""
         out = []
         for c in self.cells:
-            metrics = [c.fp_top1, c.top1_mean, c.top1_std, c.top5_mean, c.top5_std]
+            metrics = [c.fp_top1, c.top1_mean, c.top1_std, c.top5_mean, c.top5_std, c.refine_s_mean]
             out.append([*c.key, c.n, c.n_failed, " ".join(map(str, c.seeds)),
                         *(None if m is None else round(m, 4) for m in metrics)])
         return out
@@ -284,8 +288,10 @@ def aggregate(jobs: list[Job], root: Path) -> Summary:
         ok = sorted((j for j in members if j.ok), key=lambda j: _sort_key(j.seed))
         t1, t5 = _mean_std([j.top1 for j in ok]), _mean_std([j.top5 for j in ok])  # type: ignore[misc]
         fp = _mean_std([j.fp_top1 for j in ok if j.fp_top1 is not None])[0]  # type: ignore[misc]
+        refine_s = [j.refine_s for j in ok if j.refine_s is not None]
         cells.append(Cell(key, [j.seed for j in ok], len(members) - len(ok), fp, t1[0], t1[1],
-                          t5[0], t5[1], members[0].flat))
+                          t5[0], t5[1], statistics.fmean(refine_s) if refine_s else None,
+                          members[0].flat))
     cells.sort(key=lambda c: tuple(_sort_key(v) for v in c.key))
     failures = [j for j in jobs if not j.ok]
     return Summary(Path(root), [_label(k) for k in keys], keys, cells, failures,
@@ -420,10 +426,13 @@ def markdown(summary: Summary, plots: Sequence[Path] = ()) -> str:
             lines += [f"FP top-1: {_fmt(statistics.fmean(fps))}", ""]
         lines += _md_table(["strategy", *(_bits_label(*b) for b in bits)], rows) + [""]
     lines += ["## All configurations", ""]
-    header = [*summary.columns, "n", "seeds", "FP top-1", "top-1", "top-5", "failed"]
+    refined = any(c.refine_s_mean is not None for c in summary.cells)
+    header = [*summary.columns, "n", "seeds", "FP top-1", "top-1", "top-5",
+              *(["refine s/job"] if refined else []), "failed"]
     lines += _md_table(header, ([*("" if v == _MISSING else v for v in c.key), c.n,
                                  " ".join(map(str, c.seeds)), _fmt(c.fp_top1),
                                  _fmt(c.top1_mean, c.top1_std), _fmt(c.top5_mean, c.top5_std),
+                                 *([_fmt(c.refine_s_mean)] if refined else []),
                                  c.n_failed or ""] for c in summary.cells)) + [""]
     lines += ["## Failed jobs", ""]
     if summary.failures:
