@@ -13,27 +13,16 @@ calibrated on 256 train images.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+from _common import compose, offline_env
 
 
-def _compose(overrides: list[str]):  # noqa: ANN202
-    from hydra import compose, initialize_config_dir
-
-    from calibbench.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=["logger.mode=disabled", "progress=false", *overrides])
 
 
 def _timed_pass(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
@@ -60,12 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("CALIBBENCH_DATA_DIR", str(SHARED / "data"))
-    os.environ.setdefault("CALIBBENCH_WEIGHTS_DIR", str(SHARED / "weights"))
-    os.environ.setdefault("WANDB_MODE", "disabled")
+    offline_env()
     from calibbench import datasets, models, quant
 
-    cfg = _compose([f"quant={args.preset}", f"bits={args.bits}"])
+    cfg = compose(f"quant={args.preset}", f"bits={args.bits}")
     fp = models.build(cfg.model, cfg.dataset.name, cfg.paths.weights_dir).module.eval()
     data = datasets.build(cfg.dataset, cfg.model)
 

@@ -15,30 +15,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-os.environ.setdefault("CALIBBENCH_DATA_DIR", str(SHARED / "data"))
-os.environ.setdefault("CALIBBENCH_WEIGHTS_DIR", str(SHARED / "weights"))
-os.environ.setdefault("WANDB_MODE", "disabled")
+from _common import compose, offline_env
 
+offline_env()
 
-def compose(*overrides: str):  # noqa: ANN201 - a DictConfig
-    """The real config from conf/, composed the way tests/conftest.py does."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from calibbench.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose("config", overrides=["logger.mode=disabled", *overrides])
 
 
 def fp_pass(model: torch.nn.Module, loader) -> float:  # noqa: ANN001 - a DataLoader

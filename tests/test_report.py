@@ -231,3 +231,18 @@ def test_refine_options_split_kd_cells_but_never_pure_ptq_ones(tmp_path):
     assert sorted((r["refine"], r["refine.lr"], r["n"], r["refine_s_mean"]) for r in rows) == \
         [("kd", "0.0001", "1", "40.0"), ("kd", "0.001", "1", "30.0"), ("none", "", "2", "")]
     assert "refine s/job" in (tmp_path / "summary.md").read_text()
+
+
+def test_seeds_filter_pairs_cells_run_at_different_seed_counts(tmp_path, capsys):
+    for seed, t1 in enumerate([10.0, 20.0, 30.0, 40.0, 50.0]):
+        write(tmp_path, f"none/seed{seed}", config(seed=seed), t1, 90.0)
+    summary, _ = report.build(tmp_path, plots=False, seeds=[0, 1, 2])
+    assert [(c.seeds, c.top1_mean) for c in summary.cells] == [([0, 1, 2], 20.0)]
+    out = tmp_path / "paired"
+    assert report.main([str(tmp_path), "--seeds", "3,4", "--out", str(out), "--no-plots"]) == 0
+    assert float(read_csv(out / "summary.csv")[0]["top1_mean"]) == 45.0
+    assert report.main([str(tmp_path), "--seeds", "7", "--out", str(out), "--no-plots"]) == 1
+    assert "at seeds 7" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path), "--seeds", "a,b"])
+    assert "expected comma-separated integers" in capsys.readouterr().err

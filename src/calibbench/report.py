@@ -573,12 +573,22 @@ def plot_selectq_heatmap(summary: Summary, out_dir: Path) -> list[Path]:
     return paths
 
 
-def build(root: Path, out_dir: Optional[Path] = None, plots: bool = True) -> tuple[Summary, list[Path]]:
-    """Collect, aggregate and write summary.csv, failures.csv, summary.md and the PNGs."""
+def build(root: Path, out_dir: Optional[Path] = None, plots: bool = True,
+          seeds: Optional[Sequence[int]] = None) -> tuple[Summary, list[Path]]:
+    """Collect, aggregate and write summary.csv, failures.csv, summary.md and the PNGs.
+
+    ``seeds`` keeps only jobs run at those seeds: a paired comparison of cells that were run at
+    different numbers of seeds (e.g. ``refine=none`` at 5 seeds beside ``refine=kd`` at 3) must
+    average over the same seeds on both sides.
+    """
     root = Path(root)
     out_dir = Path(out_dir) if out_dir is not None else root
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = aggregate(collect(root), root)
+    jobs = collect(root)
+    if seeds is not None:
+        wanted = {int(s) for s in seeds}
+        jobs = [j for j in jobs if j.seed is not None and _seed_int(j.seed) in wanted]
+    summary = aggregate(jobs, root)
     pngs: list[Path] = []
     if plots and summary.cells:
         pngs = plot_bits(summary, out_dir) + plot_selectq_heatmap(summary, out_dir)
@@ -643,6 +653,20 @@ class AggregateCallback(Callback):
 # CLI
 
 
+def _seed_int(seed: Any) -> Optional[int]:
+    try:
+        return int(seed)
+    except (TypeError, ValueError):
+        return None
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m calibbench.report DIR`` / ``python -m calibbench report DIR``; returns the exit code."""
     parser = argparse.ArgumentParser(
@@ -652,6 +676,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="e.g. outputs/sweeps/2025-01-31_12-00-00-123456")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the sweep dir)")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument("--seeds", type=_seed_list, default=None, metavar="S1,S2,...",
+                        help="only jobs at these seeds (paired comparisons; write with --out elsewhere)")
     parser.add_argument("--wandb", choices=("disabled", "offline", "online", "auto"), default="disabled",
                         help="also log the aggregate W&B run (group = the sweep dir's name)")
     parser.add_argument("--project", default="calibbench", help="W&B project (with --wandb)")
@@ -659,9 +685,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.sweep_dir.is_dir():
         print(f"error: {args.sweep_dir} is not a folder", file=sys.stderr)
         return 2
-    summary, files = build(args.sweep_dir, args.out, plots=not args.no_plots)
+    summary, files = build(args.sweep_dir, args.out, plots=not args.no_plots, seeds=args.seeds)
     if not summary.cells and not summary.failures:
-        print(f"error: no {RESULT_FILE} under {args.sweep_dir}", file=sys.stderr)
+        at = f" at seeds {','.join(map(str, args.seeds))}" if args.seeds is not None else ""
+        print(f"error: no {RESULT_FILE} under {args.sweep_dir}{at}", file=sys.stderr)
         return 1
     if args.wandb != "disabled":
         from calibbench.config import LoggerConfig

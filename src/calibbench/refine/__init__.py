@@ -22,6 +22,7 @@ from torch import nn
 
 from calibbench.config import ConfigError, check_choice
 from calibbench.refine.losses import TERMS, available_terms
+from calibbench.registry import Registry
 
 OPTIMIZERS = ("sgd", "adam")
 CE_LABELS = ("batch", "teacher")
@@ -43,27 +44,20 @@ class Refiner(ABC):
         """Refine ``qmodel`` in place; return the ``refine`` part of the record."""
 
 
-_REGISTRY: dict[str, type[Refiner]] = {}
+_REGISTRY: Registry[type[Refiner]] = Registry("refine")
 
 
 def register(name: str) -> Callable[[type[Refiner]], type[Refiner]]:
-    def wrap(cls: type[Refiner]) -> type[Refiner]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"refiner {name!r} is registered twice")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
+    """Class decorator: make a refiner available as ``refine=<name>`` (plus conf/refine/<name>.yaml)."""
+    return _REGISTRY.register(name)
 
 
 def available() -> list[str]:
-    return sorted(_REGISTRY)
+    return _REGISTRY.available()
 
 
 def build(cfg: Any) -> Refiner:
-    check_choice("refine", cfg.name, available())
-    return _REGISTRY[cfg.name](cfg)
+    return _REGISTRY.get(cfg.name)(cfg)
 
 
 def _empty(batch_size: Optional[int] = None) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from calibbench.config import ConfigError
+from calibbench.registry import Registry
 
 
 @dataclass
@@ -54,24 +55,16 @@ class LossTerm(ABC):
         """The term's scalar value for this step."""
 
 
-TERMS: dict[str, type[LossTerm]] = {}
+TERMS: Registry[type[LossTerm]] = Registry("refine loss term")
 
 
 def term(name: str) -> Callable[[type[LossTerm]], type[LossTerm]]:
     """Class decorator: make a loss term available as ``refine.losses.<name>``."""
-
-    def wrap(cls: type[LossTerm]) -> type[LossTerm]:
-        if name in TERMS and TERMS[name] is not cls:
-            raise ValueError(f"loss term {name!r} is registered twice")
-        cls.name = name
-        TERMS[name] = cls
-        return cls
-
-    return wrap
+    return TERMS.register(name)
 
 
 def available_terms() -> list[str]:
-    return sorted(TERMS)
+    return TERMS.available()
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -115,5 +108,5 @@ class FeatureTerm(LossTerm):
 
 def build_terms(cfg: Any) -> list[tuple[str, float, LossTerm]]:
     """``(name, weight, term)`` for every term with a positive weight, in config order."""
-    return [(name, float(weight), TERMS[name](cfg)) for name, weight in cfg.losses.items()
+    return [(name, float(weight), TERMS.get(name)(cfg)) for name, weight in cfg.losses.items()
             if float(weight) > 0]

@@ -18,7 +18,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from calibbench.config import BudgetConfig, ConfigError, StrategyConfig
+from calibbench.config import BudgetConfig, StrategyConfig
+from calibbench.registry import Registry
 
 if TYPE_CHECKING:
     from calibbench.datasets import DataModule
@@ -152,31 +153,23 @@ def stream_seed(seed: int, stream: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-_REGISTRY: dict[str, type[Strategy]] = {}
+_REGISTRY: Registry[type[Strategy]] = Registry("strategy")
 
 
 def register(name: str, schema: type = StrategyConfig) -> Callable[[type[Strategy]], type[Strategy]]:
     """Class decorator: add a strategy to the registry and its schema to Hydra's ConfigStore
     as ``schema/strategy/base_<name>`` (which ``conf/strategy/<name>.yaml`` lists in its defaults)."""
 
-    def wrap(cls: type[Strategy]) -> type[Strategy]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"strategy {name!r} is registered twice")
-        cls.name = name
-        _REGISTRY[name] = cls
+    def store_schema(cls: type[Strategy]) -> None:
         ConfigStore.instance().store(group="schema/strategy", name=f"base_{name}", node=schema)
-        return cls
 
-    return wrap
+    return _REGISTRY.register(name, on_add=store_schema)
 
 
 def available() -> list[str]:
-    return sorted(_REGISTRY)
+    return _REGISTRY.available()
 
 
 def build(cfg: Any) -> Strategy:
     """Construct the strategy named by ``cfg.name``; an unknown name lists the valid ones."""
-    name = cfg.name
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown strategy {name!r}; valid choices: {', '.join(available())}")
-    return _REGISTRY[name](cfg)
+    return _REGISTRY.get(cfg.name)(cfg)

@@ -1,0 +1,31 @@
+"""What every benchmark script shares: the offline data/weights beside the repo and the real config.
+
+Benchmarks run as scripts (``python benchmarks/<name>.py``), so this folder is on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def offline_env() -> None:
+    """Read ../shared (data, weights) unless the caller set other paths; no W&B."""
+    os.environ.setdefault("CALIBBENCH_DATA_DIR", str(SHARED / "data"))
+    os.environ.setdefault("CALIBBENCH_WEIGHTS_DIR", str(SHARED / "weights"))
+    os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def compose(*overrides: str):  # noqa: ANN201 - a DictConfig
+    """The real config from conf/, composed as tests/conftest.py does (no logger, no bars)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from calibbench.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose("config", overrides=["logger.mode=disabled", "progress=false", *overrides])
