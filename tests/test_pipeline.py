@@ -34,6 +34,7 @@ def test_record_has_the_contract_fields(smoke_cfg, tmp_path):
             "quant_eval", "total"} <= set(on_disk["timings"])
     assert on_disk["config"]["strategy"]["name"] == "random" and on_disk["seed"] == 0
     assert {"torch", "torchvision", "pytorchcv", "hydra-core", "python"} <= set(on_disk["versions"])
+    assert len(on_disk["versions"]["calibbench_source"]) == 24  # content_key digest of the source
     assert on_disk["device"] == "cpu"
 
 

@@ -10,6 +10,8 @@ import json
 import logging
 import platform
 import random
+import subprocess
+import sys
 import time
 import traceback
 from contextlib import contextmanager
@@ -46,8 +48,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _git_commit() -> str:
+    """The checkout's commit (``+dirty`` with uncommitted changes), or ``unknown`` outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               cwd=here, capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}+dirty" if dirty.strip() else head
+
+
 def versions() -> dict[str, str]:
-    found = {"python": platform.python_version(), "calibbench": __version__}
+    """Package versions plus which code ran: the git commit of the checkout (if any) and a digest
+    of the source of every calibbench module loaded (every strategy and refiner is loaded by
+    then), exact even for an installed wheel or a dirty tree."""
+    loaded = [m for m in list(sys.modules) if m == "calibbench" or m.startswith("calibbench.")]
+    try:
+        source = source_digest(loaded)
+    except ImportError:  # a module without Python source (e.g. compiled): say so, do not fail the run
+        source = "unknown"
+    found = {"python": platform.python_version(), "calibbench": __version__,
+             "calibbench_git": _git_commit(), "calibbench_source": source}
     for pkg in _PACKAGES:
         try:
             found[pkg] = metadata.version(pkg)
