@@ -246,3 +246,20 @@ def test_seeds_filter_pairs_cells_run_at_different_seed_counts(tmp_path, capsys)
     with pytest.raises(SystemExit):
         report.main([str(tmp_path), "--seeds", "a,b"])
     assert "expected comma-separated integers" in capsys.readouterr().err
+
+
+def test_refined_and_calibration_only_rows_share_one_table(tmp_path):
+    # random (none), random + kd and a generator strategy with its own refiner: one pivot table,
+    # one row each, W3A3 and W4A4 columns; the kd learning rate shows only in the kd row.
+    runs = [("random", "none", None, 40.0), ("random", "kd", 1e-4, 60.0), ("gdfq", "gdfq", 1e-4, 55.0)]
+    for strategy, refine, lr, t1 in runs:
+        for bits in (3, 4):
+            cfg = config(strategy=strategy, bits=bits)
+            cfg["refine"] = {"name": refine, **({"lr": lr} if lr else {})}
+            write(tmp_path, f"{strategy}-{refine}/w{bits}", cfg, t1 + bits, 90.0)
+    report.build(tmp_path, plots=False)
+    md = (tmp_path / "summary.md").read_text()
+    assert md.count("## Top-1:") == 1 and "refine=" not in md.split("## Top-1:")[1].splitlines()[0]
+    assert "| random | 43.00 | 44.00 |" in md
+    assert "| random + refine=kd | 63.00 | 64.00 |" in md
+    assert "| gdfq + refine=gdfq | 58.00 | 59.00 |" in md

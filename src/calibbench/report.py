@@ -52,6 +52,7 @@ _BASE = (("dataset", "dataset.name"), ("model", "model.name"), ("quant", "quant.
          ("strategy", "strategy.name"))
 _BITS = ("w_bits", "a_bits")
 _STRATEGY = "strategy"
+_REFINE = "refine"
 _MISSING = "<missing>"  # a field a job's config lacks (another strategy's option)
 
 
@@ -134,11 +135,12 @@ def _read_job(path: Path, root: Path) -> Job:
     try:
         job.fp_top1 = float(metrics["fp"]["top1"])
         job.top1, job.top5 = float(metrics["quant"]["top1"]), float(metrics["quant"]["top5"])
-        if flat.get("refine.name", "none") != "none":
-            job.refine_s = float((record.get("timings") or {})["refine"])
     except (KeyError, TypeError, ValueError):
         if job.status == "ok":  # claims success without the numbers: treat as broken, say so
             job.status, job.error = "incomplete", "status ok but metrics.fp/quant top1/top5 missing"
+    refine_s = (record.get("timings") or {}).get("refine")
+    if flat.get("refine.name", "none") != "none" and isinstance(refine_s, (int, float)):
+        job.refine_s = float(refine_s)
     if job.status == "running":
         job.error = job.error or "no final status: the job was interrupted (rerun the sweep to resume it)"
     return job
@@ -302,14 +304,24 @@ def aggregate(jobs: list[Job], root: Path) -> Summary:
 # Views shared by the Markdown pivot and the plots
 
 
+def _in_group(label: str, group: str) -> bool:
+    return label == group or label.startswith(f"{group}.")
+
+
 def _panel_labels(summary: Summary) -> list[str]:
-    """Key columns that define one comparison panel: everything but the strategy and the bits."""
-    return [c for c in summary.columns if c not in _BITS and c != _STRATEGY
-            and not c.startswith(f"{_STRATEGY}.")]
+    """Key columns that define one comparison panel: everything but the row (strategy and refine,
+    with their swept fields) and the bits. Refinement is part of the row so that ``random`` and
+    ``random + refine=kd`` (and a generator strategy with its own refinement) sit in one table."""
+    return [c for c in summary.columns if c not in _BITS
+            and not any(_in_group(c, g) for g in (_STRATEGY, _REFINE))]
 
 
 def _strategy_labels(summary: Summary) -> list[str]:
-    return [c for c in summary.columns if c == _STRATEGY or c.startswith(f"{_STRATEGY}.")]
+    return [c for c in summary.columns if _in_group(c, _STRATEGY)]
+
+
+def _refine_labels(summary: Summary) -> list[str]:
+    return [c for c in summary.columns if _in_group(c, _REFINE)]
 
 
 def _variant(summary: Summary, cell: Cell) -> str:
@@ -322,17 +334,32 @@ def _variant(summary: Summary, cell: Cell) -> str:
     for dev in filter(None, str(cell.flat.get(_DEVIATIONS) or "").split(", ")):
         note = f"{dev}, not the paper's reading"
         opts = [note if o == dev else o for o in opts] if dev in opts else [*opts, note]
-    return f"{summary.value(cell, name)}" + (f" ({', '.join(opts)})" if opts else "")
+    label = f"{summary.value(cell, name)}" + (f" ({', '.join(opts)})" if opts else "")
+    refine = _refine_labels(summary)
+    if _REFINE in refine and summary.value(cell, _REFINE) not in ("none", _MISSING):
+        r_opts = [f"{f.split('.', 1)[1]}={summary.value(cell, f)}" for f in refine
+                  if f != _REFINE and summary.value(cell, f) != _MISSING]
+        label += f" + refine={summary.value(cell, _REFINE)}" + (f" ({', '.join(r_opts)})" if r_opts else "")
+    return label
 
 
 def _bits_label(cell_w: Any, cell_a: Any) -> str:
     return f"W{cell_w}A{cell_a}"
 
 
+def _row_order(summary: Summary, cell: Cell) -> tuple:
+    """Within a panel: by strategy (and its fields), the calibration-only row first, then the
+    refined ones."""
+    strategy = tuple(_sort_key(summary.value(cell, c)) for c in _strategy_labels(summary))
+    refine = summary.value(cell, _REFINE) if _REFINE in summary.columns else "none"
+    rest = tuple(_sort_key(v) for v in cell.key)
+    return (*strategy, refine not in ("none", _MISSING), rest)
+
+
 def _panels(summary: Summary) -> dict[tuple, list[Cell]]:
     labels = _panel_labels(summary)
     out: dict[tuple, list[Cell]] = defaultdict(list)
-    for cell in summary.cells:
+    for cell in sorted(summary.cells, key=lambda c: _row_order(summary, c)):
         out[tuple(summary.value(cell, c) for c in labels)].append(cell)
     return out
 
@@ -524,7 +551,8 @@ def plot_selectq_heatmap(summary: Summary, out_dir: Path) -> list[Path]:
     cells = [c for c in summary.cells if summary.value(c, _STRATEGY) == "selectq" and c.top1_mean is not None]
     if not swept or not cells:
         return []
-    others = [c for c in _strategy_labels(summary)[1:] if c not in (_HEAT_ROW, _HEAT_COL)]
+    others = [c for c in [*_strategy_labels(summary)[1:], *_refine_labels(summary)]
+              if c not in (_HEAT_ROW, _HEAT_COL)]
     groups: dict[tuple, list[Cell]] = defaultdict(list)
     for c in cells:
         groups[(*(summary.value(c, p) for p in _panel_labels(summary)),
@@ -565,7 +593,7 @@ def plot_selectq_heatmap(summary: Summary, out_dir: Path) -> list[Path]:
         axes[0].set_ylabel("num_centroids")
         fig.colorbar(image, ax=list(axes), label="top-1 (%)")
         n_panel = len(_panel_labels(summary))
-        extra = [f"{o.split('.', 1)[1]}={v}" for o, v in zip(others, gkey[n_panel:])]
+        extra = [f"{o.split('.', 1)[-1]}={v}" for o, v in zip(others, gkey[n_panel:])]
         title = " · ".join([_panel_title(summary, gkey[:n_panel]), *extra])
         fig.suptitle(f"SelectQ top-1: {title}", fontsize=9)
         suffix = "" if len(groups) == 1 else "_" + _slug(title)
