@@ -35,7 +35,9 @@ def test_a_second_class_under_one_name_and_an_unknown_name_are_errors():
 
 def test_every_project_registry_uses_it():
     from calibbench import refine, strategies
+    from calibbench.generator import GEN_TERMS
     from calibbench.refine.losses import TERMS
 
-    assert strategies.available() == ["dsg", "random", "selectq", "zeroq"]
-    assert refine.available() == ["kd", "none"] and TERMS.available() == ["ce", "feature", "kd"]
+    assert {"dsg", "gdfq", "random", "selectq", "zeroq"} <= set(strategies.available())
+    assert {"gdfq", "kd", "none"} <= set(refine.available()) and TERMS.available() == ["ce", "feature", "kd"]
+    assert {"bns", "ce"} <= set(GEN_TERMS.available())

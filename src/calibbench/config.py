@@ -105,7 +105,7 @@ class RefineConfig:
     ``refine=kd``'s, so a summary splits none/kd by ``refine.name`` alone.
     """
 
-    name: str = "none"  # none | kd (registry: calibbench.refine.available())
+    name: str = "none"  # none | kd | gdfq (registry: calibbench.refine.available())
     # Loss term -> weight (kd | ce | feature); 0 switches a term off.
     losses: dict[str, float] = field(default_factory=lambda: {"kd": 1.0})
     temperature: float = 1.0  # kd: T; the KL is scaled by T^2
@@ -134,6 +134,12 @@ class BudgetConfig:
     synth_batch_size: int = 32
     refine_steps: int = 0  # optimizer steps of a training refiner (refine=kd, ...)
     refine_batch_size: int = 64
+    # Generator-based strategies (gdfq, fdda, clusterq): generator-only steps before the
+    # quantized model trains (spent in the calibration stage; the calibration set is sampled
+    # from the warmed-up generator), and images per generator batch (both players train on it;
+    # the quantized-model steps are refine_steps).
+    gen_warmup_steps: int = 0
+    gen_batch_size: int = 32
 
 
 @dataclass

@@ -209,6 +209,7 @@ def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[s
         validate(cfg)
         strategy = strategies.build(cfg.strategy)  # an unknown name fails here, before any work
         refine.validate(cfg)  # likewise an unknown refiner or a bad refine option
+        strategy.check_run(cfg)  # strategy x refine combinations (e.g. gdfq needs its training)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         device = resolve_device(str(cfg.device))

@@ -4,7 +4,9 @@
 (``distill.py``), fed by ``strategy.batches(ctx, calib, batch_size, generator)`` (``stream.py``)
 with a weighted sum of loss terms (``losses.py``: kd, ce, feature). Method-specific refiners
 (FDDA, ClusterQ, PLF) are the same loop with their own terms and streams: a class registered here
-with ``@register("name")`` plus ``conf/refine/<name>.yaml``.
+with ``@register("name")`` plus ``conf/refine/<name>.yaml``. ``refine=gdfq`` (``generative.py``,
+``alternating.py``) trains a generator strategy's generator and the quantized model alternately
+(Lightning manual optimization, the same module family as ``kd``).
 
 Public doors: :func:`available` (registered names), :func:`validate` (every refine option, before
 any work), :func:`run` (train in place, return what ``result.json`` records under ``refine``).
@@ -146,6 +148,7 @@ def validate(cfg: Any) -> None:
     check_choice("refine.ce_labels", r.ce_labels, CE_LABELS)
     check_choice("refine.act_ranges", r.act_ranges, ACT_RANGES)
     check_choice("refine.bn", r.bn, BN_MODES)
+    _check_strategy(cfg)
     if "feature" in _active_terms(r):
         if not r.feature_modules:
             raise ConfigError("refine loss 'feature' needs refine.feature_modules: the module paths "
@@ -154,12 +157,30 @@ def validate(cfg: Any) -> None:
             check_feature_modules(r, _architecture(cfg.model))
 
 
+def _check_strategy(cfg: Any) -> None:
+    """A generator refiner (refine=gdfq, ...) needs a generator strategy to train."""
+    from calibbench import strategies
+    from calibbench.refine.generative import GeneratorRefiner
+    from calibbench.strategies.generative import GeneratorStrategy
+
+    refiner = _REGISTRY.get(cfg.refine.name)
+    if issubclass(refiner, GeneratorRefiner) and cfg.strategy.name in strategies.available():
+        strategy = strategies.build(cfg.strategy)
+        if not isinstance(strategy, GeneratorStrategy):
+            raise ConfigError(f"refine={cfg.refine.name} trains a generator together with the quantized "
+                              f"model and needs a generator strategy; strategy={cfg.strategy.name} has "
+                              f"none. Use refine=kd with it")
+
+
 def run(qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any, cfg: Any,
         track: Any = None) -> dict[str, Any]:
     """Refine ``qmodel`` in place per ``cfg`` (a RefineConfig); return what to record (steps,
     batch size, images seen, seconds, first/last loss, the thinned loss curve)."""
     return build(cfg).run(qmodel, teacher, strategy, ctx, calib, track)
 
+
+# Generator-based refiners (refine=gdfq, ...) register themselves on import.
+from calibbench.refine import generative  # noqa: E402,F401
 
 __all__ = ["Refiner", "register", "available", "build", "validate", "run", "TERMS",
            "check_feature_modules"]

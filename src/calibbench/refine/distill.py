@@ -1,8 +1,9 @@
 """Distillation of the FP teacher into the fake-quant student, on Lightning (``refine=kd``).
 
-:class:`DistillModule` owns the student (the calibrated fake-quant model; its weights train
-through the straight-through estimator of ``quant/``), the frozen FP teacher and a list of
-weighted loss terms (``losses.py``). Lightning runs the loop: optimizer and cosine schedule
+:class:`StudentModule` holds what every refinement module shares (``alternating.py``'s
+generator/student module extends it too); :class:`DistillModule` is ``refine=kd``'s. It owns the
+student (the calibrated fake-quant model; its weights train through the straight-through
+estimator of ``quant/``), the frozen FP teacher and a list of weighted loss terms (``losses.py``). Lightning runs the loop: optimizer and cosine schedule
 stepping, device placement, progress bar. :class:`CurveRecorder` (a Callback) keeps every step's
 loss terms and learning rate for ``result.json`` and sends them to calibbench's own tracker (not
 Lightning's WandbLogger: DESIGN.md pitfall 8).
@@ -19,7 +20,8 @@ What trains and what does not:
 
 State that must stay usable by autograd is never created under ``inference_mode``: the Trainer
 runs with ``inference_mode=False`` and :func:`distill` itself runs inside
-``torch.inference_mode(False)`` (DESIGN.md pitfall 7).
+``torch.inference_mode(False)`` (DESIGN.md pitfall 7): :func:`training` (the surroundings of every
+fit) and :func:`fit` (the Trainer) are shared with the alternating stage.
 """
 
 from __future__ import annotations
@@ -47,14 +49,18 @@ log = logging.getLogger(__name__)
 CURVE_POINTS = 200  # result.json keeps at most this many points of the loss curve
 
 
-class DistillModule(L.LightningModule):
-    """Student + frozen teacher + weighted loss terms; one ``training_step`` per stream batch.
+class StudentModule(L.LightningModule):
+    """What every refinement module shares: the student (the fake-quant model being trained), the
+    frozen teacher, the student's weighted loss terms (with the forward hooks the feature term
+    needs), the mode rules, the NaN check and the student's optimizer + cosine schedule.
 
+    :class:`DistillModule` (``refine=kd``) trains it with Lightning's automatic optimization;
+    ``generative.GenerativeModule`` adds a second player (a generator) with manual optimization.
     Lightning (>= 2.5) keeps the train/eval mode the module has when ``fit`` starts, so the
     caller switches it with ``train()``, which leaves the teacher and frozen BN in eval mode.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module,
+    def __init__(self, student: Optional[nn.Module], teacher: nn.Module,
                  terms: Sequence[tuple[str, float, LossTerm]], cfg: Any, max_steps: int,
                  range_params: Sequence[nn.Parameter] = ()) -> None:
         super().__init__()
@@ -67,10 +73,12 @@ class DistillModule(L.LightningModule):
         self.images_seen = 0
         self._features: dict[str, dict[str, Tensor]] = {"student": {}, "teacher": {}}
         self._hooks = []
-        names = sorted({m for _, _, t in self.terms for m in t.feature_modules})
+        self.feature_names = sorted({m for _, _, t in self.terms for m in t.feature_modules})
         for role, model in (("student", student), ("teacher", teacher)):
+            if model is None:
+                continue
             modules = dict(model.named_modules())
-            for name in names:
+            for name in self.feature_names:
                 self._hooks.append(modules[name].register_forward_hook(self._recorder(role, name)))
 
     def _recorder(self, role: str, name: str):  # noqa: ANN202
@@ -89,11 +97,15 @@ class DistillModule(L.LightningModule):
             handle.remove()
         self._hooks.clear()
 
-    def train(self, mode: bool = True) -> "DistillModule":
+    def clear_features(self) -> None:
+        for store in self._features.values():
+            store.clear()  # the step's graph is not kept alive by the hooks' store
+
+    def train(self, mode: bool = True) -> "StudentModule":
         """Lightning switches the whole module to train mode; teacher and frozen BN stay in eval."""
         super().train(mode)
         self.teacher.eval()
-        if self.cfg.bn == "frozen":
+        if self.student is not None and self.cfg.bn == "frozen":
             for module in self.student.modules():
                 if isinstance(module, _BatchNorm):
                     module.eval()
@@ -102,35 +114,37 @@ class DistillModule(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.student(x)
 
-    def compute(self, images: Tensor, labels: Optional[Tensor] = None) -> dict[str, Tensor]:
-        """Teacher forward (no grad), student forward, every term's value (unweighted)."""
-        with torch.no_grad():
-            teacher_logits = self.teacher(images)
+    def compute(self, images: Tensor, labels: Optional[Tensor] = None,
+                teacher_logits: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """Teacher forward (no grad; skipped when ``teacher_logits`` are given and no feature term
+        needs the teacher's features), student forward, every term's value (unweighted)."""
+        if teacher_logits is None or self.feature_names:
+            with torch.no_grad():
+                teacher_logits = self.teacher(images)
         student_logits = self.student(images)
         out = StepOutputs(student_logits, teacher_logits, labels, dict(self._features["student"]),
                           dict(self._features["teacher"]))
-        for store in self._features.values():
-            store.clear()  # the step's graph is not kept alive by the hooks' store
+        self.clear_features()
         return {name: term(out) for name, _, term in self.terms}
 
-    def training_step(self, batch: tuple[Tensor, Optional[Tensor]], batch_idx: int) -> dict[str, Any]:
-        images, labels = batch
-        step = self.global_step + 1
-        values = self.compute(images, labels)
-        total = sum(weight * values[name] for name, weight, _ in self.terms)
+    def weighted(self, values: dict[str, Tensor], terms: Sequence[tuple[str, float, Any]]) -> Tensor:
+        return sum(weight * values[name] for name, weight, _ in terms)  # type: ignore[return-value]
+
+    def check_finite(self, values: dict[str, Tensor], step: int, player: str = "") -> Tensor:
+        """The detached values stacked; a FloatingPointError naming the player (when there are
+        two), the term(s) and the step when any is NaN/inf."""
         detached = torch.stack([v.detach() for v in values.values()])
         if not bool(torch.isfinite(detached).all()):
             bad = {name: float(v) for name, v in zip(values, detached) if not math.isfinite(float(v))}
+            who = f"{player} " if player else ""
             raise FloatingPointError(
-                f"refine: loss term(s) {', '.join(f'{k!r} = {v}' for k, v in bad.items())} at step "
-                f"{step} of {self.max_steps}; lower refine.lr or check the stream's images")
-        lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
-        self.images_seen += int(images.shape[0])
-        self.log("loss", total.detach(), prog_bar=True, logger=False)
-        self.log("lr", lr, prog_bar=True, logger=False)
-        return {"loss": total, "terms": dict(zip(values, detached)), "lr": lr}
+                f"refine: {who}loss term(s) {', '.join(f'{k!r} = {v}' for k, v in bad.items())} at "
+                f"step {step} of {self.max_steps}; lower the learning rate or check the stream's images")
+        return detached
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def student_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
+        """The student's optimizer (refine.optimizer, lr, weight decay; activation ranges without
+        weight decay) and its cosine schedule over ``max_steps``."""
         cfg = self.cfg
         ranges = {id(p) for p in self.range_params}
         weights = [p for p in self.student.parameters() if p.requires_grad and id(p) not in ranges]
@@ -143,11 +157,35 @@ class DistillModule(L.LightningModule):
         else:
             opt = torch.optim.Adam(groups, lr=float(cfg.lr))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.max_steps))
+        return opt, sched
+
+
+class DistillModule(StudentModule):
+    """Student + frozen teacher + weighted loss terms; one ``training_step`` per stream batch."""
+
+    def training_step(self, batch: tuple[Tensor, Optional[Tensor]], batch_idx: int) -> dict[str, Any]:
+        images, labels = batch
+        step = self.global_step + 1
+        values = self.compute(images, labels)
+        total = self.weighted(values, self.terms)
+        detached = self.check_finite(values, step)
+        lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.images_seen += int(images.shape[0])
+        self.log("loss", total.detach(), prog_bar=True, logger=False)
+        self.log("lr", lr, prog_bar=True, logger=False)
+        row = {"step": step, "loss": float(total.detach()),
+               **{name: float(v) for name, v in zip(values, detached)}, "lr": lr}
+        return {"loss": total, "row": row}
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt, sched = self.student_optimizer()
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 class CurveRecorder(L.Callback):
-    """Every step's total loss, terms and lr: kept for the record and sent to the tracker."""
+    """Every step's row (``training_step`` returns ``{"row": {"step", "loss", <terms>, "lr", ...}}``):
+    kept for the record and sent to the tracker. Rows may differ in their columns (a generator
+    warm-up step has no quantized-model terms): the curve has every column, null where absent."""
 
     def __init__(self, track: Any = None) -> None:
         self.track = track
@@ -155,20 +193,21 @@ class CurveRecorder(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        row = {"step": trainer.global_step, "loss": float(outputs["loss"]),
-               **{name: float(v) for name, v in outputs["terms"].items()}, "lr": outputs["lr"]}
+        row = dict(outputs["row"])
         self.rows.append(row)
         if self.track is not None:
-            self.track.log({f"refine/{k}": v for k, v in row.items()})
+            self.track.log({f"refine/{k}": v for k, v in row.items() if v is not None})
 
     def curve(self, max_points: int = CURVE_POINTS) -> dict[str, list[float]]:
-        """Columns ``step, loss, <terms>, lr`` at evenly spaced steps (first and last included)."""
+        """Columns ``step, loss, <terms>, lr`` (and any other column of a row) at evenly spaced
+        steps, first and last included."""
         n = len(self.rows)
         if n == 0:
             return {}
         k = min(n, max_points)
         keep = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
-        return {key: [self.rows[i][key] for i in keep] for key in self.rows[0]}
+        columns = list(dict.fromkeys(key for row in self.rows for key in row))
+        return {key: [self.rows[i].get(key) for i in keep] for key in columns}
 
 
 class RefineProgressBar(TQDMProgressBar):
@@ -179,14 +218,21 @@ class RefineProgressBar(TQDMProgressBar):
         self.train_progress_bar.set_description("refine")
 
 
-def trainer_kwargs(device: torch.device, steps: int, progress: bool) -> dict[str, Any]:
+def trainer_kwargs(device: torch.device, steps: int, progress: bool, manual: bool = False
+                   ) -> dict[str, Any]:
     """CPU-friendly Trainer settings: a fixed number of steps, nothing written to disk, no
-    validation, no inference_mode (pitfall 7), deterministic kernels, one device."""
+    validation, no inference_mode (pitfall 7), deterministic kernels, one device.
+
+    ``manual``: a module with manual optimization and several optimizers, whose ``global_step``
+    counts every optimizer's steps; the run is then bounded by batches (one epoch of ``steps``
+    batches of the endless stream) instead of ``max_steps``."""
     if device.type == "cuda":
         accelerator, devices = "cuda", [device.index if device.index is not None else torch.cuda.current_device()]
     else:
         accelerator, devices = device.type, 1
-    return dict(accelerator=accelerator, devices=devices, max_steps=int(steps), max_epochs=-1,
+    bound = (dict(max_steps=-1, max_epochs=1, limit_train_batches=int(steps)) if manual
+             else dict(max_steps=int(steps), max_epochs=-1))
+    return dict(accelerator=accelerator, devices=devices, **bound,
                 logger=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
                 deterministic=True, inference_mode=False, enable_progress_bar=bool(progress),
                 enable_model_summary=False, log_every_n_steps=1, precision="32-true")
@@ -216,10 +262,10 @@ def _quiet_lightning() -> Iterator[None]:
 
 
 @contextmanager
-def _restore(student: nn.Module, teacher: nn.Module, device: torch.device) -> Iterator[None]:
+def _restore(student: Optional[nn.Module], teacher: nn.Module, device: torch.device) -> Iterator[None]:
     """Put back what refinement changes around the models: modes, devices, grad flags, and the
     process-wide deterministic-algorithms switch that ``Trainer(deterministic=True)`` sets."""
-    modes = (student.training, teacher.training)
+    modes = (student.training if student is not None else False, teacher.training)
     grads = [p.requires_grad for p in teacher.parameters()]
     det = (torch.are_deterministic_algorithms_enabled(),
            torch.is_deterministic_algorithms_warn_only_enabled())
@@ -229,41 +275,66 @@ def _restore(student: nn.Module, teacher: nn.Module, device: torch.device) -> It
         torch.use_deterministic_algorithms(det[0], warn_only=det[1])
         for p, flag in zip(teacher.parameters(), grads):
             p.requires_grad_(flag)
-        student.train(modes[0]).to(device)  # Lightning's teardown moves the module to the CPU
+        if student is not None:
+            student.train(modes[0]).to(device)  # Lightning's teardown moves the module to the CPU
         teacher.train(modes[1]).to(device)
+
+
+@contextmanager
+def training(student: Optional[nn.Module], teacher: nn.Module, ctx: Any, cfg: Any, seed_stream: str
+             ) -> Iterator[list[nn.Parameter]]:
+    """The surroundings every refinement fit runs in (also the generator-only warm-up, with
+    ``student=None``): no inference_mode (pitfall 7), modes/devices/grad flags restored, the
+    caller's RNG untouched (the fit draws from the run's ``seed_stream``), learned activation
+    ranges swapped in when ``cfg.act_ranges=learned`` (yields their parameters), Lightning quiet,
+    the teacher frozen (no parameter gradient, eval mode)."""
+    device = torch.device(ctx.device)
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    with ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(_restore(student, teacher, device))
+        # Dropout (if any) draws from a stream of its own; the caller's RNG state is left as it was.
+        stack.enter_context(torch.random.fork_rng(devices=rng_devices))
+        torch.manual_seed(stream_seed(ctx.seed, seed_stream))
+        learned = student is not None and getattr(cfg, "act_ranges", "frozen") == "learned"
+        ranges = stack.enter_context(learned_act_ranges(student)) if learned else []
+        stack.enter_context(_quiet_lightning())
+        teacher.requires_grad_(False)
+        yield [p for q in ranges for p in (q.lo, q.hi)]
+
+
+def fit(module: StudentModule, data: Any, ctx: Any, steps: int, recorder: CurveRecorder,
+        manual: bool = False) -> None:
+    """Train ``module`` for ``steps`` batches of ``data`` on Lightning (inside :func:`training`)."""
+    try:
+        module.train()
+        bar = [RefineProgressBar(leave=True)] if ctx.progress else []
+        trainer = L.Trainer(callbacks=[recorder, *bar],
+                            **trainer_kwargs(torch.device(ctx.device), steps, ctx.progress, manual))
+        trainer.fit(module, train_dataloaders=data)
+    finally:
+        module.remove_hooks()
+
+
+def check_length(rows: list, steps: int, strategy: Any) -> None:
+    if len(rows) != steps:
+        raise RuntimeError(f"refine: the stream of strategy {getattr(strategy, 'name', strategy)!r} "
+                           f"ended after {len(rows)} of {steps} steps")
 
 
 def distill(student: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any, cfg: Any,
             steps: int, batch_size: int, track: Any = None) -> dict[str, Any]:
     """Train ``student`` in place for ``steps`` steps on ``strategy.batches(...)``; the record."""
     terms = build_terms(cfg)
-    device = torch.device(ctx.device)
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
     start = time.perf_counter()
     recorder = CurveRecorder(track)
-    module: Optional[DistillModule] = None
-    with ExitStack() as stack:
-        stack.enter_context(torch.inference_mode(False))
-        stack.enter_context(_restore(student, teacher, device))
-        # Dropout (if any) draws from a stream of its own; the caller's RNG state is left as it was.
-        stack.enter_context(torch.random.fork_rng(devices=rng_devices))
-        torch.manual_seed(stream_seed(ctx.seed, "refine/torch"))
-        ranges = stack.enter_context(learned_act_ranges(student)) if cfg.act_ranges == "learned" else []
-        stack.enter_context(_quiet_lightning())
-        teacher.requires_grad_(False)
-        module = DistillModule(student, teacher, terms, cfg, steps,
-                               [p for q in ranges for p in (q.lo, q.hi)])
-        stack.callback(module.remove_hooks)
-        module.train()
-        bar = [RefineProgressBar(leave=True)] if ctx.progress else []
-        trainer = L.Trainer(callbacks=[recorder, *bar], **trainer_kwargs(device, steps, ctx.progress))
+    with training(student, teacher, ctx, cfg, "refine/torch") as range_params:
+        module = DistillModule(student, teacher, terms, cfg, steps, range_params)
         data = stream.loader(strategy, ctx, calib, batch_size, ctx.generator("refine/order"))
-        trainer.fit(module, train_dataloaders=data)
+        fit(module, data, ctx, steps, recorder)
     seconds = time.perf_counter() - start
     rows = recorder.rows
-    if len(rows) != steps:
-        raise RuntimeError(f"refine: the stream of strategy {getattr(strategy, 'name', strategy)!r} "
-                           f"ended after {len(rows)} of {steps} steps")
+    check_length(rows, steps, strategy)
     log.info("refine: %d steps x %d images in %.1f s, loss %.4f -> %.4f", steps, batch_size, seconds,
              rows[0]["loss"], rows[-1]["loss"])
     return {"steps": len(rows), "batch_size": batch_size, "images_seen": module.images_seen,

@@ -34,11 +34,14 @@ class CalibrationSet:
     ``labels`` are real labels (real-data strategies) or pseudo/assigned labels (synthetic ones).
     ``info`` explains the choice: selected indices, scores, per-step losses, timings. It must be
     JSON-serialisable (lists, numbers, strings) because it is copied into ``result.json``.
+    ``state`` is what the strategy hands on to its refinement stage (a generator strategy's
+    warmed-up generator and optimizer state): cached with the set, never written to the record.
     """
 
     images: torch.Tensor
     labels: Optional[torch.Tensor] = None
     info: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -46,7 +49,7 @@ class CalibrationSet:
     def subset(self, positions: torch.Tensor) -> "CalibrationSet":
         """The images (and labels) at ``positions``, in that order; ``info`` is shared."""
         labels = None if self.labels is None else self.labels[positions]
-        return CalibrationSet(self.images[positions], labels, self.info)
+        return CalibrationSet(self.images[positions], labels, self.info, self.state)
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
         for start in range(0, len(self), batch_size):
@@ -127,6 +130,10 @@ class Strategy(ABC):
         if isinstance(cfg, DictConfig):
             return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
         return dict(asdict(cfg)) if is_dataclass(cfg) else dict(cfg)
+
+    def check_run(self, cfg: Any) -> None:
+        """Checks of the whole run config that only this strategy knows (e.g. a generator strategy
+        needs a refinement stage); raise ConfigError. Called before any work."""
 
     def paper_deviations(self) -> list[str]:
         """``["select=lowest"]``: the fields of this run that differ from the paper's reading."""

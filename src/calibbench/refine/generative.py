@@ -1,0 +1,49 @@
+"""``refine=gdfq``: the refinement stage of a generator strategy (generator and quantized model
+trained alternately, ``alternating.py``).
+
+The refine config holds the *quantized model's* side (loss terms kd/ce/feature, optimizer, lr,
+temperature, BN and activation-range modes: as for ``refine=kd``); the generator's side (its
+terms, Adam, labels, real batches, state) is the strategy's. Steps: ``budget.refine_steps``
+quantized-model steps (each preceded by one generator step), batch ``budget.gen_batch_size``.
+
+A method with its own quantized-model objective registers a subclass under its name with its
+YAML (e.g. ``@register("fdda") class FDDARefiner(GeneratorRefiner): pass`` plus
+``conf/refine/fdda.yaml`` with ``losses: {ce: 1.0, kd: 20.0}``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from calibbench.config import ConfigError
+from calibbench.refine import Refiner, _REGISTRY, _empty, check_feature_modules, register
+
+
+class GeneratorRefiner(Refiner):
+    """Alternating generator / quantized-model training; needs a GeneratorStrategy."""
+
+    def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any,
+            track: Any = None) -> dict[str, Any]:
+        from calibbench.refine.alternating import train_alternating  # Lightning only when training
+        from calibbench.strategies.generative import GeneratorStrategy
+
+        if not isinstance(strategy, GeneratorStrategy):
+            raise ConfigError(f"refine={self.cfg.name} trains a generator and needs a generator strategy "
+                              f"(gdfq, ...); strategy {getattr(strategy, 'name', strategy)!r} has none. "
+                              f"Use refine=kd with it")
+        steps = int(ctx.budget.refine_steps)
+        if steps == 0:
+            return _empty(int(ctx.budget.gen_batch_size))
+        check_feature_modules(self.cfg, teacher, qmodel)
+        return train_alternating(qmodel, teacher, strategy, ctx, calib, self.cfg, steps, track)
+
+
+@register("gdfq")
+class GDFQRefiner(GeneratorRefiner):
+    """GDFQ's quantized-model side: KD (T = 20) + CE to the generator's labels."""
+
+
+def refiner_class(name: str) -> type[Refiner]:
+    return _REGISTRY.get(name)
