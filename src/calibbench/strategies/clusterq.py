@@ -1,0 +1,292 @@
+"""``clusterq``: ClusterQ (Gao et al., 2022), generator-based data-free quantization with class-wise
+centroids of deep-layer feature statistics — the paper's semantics (METHODS.md "ClusterQ"; only the
+abstract is in ``papers/003``, so the decisions below are calibbench's and say where they come from).
+
+**Deep layers and state.** The FP model's BN layers in forward order (``bn_layers``: every
+BatchNorm2d, L of them) are recorded for the global BNS term; the *deep* ones are
+``layers[K:]`` with the 0-based index ``K = max(0, ceil(L/2) − 2)`` (``k_indexing=zero_based``, the
+default: the ClusterQ code's ``start_layer = int((L + 1)/2) − 2`` used as a 0-based index, the only
+source for ClusterQ's K; pytorchcv resnet20: L = 21 with the two projection-shortcut BNs, K = 9,
+12 deep layers). ``k_indexing=one_based`` reads K as FDDA's paper does (layers counted from 1, so
+0-based start K − 1: 13 deep layers on resnet20), for a like-for-like comparison with ``fdda``. The per-run state
+(``GenStepOutputs.state``) holds, with ``D`` = the deep layers' channels side by side:
+
+- ``centroid_mean[c]``, ``centroid_std[c]`` (num_classes × D): class c's centroid, initialised for
+  every class to the deep layers' BN statistics (``running_mean``, ``sqrt(running_var + eps)``);
+- ``ema_updates[c]``: how many EMA updates class c has had;
+- ``deep_start`` (K) and ``deep_channels`` (channels per deep layer, to split D).
+
+**Class statistics.** For the images of class c in a batch, the (mean, std) of a deep layer's input
+pooled over those images and positions, as a BN layer in training mode would see that subset
+(biased variance): ``mean_c = avg_i m_i``, ``std_c = sqrt(avg_i s_i² + avg_i (m_i − mean_c)²)``
+from the per-image means m_i and stds s_i = sqrt(var_i + eps) (law of total variance; the eps
+carries through, so std_c = sqrt(var_c + eps), comparable with the centroids).
+
+**EMA update** (:meth:`ClusterQ.update_state`, after every generator step, ``no_grad``): once the
+step exceeds ``ema_warmup_steps`` (null: ``budget.gen_warmup_steps``, the generator warm-up, as the
+ClusterQ code starts its centroid updates when its warm-up ends), let ``S_c`` be the images of
+label c that the FP model classifies *correctly* (argmax of the step's logits == c); for every class
+with ``S_c`` non-empty, with ``d = ema_decay`` (0.2)::
+
+    centroid_mean[c] ← (1 − d) · centroid_mean[c] + d · mean_c(S_c)
+    centroid_std[c]  ← (1 − d) · centroid_std[c]  + d · std_c(S_c)
+
+i.e. 0.2 weights the *new* batch statistic (the ClusterQ code's ``soft_decay`` side, PyTorch BN's
+momentum convention). Misclassified images are left out; a class without a correct image in the
+step keeps its centroid. The EMA runs on the std (METHODS.md's "stats"), the code's on the variance.
+Each update's centroid shift — the RMS over the 2·D coordinates of (new − old), averaged over the
+updated classes — is recorded with its step and the number of classes updated.
+
+**Generator loss** ``strategy.losses``: ``ce`` + ``bns`` (global batch statistics over every BN
+layer, as gdfq) + ``align`` (:class:`AlignTerm`) + ``diversity`` (:class:`DiversityTerm`). Both
+new terms average per-layer MSEs over the deep layers and compare the std or the variance as
+``bns_moment`` says (default var, the GDFQ/ClusterQ code's moment).
+
+- ``align``: every class present in the batch, its class statistics (mean_c, std_c) to its centroid.
+- ``diversity``: the same pull toward a *perturbed* centroid: target = centroid + ε with
+  ε ~ N(0, ``div_var_mean``) on the mean and N(0, ``div_var_std``) on the std, drawn afresh every
+  step; ``div_level=image`` (default) gives every image its own ε and compares that image's own
+  statistics (distinct targets within a class are what counters class-wise mode collapse; FDDA's
+  D-BNS reading); ``div_level=class`` perturbs the class statistics of ``align`` instead. The
+  gradient is real: 2(stat − centroid − ε) reaches the generator.
+
+**Quantized model**: KD fine-tuning on the generated batches, alternating with the generator
+(``refine=clusterq``: the ClusterQ code's KD at T = 20 plus CE to the generator's labels, SGD
+Nesterov); :class:`ClusterQRefiner` adds the refinement stage's centroid shifts to its record.
+``refine=none`` is an error (GeneratorStrategy.check_run).
+
+**How the public code (DiamondSheep/ClusterQ) differs** — it does no clustering at all: its
+"centroids" are initialised from, and EMA-updated toward, the teacher's BN *running* statistics
+(the hooks store ``module.running_mean``/``running_var``, not the batch's), so they never leave
+the BN statistics; its update reads one generated image per class per epoch and keeps the class if
+that image is classified correctly; its class-wise loss compares the *whole batch's* statistics to
+each sample's class centroid; its diversity term ``MSE(x, x + U(−a, a))`` has no gradient (and its
+weight ``D_BNSLoss_weight`` is 0). calibbench implements the paper's description instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from calibbench.bnstats import bn_targets
+from calibbench.config import ConfigError, check_choice
+from calibbench.generator import GenLossTerm, GenStepOutputs, gen_term
+from calibbench.refine import register as register_refiner
+from calibbench.refine.generative import GeneratorRefiner
+from calibbench.strategies.base import CalibrationSet, StrategyContext, register
+from calibbench.strategies.generative import GeneratorStrategy, GeneratorStrategyConfig
+
+DIV_LEVELS = ("image", "class")
+K_INDEXING = ("zero_based", "one_based")
+SHIFT_POINTS = 200  # as many points as a loss curve keeps (refine/distill.py CURVE_POINTS)
+
+
+def deep_start(num_layers: int, k_indexing: str = "zero_based") -> int:
+    """0-based index of the first deep BN layer: ``K = ceil(L/2) − 2`` read as a 0-based index
+    (zero_based) or as a layer number counted from 1 (one_based: index K − 1); at least 0."""
+    k = math.ceil(num_layers / 2) - 2
+    return max(0, k - 1 if k_indexing == "one_based" else k)
+
+
+def class_stats(mean: Tensor, std: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(classes present, their pooled mean, their pooled std) from per-image ``mean``/``std``
+    (N×D, std = sqrt(var + eps)): per class ``avg m_i`` and ``sqrt(avg s_i² + avg (m_i − mean_c)²)``.
+    Only present classes are formed (no empty class, so the sqrt never sees 0)."""
+    present = torch.unique(labels)
+    member = (labels[:, None] == present[None, :]).to(mean.dtype)  # N × K
+    weights = member / member.sum(0, keepdim=True)
+    cmean = weights.T @ mean
+    dev = mean - (member @ cmean)  # each image minus its class mean
+    cstd = torch.sqrt(weights.T @ (std.pow(2) + dev.pow(2)))
+    return present, cmean, cstd
+
+
+def deep_image_stats(out: GenStepOutputs) -> tuple[Tensor, Tensor]:
+    """The deep layers' per-image (mean, std), N×D (needs ``per_image_stats``)."""
+    if out.bn_image is None:
+        raise RuntimeError("clusterq terms need per-image BN statistics (per_image_stats=True)")
+    deep = out.bn_image[int(out.state["deep_start"]):]
+    return torch.cat([m for m, _ in deep], 1), torch.cat([s for _, s in deep], 1)
+
+
+def layer_mse(pred: Tensor, target: Tensor, channels: list[int]) -> Tensor:
+    """MSE per deep layer (over rows and that layer's channels), averaged over the layers."""
+    err = (pred - target).pow(2)
+    return torch.stack([part.mean() for part in err.split(list(channels), dim=1)]).mean()
+
+
+def stats_loss(mean: Tensor, std: Tensor, t_mean: Tensor, t_std: Tensor, channels: list[int],
+               moment: str) -> Tensor:
+    """layer_mse of the means + of the moment (std² vs target std², or std vs std)."""
+    if moment == "var":
+        spread = layer_mse(std.pow(2), t_std.pow(2), channels)
+    else:
+        spread = layer_mse(std, t_std, channels)
+    return layer_mse(mean, t_mean, channels) + spread
+
+
+@gen_term("align")
+class AlignTerm(GenLossTerm):
+    """Each present class's pooled deep-layer statistics to its centroid (mean over classes,
+    channels and deep layers)."""
+
+    per_image_stats = True
+
+    def __call__(self, out: GenStepOutputs) -> Tensor:
+        mean, std = deep_image_stats(out)
+        present, cmean, cstd = class_stats(mean, std, out.labels)
+        state = out.state
+        return stats_loss(cmean, cstd, state["centroid_mean"][present], state["centroid_std"][present],
+                          state["deep_channels"], getattr(self.cfg, "bns_moment", "var"))
+
+
+@gen_term("diversity")
+class DiversityTerm(GenLossTerm):
+    """Statistics to a Gaussian-perturbed centroid, ε drawn afresh each step (per image or per
+    class, ``div_level``); variances ``div_var_mean`` / ``div_var_std``."""
+
+    per_image_stats = True
+
+    def __call__(self, out: GenStepOutputs) -> Tensor:
+        mean, std = deep_image_stats(out)
+        labels = out.labels
+        if getattr(self.cfg, "div_level", "image") == "class":
+            labels, mean, std = class_stats(mean, std, labels)
+        state = out.state
+        t_mean, t_std = state["centroid_mean"][labels], state["centroid_std"][labels]
+        noise_mean = torch.randn(t_mean.shape, device=t_mean.device) * math.sqrt(float(self.cfg.div_var_mean))
+        noise_std = torch.randn(t_std.shape, device=t_std.device) * math.sqrt(float(self.cfg.div_var_std))
+        return stats_loss(mean, std, t_mean + noise_mean, t_std + noise_std, state["deep_channels"],
+                          getattr(self.cfg, "bns_moment", "var"))
+
+
+@dataclass
+class ClusterQConfig(GeneratorStrategyConfig):
+    name: str = "clusterq"
+    ema_decay: float = 0.2  # weight of the new class statistic: c <- (1 - d) c + d s
+    ema_warmup_steps: Optional[int] = None  # null: budget.gen_warmup_steps
+    div_var_mean: float = 0.5  # variance of the Gaussian added to the centroid mean (diversity)
+    div_var_std: float = 1.0  # variance of the Gaussian added to the centroid std (diversity)
+    div_level: str = "image"  # image: per-image targets | class: per-class targets
+    k_indexing: str = "zero_based"  # zero_based: the ClusterQ code's start layer | one_based: FDDA's paper
+
+
+@register("clusterq", ClusterQConfig)
+class ClusterQ(GeneratorStrategy):
+    """Generator with class-wise centroid alignment, EMA centroids and a diversity term."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.shifts: list[tuple[int, int, float]] = []  # (step, classes updated, RMS shift)
+        self._state: Optional[dict[str, Any]] = None  # the live state of the last training (records)
+        self._ema_warmup = 0
+
+    # -- config ---------------------------------------------------------------------------------
+    def ema_warmup(self, budget: Any) -> int:
+        value = self.cfg.ema_warmup_steps
+        return int(budget.gen_warmup_steps) if value is None else int(value)
+
+    def resolved_config(self, ctx: StrategyContext) -> dict[str, Any]:
+        resolved = super().resolved_config(ctx)
+        resolved["ema_warmup_steps"] = self.ema_warmup(ctx.budget)
+        return resolved
+
+    def check_run(self, cfg: Any) -> None:
+        super().check_run(cfg)
+        c = self.cfg
+        if not 0 < float(c.ema_decay) <= 1:
+            raise ConfigError(f"strategy clusterq ema_decay={c.ema_decay} must be in (0, 1] (the weight "
+                              f"of the new class statistic)")
+        if c.ema_warmup_steps is not None and int(c.ema_warmup_steps) < 0:
+            raise ConfigError(f"strategy clusterq ema_warmup_steps={c.ema_warmup_steps} must be >= 0 "
+                              f"(or null: budget.gen_warmup_steps)")
+        for key in ("div_var_mean", "div_var_std"):
+            if float(getattr(c, key)) < 0:
+                raise ConfigError(f"strategy clusterq {key}={getattr(c, key)} is a variance, must be >= 0")
+        check_choice("strategy clusterq div_level", c.div_level, DIV_LEVELS)
+        check_choice("strategy clusterq k_indexing", c.k_indexing, K_INDEXING)
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def setup_state(self, ctx: StrategyContext, layers: list[tuple[str, _BatchNorm]]) -> dict[str, Any]:
+        """Centroids of every class = the deep layers' BN statistics; resets the shift log."""
+        self.shifts = []
+        self._ema_warmup = self.ema_warmup(ctx.budget)
+        start = deep_start(len(layers), self.cfg.k_indexing)
+        targets = bn_targets(layers[start:], ctx.device)
+        mean, std = targets.flat()
+        classes = self.cfg.num_classes if self.cfg.num_classes is not None else self.model_classes(ctx)
+        return {"centroid_mean": mean.repeat(int(classes), 1), "centroid_std": std.repeat(int(classes), 1),
+                "ema_updates": torch.zeros(int(classes), dtype=torch.long, device=ctx.device),
+                "deep_start": start, "deep_channels": targets.channels}
+
+    def update_state(self, state: dict[str, Any], out: GenStepOutputs, step: int) -> None:
+        self._state = state
+        if step <= self._ema_warmup:
+            return
+        self.shifts.append((int(step), *ema_update(state, out, float(self.cfg.ema_decay))))
+
+    # -- records --------------------------------------------------------------------------------
+    def shift_record(self, max_points: int = SHIFT_POINTS) -> dict[str, list]:
+        """The centroid shift per EMA update (thinned to ``max_points``, first and last kept)."""
+        n = len(self.shifts)
+        if n == 0:
+            return {"step": [], "classes_updated": [], "shift": []}
+        k = min(n, max_points)
+        keep = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
+        rows = [self.shifts[i] for i in keep]
+        return {"step": [r[0] for r in rows], "classes_updated": [r[1] for r in rows],
+                "shift": [r[2] for r in rows]}
+
+    def calibration_set(self, ctx: StrategyContext) -> CalibrationSet:
+        calib = super().calibration_set(ctx)
+        state = calib.state["strategy"]
+        calib.info.update({
+            "ema_warmup_steps": self.ema_warmup(ctx.budget), "ema_decay": float(self.cfg.ema_decay),
+            "k_indexing": self.cfg.k_indexing, "deep_start": int(state["deep_start"]),
+            "deep_layers": len(state["deep_channels"]),
+            "ema_updates_per_class": state["ema_updates"].tolist(),
+            "centroid_shift": self.shift_record()})
+        return calib
+
+
+@torch.no_grad()
+def ema_update(state: dict[str, Any], out: GenStepOutputs, decay: float) -> tuple[int, float]:
+    """One EMA update of the centroids from the correctly classified images of ``out`` (module
+    docstring); returns (classes updated, mean RMS shift of the updated centroids)."""
+    correct = out.logits.argmax(1) == out.labels
+    if not bool(correct.any()):
+        return 0, 0.0
+    mean, std = deep_image_stats(out)
+    present, cmean, cstd = class_stats(mean.detach()[correct], std.detach()[correct], out.labels[correct])
+    c_mean, c_std = state["centroid_mean"], state["centroid_std"]
+    old_mean, old_std = c_mean[present].clone(), c_std[present].clone()
+    c_mean[present] = (1 - decay) * old_mean + decay * cmean.to(c_mean.dtype)
+    c_std[present] = (1 - decay) * old_std + decay * cstd.to(c_std.dtype)
+    state["ema_updates"][present] += 1
+    delta = torch.cat([c_mean[present] - old_mean, c_std[present] - old_std], 1)
+    shift = delta.pow(2).mean(1).sqrt().mean()
+    return int(present.numel()), float(shift)
+
+
+@register_refiner("clusterq")
+class ClusterQRefiner(GeneratorRefiner):
+    """ClusterQ's quantized-model side (KD + CE, conf/refine/clusterq.yaml): the alternating stage
+    of ``refine=gdfq``, plus the centroid shifts of the refinement stage in the record."""
+
+    def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any,
+            track: Any = None) -> dict[str, Any]:
+        record = super().run(qmodel, teacher, strategy, ctx, calib, track)
+        if isinstance(strategy, ClusterQ) and record.get("steps") and strategy._state is not None:
+            record["centroid_shift"] = strategy.shift_record()
+            record["ema_updates_per_class"] = strategy._state["ema_updates"].tolist()  # warm-up included
+        return record
+
+
+__all__ = ["ClusterQ", "ClusterQConfig", "ClusterQRefiner", "AlignTerm", "DiversityTerm", "class_stats",
+           "deep_start", "ema_update"]
