@@ -180,7 +180,10 @@ def test_aggregate_wandb_run_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     for seed in (0, 1):
         write(tmp_path, f"random/seed{seed}", config(seed=seed), 50.0 + seed, 90.0)
+    for gamma in (1.0, 2.0):  # a key column mixing numbers (selectq) with absent values (random)
+        write(tmp_path, f"selectq/g{gamma}", config("selectq", gamma=gamma), 55.0, 90.0)
     summary, files = report.build(tmp_path)
+    assert "strategy.gamma" in summary.columns
     report.log_aggregate(summary, files, LoggerConfig(mode="offline"), "sweep-x")
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
@@ -263,3 +266,19 @@ def test_refined_and_calibration_only_rows_share_one_table(tmp_path):
     assert "| random | 43.00 | 44.00 |" in md
     assert "| random + refine=kd | 63.00 | 64.00 |" in md
     assert "| gdfq + refine=gdfq | 58.00 | 59.00 |" in md
+
+
+def test_a_budget_field_added_later_does_not_split_cells(tmp_path):
+    # Jobs recorded before the budget gained gen_batch_size and a job recorded after, same budget
+    # name: one cell. A field that differs among the records that have it still splits.
+    write(tmp_path, "old/seed0", config(seed=0), 40.0, 90.0)
+    cfg = config(seed=1)
+    cfg["budget"]["gen_batch_size"] = 64
+    write(tmp_path, "new/seed1", cfg, 50.0, 90.0)
+    summary, _ = report.build(tmp_path, plots=False)
+    assert [c.n for c in summary.cells] == [2] and "budget.gen_batch_size" not in summary.columns
+    cfg = config(seed=2)
+    cfg["budget"]["gen_batch_size"] = 16
+    write(tmp_path, "new/seed2", cfg, 60.0, 90.0)
+    summary, _ = report.build(tmp_path, plots=False)
+    assert "budget.gen_batch_size" in summary.columns and len(summary.cells) == 3

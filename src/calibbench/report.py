@@ -46,6 +46,11 @@ SUMMARY_CSV, SUMMARY_MD, FAILURES_CSV = "summary.csv", "summary.md", "failures.c
 # dataset.num_workers (DataLoader processes: same images, same order, same numbers).
 _IGNORED_ROOTS = ("seed", "logger", "progress", "resume", "threads", "paths", "bits", _DEVIATIONS)
 _IGNORED_KEYS = ("quant.w_bits", "quant.a_bits", "dataset.num_workers")
+# Groups whose every field is a typed schema field fixed by the preset's name (``budget=cpu``): a
+# field missing from an older record was added to the schema after that job ran, so its absence
+# never splits a cell (e.g. ``budget.gen_batch_size`` beside pre-generator jobs). Not so for
+# strategy/refine, whose dict fields (``refine.losses.ce``) are absent when switched off.
+_SCHEMA_ONLY_ROOTS = ("budget",)
 # The columns every table has, in order: (label, flattened config key).
 _BASE = (("dataset", "dataset.name"), ("model", "model.name"), ("quant", "quant.name"),
          ("budget", "budget.name"), ("split", "eval_split"), ("num_samples", "num_samples"),
@@ -242,6 +247,8 @@ def _varying_keys(jobs: list[Job]) -> list[str]:
         if rest and rest != "name" and name_key in all_keys:
             seen: dict[Any, set] = defaultdict(set)
             for f in flats:
+                if root in _SCHEMA_ONLY_ROOTS and key not in f:
+                    continue  # the record predates this field of the named preset: not a difference
                 seen[_get(f, name_key)].add(_get(f, key))
             varies = any(len(v) > 1 for v in seen.values())
         else:
@@ -643,7 +650,11 @@ def log_aggregate(summary: Summary, files: list[Path], logger_cfg: Any, group: s
             return
         import wandb
 
-        track.table("summary", summary.header(), summary.rows())
+        # W&B types each column from its values: key columns can mix text and numbers
+        # (a field one strategy lacks), so they go as text; the metrics stay numbers.
+        n_keys = len(summary.columns)
+        rows = [[*("" if v == _MISSING else str(v) for v in r[:n_keys]), *r[n_keys:]] for r in summary.rows()]
+        track.table("summary", summary.header(), rows)
         track.table("failures", _FAILURE_HEADER, [_failure_fields(j) for j in summary.failures])
         track.run.log({f"plots/{p.stem}": wandb.Image(str(p)) for p in files if p.suffix == ".png"})
         track.summary({"jobs_ok": summary.n_ok, "jobs_failed": len(summary.failures),
