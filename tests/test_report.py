@@ -282,3 +282,16 @@ def test_a_budget_field_added_later_does_not_split_cells(tmp_path):
     write(tmp_path, "new/seed2", cfg, 60.0, 90.0)
     summary, _ = report.build(tmp_path, plots=False)
     assert "budget.gen_batch_size" in summary.columns and len(summary.cells) == 3
+
+
+def test_stage_seconds_are_averaged_per_configuration(tmp_path):
+    for seed, (calib, refine) in enumerate([(10.0, 100.0), (30.0, 200.0)]):
+        path = write(tmp_path, f"r/seed{seed}", config(seed=seed), 50.0, 90.0)
+        record = json.loads(path.read_text())
+        record["timings"] = {"calibration": calib, "refine": refine, "quant_eval": 5.0, "total": 1.0}
+        path.write_text(json.dumps(record))
+    summary, _ = report.build(tmp_path, plots=False)
+    assert summary.cells[0].stage_s == {"calibration": 20.0, "refine": 150.0, "quant_eval": 5.0, "total": 1.0}
+    md = (tmp_path / "summary.md").read_text()
+    assert "## Stage seconds (mean per job)" in md
+    assert "| random | W4A4 | 2 | 20.00 | 150.00 | 5.00 | 1.00 |" in md

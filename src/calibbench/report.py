@@ -56,6 +56,8 @@ _BASE = (("dataset", "dataset.name"), ("model", "model.name"), ("quant", "quant.
          ("budget", "budget.name"), ("split", "eval_split"), ("num_samples", "num_samples"),
          ("strategy", "strategy.name"))
 _BITS = ("w_bits", "a_bits")
+# Pipeline stages shown in the stage-time table, in run order (result.json ``timings``).
+_STAGES = ("calibration", "calibrate", "refine", "quant_eval", "total")
 _STRATEGY = "strategy"
 _REFINE = "refine"
 _MISSING = "<missing>"  # a field a job's config lacks (another strategy's option)
@@ -88,6 +90,7 @@ class Job:
     top1: Optional[float] = None
     top5: Optional[float] = None
     refine_s: Optional[float] = None  # timings.refine; never cached, so comparable across jobs
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per pipeline stage
 
     @property
     def ok(self) -> bool:
@@ -143,7 +146,9 @@ def _read_job(path: Path, root: Path) -> Job:
     except (KeyError, TypeError, ValueError):
         if job.status == "ok":  # claims success without the numbers: treat as broken, say so
             job.status, job.error = "incomplete", "status ok but metrics.fp/quant top1/top5 missing"
-    refine_s = (record.get("timings") or {}).get("refine")
+    timings = record.get("timings") or {}
+    job.timings = {k: float(v) for k, v in timings.items() if isinstance(v, (int, float))}
+    refine_s = timings.get("refine")
     if flat.get("refine.name", "none") != "none" and isinstance(refine_s, (int, float)):
         job.refine_s = float(refine_s)
     if job.status == "running":
@@ -193,6 +198,7 @@ class Cell:
     top5_std: Optional[float]
     refine_s_mean: Optional[float]  # mean refinement seconds per job (None without refinement)
     flat: dict[str, Any]  # the config of one member (for fields that are constant in the table)
+    stage_s: dict[str, float] = field(default_factory=dict)  # mean seconds per stage over ok jobs
 
     @property
     def n(self) -> int:
@@ -298,9 +304,11 @@ def aggregate(jobs: list[Job], root: Path) -> Summary:
         t1, t5 = _mean_std([j.top1 for j in ok]), _mean_std([j.top5 for j in ok])  # type: ignore[misc]
         fp = _mean_std([j.fp_top1 for j in ok if j.fp_top1 is not None])[0]  # type: ignore[misc]
         refine_s = [j.refine_s for j in ok if j.refine_s is not None]
+        stages = {st: statistics.fmean(vals) for st in _STAGES
+                  if (vals := [j.timings[st] for j in ok if st in j.timings])}
         cells.append(Cell(key, [j.seed for j in ok], len(members) - len(ok), fp, t1[0], t1[1],
                           t5[0], t5[1], statistics.fmean(refine_s) if refine_s else None,
-                          members[0].flat))
+                          members[0].flat, stages))
     cells.sort(key=lambda c: tuple(_sort_key(v) for v in c.key))
     failures = [j for j in jobs if not j.ok]
     return Summary(Path(root), [_label(k) for k in keys], keys, cells, failures,
@@ -468,6 +476,7 @@ def markdown(summary: Summary, plots: Sequence[Path] = ()) -> str:
                                  _fmt(c.top1_mean, c.top1_std), _fmt(c.top5_mean, c.top5_std),
                                  *([_fmt(c.refine_s_mean)] if refined else []),
                                  c.n_failed or ""] for c in summary.cells)) + [""]
+    lines += _stage_table(summary)
     lines += ["## Failed jobs", ""]
     if summary.failures:
         lines += _md_table(_FAILURE_HEADER, (_failure_fields(j) for j in summary.failures)) + [""]
@@ -476,6 +485,27 @@ def markdown(summary: Summary, plots: Sequence[Path] = ()) -> str:
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+def _stage_table(summary: Summary) -> list[str]:
+    """Mean wall seconds per stage and job, per configuration (what each method costs where).
+
+    ``calibration`` is near 0 where a job took its set from the cache (e.g. the second bit-width
+    of a sweep); jobs that ran side by side share the cores, so compare within a sweep."""
+    stages = [st for st in _STAGES if any(st in c.stage_s for c in summary.cells)]
+    if not stages:
+        return []
+    panel_labels = [c for c in _panel_labels(summary) if c in ("model", "dataset")]
+    header = [*panel_labels, "strategy", "bits", "n", *(f"{st} s" for st in stages)]
+    rows = []
+    for panel, cells in _panels(summary).items():
+        for c in cells:
+            rows.append([*(summary.value(c, p) for p in panel_labels), _variant(summary, c),
+                         _bits_label(summary.value(c, "w_bits"), summary.value(c, "a_bits")), c.n,
+                         *(_fmt(c.stage_s.get(st)) for st in stages)])
+    return (["## Stage seconds (mean per job)", "",
+             "`calibration` ≈ 0 where the set came from the cache; jobs that ran in parallel shared "
+             "the cores.", ""] + _md_table(header, rows) + [""])
 
 
 def _csv_text(header: list[str], rows: Iterable[list[Any]]) -> str:

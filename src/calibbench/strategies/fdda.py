@@ -14,8 +14,8 @@ and BNS, as in the paper's "available classes" ablation (Fig. 5): its C-BNS/D-BN
 **Centers** (eq. 6): the per-image BN-input statistics (channel mean and variance over the spatial
 positions, biased, as a BN layer sees them) of class c's real image in the deep layers. With L BN
 layers numbered **1..L as in the paper's sums**, the deep layers are l = K..L, K = ceil(L/2) − 2,
-i.e. 0-based indices K−1..L−1 (resnet20: L = 19, K = 8, 12 layers). The public code uses K as a
-0-based start (one layer fewer): ``k_indexing=zero_based``.
+i.e. 0-based indices K−1..L−1 (resnet20: L = 21 with the two shortcut BNs, K = 9, layers 9..21 =
+13 layers). The public code uses K as a 0-based start (one layer fewer): ``k_indexing=zero_based``.
 
 **Generator loss** (eq. 10): α1·CE + α2·BNS + α3·D-BNS + α4·C-BNS, α = (0.5, 0.2, 0.9, 0.05)
 (``strategy.losses``; the code's α4 is 0.01). BNS is the shared ``bns`` term (batch statistics,
