@@ -24,6 +24,30 @@ os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Every module starts at one torch thread (a run with ``threads=N`` may have changed it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_twice(compose: Callable, tmp_path: Path, *overrides: str) -> tuple[dict, dict]:
+    """Two runs of the same config with separate caches (the second recomputes everything): the
+    determinism check of every strategy and refiner."""
+    from calibbench.pipeline import run
+
+    def cfg(cache: str):
+        return compose(*overrides, f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / cache}")
+
+    a, b = run(cfg("c1"), tmp_path / "a"), run(cfg("c2"), tmp_path / "b")
+    assert not b["calibration"]["cache_hit"]
+    assert a["metrics"]["quant"] == b["metrics"]["quant"]
+    assert a["refine"]["curve"] == b["refine"]["curve"]
+    return a, b
+
+
 def pytest_collection_modifyitems(config, items):  # noqa: ANN001
     if not (SHARED / "data" / "cifar10-jpeg").is_dir():
         skip = pytest.mark.skip(reason=f"offline data not found at {SHARED / 'data'}")

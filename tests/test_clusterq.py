@@ -8,42 +8,27 @@ import re
 
 import pytest
 import torch
-from torch import nn
 
-from calibbench import quant, refine, strategies
+from calibbench import refine, strategies
 from calibbench.bnstats import BNStatsRecorder, BNTargets, find_bn_layers
 from calibbench.config import ConfigError, validate
 from calibbench.generator import GenStepOutputs, build_gen_terms, build_generator
-from calibbench.pipeline import run
 from calibbench.strategies.clusterq import AlignTerm, DiversityTerm, class_stats, deep_start, ema_update
 
-from conftest import tiny_datamodule
+from conftest import run_twice
 from test_cli import cli, results
-from test_refine import TinyNet, _qweights, _same, _state
+from test_generator import SMOKE, build_strategy, refine_w4a4, tiny_gen_ctx
+from test_refine import _qweights, _same, _state
 
-SMOKE = ("budget=smoke", "num_samples=16")
 TERMS = ("ce", "bns", "align", "diversity")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _clusterq(compose, *overrides):
-    cfg = compose(*SMOKE, "strategy=clusterq", *overrides)
-    return cfg, strategies.build(cfg.strategy)
+    return build_strategy(compose, "clusterq", *overrides)
 
 
-def _tiny(make_ctx, warmup=1, steps=2, batch=8):
-    teacher = TinyNet().eval()
-    data = tiny_datamodule(n_train=64, n_val=32, size=8)
-    ctx = make_ctx(teacher, data, num_samples=16, refine_steps=steps, gen_warmup_steps=warmup,
-                   gen_batch_size=batch)
-    return teacher, ctx
+_tiny = tiny_gen_ctx
 
 
 def _outputs(image_means, image_stds, labels, logits, state, layers=1):
@@ -199,11 +184,7 @@ def test_clusterq_smoke_trains_the_quantized_model_and_records_the_centroids(com
     assert info["images_generated"] == 2 * 8 + 16 == sum(info["per_class_counts"])
     assert {"generator/align", "generator/diversity", "generator/ce", "generator/bns"} <= set(info["warmup_curve"])
     assert info["centroid_shift"]["step"] in ([2], [])  # one EMA update (if any image was correct)
-    student = quant.quantize(teacher, cfg.quant, 4, 4)
-    quant.calibrate(student, calib.images.split(8), "cpu")
-    w_before = _qweights(student)
-    rec = refine.run(student, teacher, strategy, ctx, calib, cfg.refine)
-    assert any(not torch.equal(a, b) for a, b in zip(w_before, _qweights(student)))
+    rec = refine_w4a4(teacher, strategy, ctx, calib, cfg, before)
     assert _same(before, _state(teacher))
     assert rec["steps"] == 3 and rec["curve"]["step"] == [3, 4, 5]
     assert {"generator/align", "generator/diversity", "kd", "ce", "loss"} <= set(rec["curve"])
@@ -234,29 +215,14 @@ def test_same_seed_same_run_and_the_run_changes_the_quantized_weights(compose, t
 
     monkeypatch.setattr(refine, "run", watched)
 
-    def cfg(cache):
-        return compose(*SMOKE, "strategy=clusterq", f"paths.output_dir={tmp_path / 'out'}",
-                       f"paths.cache_dir={tmp_path / cache}")
-
-    a = run(cfg("c1"), tmp_path / "a")
-    b = run(cfg("c2"), tmp_path / "b")
+    a, b = run_twice(compose, tmp_path, *SMOKE, "strategy=clusterq")
     assert changed == [True, True]
-    assert not b["calibration"]["cache_hit"]
-    assert a["refine"]["curve"] == b["refine"]["curve"] and a["metrics"]["quant"] == b["metrics"]["quant"]
     assert a["refine"]["centroid_shift"] == b["refine"]["centroid_shift"]
     assert a["calibration"]["info"]["warmup_curve"] == b["calibration"]["info"]["warmup_curve"]
     assert a["refine"]["name"] == "clusterq" and a["refine"]["steps"] == 3
 
 
 # -- bad input -----------------------------------------------------------------------------------
-def test_model_without_batchnorm_names_clusterq(compose, make_ctx):
-    _, strategy = _clusterq(compose)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
-    ctx = make_ctx(model.eval(), tiny_datamodule(size=8), gen_warmup_steps=1, gen_batch_size=8)
-    with pytest.raises(ConfigError, match=r"strategy clusterq needs a model with BatchNorm layers"):
-        strategy.calibration_set(ctx)
-
-
 @pytest.mark.parametrize("overrides,message", [
     (["refine=none"], "strategy=clusterq with refine=none"),
     (["strategy.ema_decay=0"], "strategy clusterq ema_decay=0.0 must be in (0, 1]"),

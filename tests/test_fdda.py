@@ -9,41 +9,26 @@ import re
 
 import pytest
 import torch
-from torch import nn
 
-from calibbench import quant, refine, strategies
+from calibbench import strategies
 from calibbench.bnstats import BNStatsRecorder, BNTargets, find_bn_layers
 from calibbench.config import ConfigError
 from calibbench.generator import GenStepOutputs, build_gen_terms, build_generator
-from calibbench.pipeline import run
 from calibbench.strategies.fdda import CBNSTerm, DBNSTerm, _class_pool, deep_start
 
-from conftest import tiny_datamodule
+from conftest import run_twice
 from test_cli import cli, results
-from test_refine import TinyNet, _qweights, _same, _state
+from test_generator import SMOKE, build_strategy, refine_w4a4, tiny_gen_ctx
+from test_refine import _same, _state
 
-SMOKE = ("budget=smoke", "num_samples=16")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _fdda(compose, *overrides):
-    cfg = compose(*SMOKE, "strategy=fdda", *overrides)
-    return cfg, strategies.build(cfg.strategy)
+    return build_strategy(compose, "fdda", *overrides)
 
 
-def _tiny(make_ctx, warmup=1, steps=2, batch=8, n_train=64):
-    teacher = TinyNet().eval()
-    data = tiny_datamodule(n_train=n_train, n_val=32, size=8)
-    ctx = make_ctx(teacher, data, num_samples=16, refine_steps=steps, gen_warmup_steps=warmup,
-                   gen_batch_size=batch)
-    return teacher, ctx
+_tiny = tiny_gen_ctx
 
 
 class _Cfg:
@@ -212,11 +197,7 @@ def test_fdda_smoke_step_trains_on_real_and_synthetic_and_leaves_the_fp_model_bi
     assert set(info["warmup_curve"]) >= {"generator/ce", "generator/bns", "generator/dbns", "generator/cbns"}
     assert info["generator_terms"] == {"ce": 0.5, "bns": 0.2, "dbns": 0.9, "cbns": 0.05}
     assert cfg.refine.name == "fdda" and dict(cfg.refine.losses) == {"ce": 1.0, "kd": 20.0}
-    student = quant.quantize(teacher, cfg.quant, 4, 4)
-    quant.calibrate(student, calib.images.split(8), "cpu")
-    w_before = _qweights(student)
-    rec = refine.run(student, teacher, strategy, ctx, calib, cfg.refine)
-    assert any(not torch.equal(a, b) for a, b in zip(w_before, _qweights(student)))
+    rec = refine_w4a4(teacher, strategy, ctx, calib, cfg, before)
     assert _same(before, _state(teacher)) and not teacher.training
     # every step: 8 synthetic + min(8, 10 real) real images
     assert rec["steps"] == 2 and rec["images_seen"] == 2 * (8 + 8) and rec["warmup_steps"] == 2
@@ -226,28 +207,13 @@ def test_fdda_smoke_step_trains_on_real_and_synthetic_and_leaves_the_fp_model_bi
 
 @pytest.mark.needs_shared
 def test_same_seed_same_run(compose, tmp_path):
-    def cfg(cache):
-        return compose(*SMOKE, "strategy=fdda", f"paths.output_dir={tmp_path / 'out'}",
-                       f"paths.cache_dir={tmp_path / cache}")
-
-    a = run(cfg("c1"), tmp_path / "a")
-    b = run(cfg("c2"), tmp_path / "b")
-    assert not b["calibration"]["cache_hit"]
-    assert a["refine"]["curve"] == b["refine"]["curve"] and a["metrics"]["quant"] == b["metrics"]["quant"]
+    a, b = run_twice(compose, tmp_path, *SMOKE, "strategy=fdda")
     for key in ("warmup_curve", "real_indices"):
         assert a["calibration"]["info"][key] == b["calibration"]["info"][key]
     assert a["refine"]["name"] == "fdda" and a["refine"]["steps"] == 3
 
 
 # -- bad input ---------------------------------------------------------------------------------------------
-def test_model_without_batchnorm_names_fdda(compose, make_ctx):
-    _, strategy = _fdda(compose)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
-    ctx = make_ctx(model.eval(), tiny_datamodule(size=8), gen_warmup_steps=1, gen_batch_size=8)
-    with pytest.raises(ConfigError, match=r"strategy fdda needs a model with BatchNorm layers"):
-        strategy.calibration_set(ctx)
-
-
 @pytest.mark.parametrize("overrides,message", [
     (["refine=none"], "strategy=fdda with refine=none: the generator and the quantized model are trained together"),
     (["strategy.real_labels=oracle"], "unknown strategy fdda real_labels 'oracle'"),

@@ -19,34 +19,47 @@ from calibbench.generator import (ConditionalBatchNorm2d, GenBNSTerm, GenStepOut
                                   build_gen_terms, build_generator)
 from calibbench.pipeline import run
 from calibbench.refine.losses import KDTerm
-from calibbench.strategies.generative import GeneratorStrategy
 
-from conftest import tiny_datamodule
+from conftest import run_twice, tiny_datamodule
 from test_cli import cli, results
 from test_refine import TinyNet, _qweights, _same, _state
 
 SMOKE = ("budget=smoke", "num_samples=16")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
-
-def _gdfq(compose, *overrides):
-    cfg = compose(*SMOKE, "strategy=gdfq", *overrides)
+def build_strategy(compose, name, *overrides):
+    """(config, strategy) of a generator strategy at budget=smoke (shared by the fdda/clusterq tests)."""
+    cfg = compose(*SMOKE, f"strategy={name}", *overrides)
     return cfg, strategies.build(cfg.strategy)
 
 
-def _tiny(make_ctx, warmup=1, steps=2, batch=8):
+def _gdfq(compose, *overrides):
+    return build_strategy(compose, "gdfq", *overrides)
+
+
+def tiny_gen_ctx(make_ctx, warmup=1, steps=2, batch=8, n_train=64):
+    """A TinyNet teacher and a context over tiny 8-px data with generator-sized budgets."""
     teacher = TinyNet().eval()
-    data = tiny_datamodule(n_train=64, n_val=32, size=8)
+    data = tiny_datamodule(n_train=n_train, n_val=32, size=8)
     ctx = make_ctx(teacher, data, num_samples=16, refine_steps=steps, gen_warmup_steps=warmup,
                    gen_batch_size=batch)
     return teacher, ctx
+
+
+_tiny = tiny_gen_ctx
+
+
+def refine_w4a4(teacher, strategy, ctx, calib, cfg, teacher_before) -> dict:
+    """Calibrate a W4A4 student on the set, refine it with ``cfg.refine``; assert its quantized
+    weights changed and the teacher is bit-identical to ``teacher_before``; the refine record."""
+    student = quant.quantize(teacher, cfg.quant, 4, 4)
+    quant.calibrate(student, calib.images.split(8), "cpu")
+    w_before = _qweights(student)
+    rec = refine.run(student, teacher, strategy, ctx, calib, cfg.refine)
+    assert any(not torch.equal(a, b) for a, b in zip(w_before, _qweights(student)))
+    assert _same(teacher_before, _state(teacher))
+    return rec
 
 
 # -- the generator -------------------------------------------------------------------------------
@@ -117,11 +130,7 @@ def test_gdfq_smoke_step_trains_the_quantized_model_and_leaves_the_fp_model_bit_
     assert sum(info["per_class_counts"]) == info["images_generated"]
     assert set(info["warmup_curve"]) == {"step", "generator/ce", "generator/bns", "generator/loss", "generator/lr"}
     assert "generator" in calib.state and calib.state["optimizer"]["state"]  # Adam moments after warm-up
-    student = quant.quantize(teacher, cfg.quant, 4, 4)
-    quant.calibrate(student, calib.images.split(8), "cpu")
-    w_before = _qweights(student)
-    rec = refine.run(student, teacher, strategy, ctx, calib, cfg.refine)
-    assert any(not torch.equal(a, b) for a, b in zip(w_before, _qweights(student)))
+    rec = refine_w4a4(teacher, strategy, ctx, calib, cfg, before)
     assert _same(before, _state(teacher)) and not teacher.training
     assert all(p.requires_grad for p in teacher.parameters())  # flags restored
     assert rec["steps"] == 2 and rec["images_seen"] == 16 and rec["warmup_steps"] == 2
@@ -161,14 +170,7 @@ def test_strategy_hooks_real_batches_and_state(compose, make_ctx):
 
 @pytest.mark.needs_shared
 def test_same_seed_same_curve_and_accuracy(compose, tmp_path):
-    def cfg(cache):
-        return compose(*SMOKE, "strategy=gdfq", f"paths.output_dir={tmp_path / 'out'}",
-                       f"paths.cache_dir={tmp_path / cache}")
-
-    a = run(cfg("c1"), tmp_path / "a")
-    b = run(cfg("c2"), tmp_path / "b")
-    assert not b["calibration"]["cache_hit"]
-    assert a["refine"]["curve"] == b["refine"]["curve"] and a["metrics"]["quant"] == b["metrics"]["quant"]
+    a, b = run_twice(compose, tmp_path, *SMOKE, "strategy=gdfq")
     assert a["calibration"]["info"]["warmup_curve"] == b["calibration"]["info"]["warmup_curve"]
     assert a["refine"]["name"] == "gdfq" and a["refine"]["steps"] == 3 and a["refine"]["warmup_steps"] == 2
 
@@ -197,11 +199,12 @@ def test_bad_generator_config_is_one_clear_error(compose, overrides, message):
         strategies.build(cfg.strategy).check_run(cfg)
 
 
-def test_model_without_batchnorm_names_the_strategy(compose, make_ctx):
-    _, strategy = _gdfq(compose)
+@pytest.mark.parametrize("name", ["gdfq", "fdda", "clusterq"])
+def test_model_without_batchnorm_names_the_strategy(compose, make_ctx, name):
+    _, strategy = build_strategy(compose, name)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     ctx = make_ctx(model.eval(), tiny_datamodule(size=8), gen_warmup_steps=1, gen_batch_size=8)
-    with pytest.raises(ConfigError, match=r"strategy gdfq needs a model with BatchNorm layers"):
+    with pytest.raises(ConfigError, match=rf"strategy {name} needs a model with BatchNorm layers"):
         strategy.calibration_set(ctx)
 
 

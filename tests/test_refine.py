@@ -20,18 +20,11 @@ from calibbench.refine.losses import build_terms
 from calibbench.refine.ranges import LearnedRangeQuantizer
 from calibbench.strategies.base import CalibrationSet, Strategy
 
-from conftest import tiny_datamodule
+from conftest import run_twice, tiny_datamodule
 
 SMOKE = ("budget=smoke", "num_samples=16")
 FEATURE = "body.5"  # TinyNet's second ReLU (a QuantAct in the student), after both convs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class TinyNet(nn.Module):
@@ -265,23 +258,14 @@ def test_feature_modules_that_exist_pass(compose):
 # -- through the pipeline ----------------------------------------------------------------------------
 @pytest.mark.needs_shared
 def test_same_seed_same_curve_and_accuracy_and_the_record(compose, tmp_path):
-    def cfg(cache):
-        return compose(*SMOKE, "refine=kd", f"paths.output_dir={tmp_path / 'out'}",
-                       f"paths.cache_dir={tmp_path / cache}")
-
-    a = run(cfg("c1"), tmp_path / "a")
-    b = run(cfg("c2"), tmp_path / "b")
-    assert not b["calibration"]["cache_hit"]
-    assert a["refine"]["curve"] == b["refine"]["curve"] and a["metrics"]["quant"] == b["metrics"]["quant"]
+    a, _ = run_twice(compose, tmp_path, *SMOKE, "refine=kd")
     rec = json.loads((tmp_path / "a" / "result.json").read_text())["refine"]
     assert rec["name"] == "kd" and rec["steps"] == 3 and rec["images_seen"] == 3 * 16
     assert rec["seconds"] > 0 and rec["loss_first"] == rec["curve"]["loss"][0]
     assert rec["loss_last"] == rec["curve"]["loss"][-1] and set(rec["curve"]) == {"step", "loss", "kd", "lr"}
     assert rec["curve"]["lr"][0] == pytest.approx(1e-4) and rec["curve"]["lr"][-1] < 1e-4  # cosine
     assert a["images_seen"] == a["calibration"]["images_seen"] + 48
-    assert run_key(cfg("c1")) != run_key(compose(*SMOKE, "refine=kd", "refine.lr=0.01",
-                                                 f"paths.output_dir={tmp_path / 'out'}",
-                                                 f"paths.cache_dir={tmp_path / 'c1'}"))
+    assert run_key(compose(*SMOKE, "refine=kd")) != run_key(compose(*SMOKE, "refine=kd", "refine.lr=0.01"))
 
 
 @pytest.mark.needs_shared

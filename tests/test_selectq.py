@@ -26,15 +26,6 @@ from calibbench.strategies.selectq import (ActivationStats, CentroidUpdater, Sel
 CIFAR_DIR = SHARED / "data" / "cifar10-jpeg"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a shared 2-core machine its
-    barriers made this file several times slower; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def random_resnet20() -> nn.Module:
     from pytorchcv.model_provider import get_model

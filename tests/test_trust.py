@@ -10,7 +10,7 @@ import torch
 from omegaconf.errors import ConfigAttributeError
 
 from calibbench import cache as cache_mod
-from calibbench import datasets, pipeline, strategies
+from calibbench import pipeline, strategies
 from calibbench.cache import content_key, source_digest
 from calibbench.config import ConfigError
 from calibbench.strategies.base import stream_seed

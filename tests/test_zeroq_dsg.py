@@ -22,15 +22,6 @@ from calibbench.strategies.zeroq import (ZEROQ_CODE_DIVISOR, SynthesisError, Zer
                                          ZeroQObjective, init_images, initial_images)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Synthesis steps are many tiny ops: on the shared 2-core machine a second intra-op thread
-    mostly waits for the other jobs (mobilenet steps ran ~30× slower with 2 threads under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class TwoBranch(nn.Module):
     """BN on the raw input (no conv before it) and a conv without BN: positional conv/BN pairing
