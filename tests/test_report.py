@@ -295,3 +295,15 @@ def test_stage_seconds_are_averaged_per_configuration(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert "## Stage seconds (mean per job)" in md
     assert "| random | W4A4 | 2 | 20.00 | 150.00 | 5.00 | 1.00 |" in md
+
+
+def test_a_swept_refine_option_names_the_row_when_the_refiner_is_constant(tmp_path):
+    # Every job is fdda + refine=fdda; only refine.lr varies: one pivot row per rate, none merged.
+    for lr, t1 in ((5e-6, 90.0), (2e-5, 91.0)):
+        cfg = config(strategy="fdda")
+        cfg["refine"] = {"name": "fdda", "lr": lr}
+        write(tmp_path, f"lr{lr}", cfg, t1, 99.0)
+    report.build(tmp_path, plots=False)
+    md = (tmp_path / "summary.md").read_text()
+    assert "| fdda + refine=fdda (lr=5e-06) | 90.00 |" in md
+    assert "| fdda + refine=fdda (lr=2e-05) | 91.00 |" in md

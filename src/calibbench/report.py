@@ -351,10 +351,13 @@ def _variant(summary: Summary, cell: Cell) -> str:
         opts = [note if o == dev else o for o in opts] if dev in opts else [*opts, note]
     label = f"{summary.value(cell, name)}" + (f" ({', '.join(opts)})" if opts else "")
     refine = _refine_labels(summary)
-    if _REFINE in refine and summary.value(cell, _REFINE) not in ("none", _MISSING):
+    # The refiner's name is a column only when it varies; a swept refine option (refine.lr) must
+    # still name the row, or cells at different rates would share one.
+    name_r = summary.value(cell, _REFINE) if _REFINE in refine else cell.flat.get("refine.name", "none")
+    if refine and name_r not in ("none", _MISSING, None):
         r_opts = [f"{f.split('.', 1)[1]}={summary.value(cell, f)}" for f in refine
                   if f != _REFINE and summary.value(cell, f) != _MISSING]
-        label += f" + refine={summary.value(cell, _REFINE)}" + (f" ({', '.join(r_opts)})" if r_opts else "")
+        label += f" + refine={name_r}" + (f" ({', '.join(r_opts)})" if r_opts else "")
     return label
 
 
