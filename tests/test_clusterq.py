@@ -13,7 +13,8 @@ from calibbench import refine, strategies
 from calibbench.bnstats import BNStatsRecorder, BNTargets, find_bn_layers
 from calibbench.config import ConfigError, validate
 from calibbench.generator import GenStepOutputs, build_gen_terms, build_generator
-from calibbench.strategies.clusterq import AlignTerm, DiversityTerm, class_stats, deep_start, ema_update
+from calibbench.strategies.clusterq import AlignTerm, DiversityTerm, ema_update
+from calibbench.strategies.generative import class_stats, deep_start
 
 from conftest import run_twice
 from test_cli import cli, results
@@ -47,7 +48,7 @@ def _state_for(num_classes, channels, mean=0.0, std=1.0):
 
 # -- pieces --------------------------------------------------------------------------------------
 def test_deep_layers_start_at_ceil_half_minus_two():
-    assert [deep_start(n) for n in (1, 2, 4, 5, 19, 21)] == [0, 0, 0, 1, 8, 9]
+    assert [deep_start(n, "zero_based") for n in (1, 2, 4, 5, 19, 21)] == [0, 0, 0, 1, 8, 9]
     assert [deep_start(n, "one_based") for n in (1, 5, 21)] == [0, 0, 8]
 
 
@@ -163,7 +164,7 @@ def test_centroids_start_at_the_bn_statistics_of_the_deep_layers(compose, make_c
     teacher, ctx = _tiny(make_ctx)
     layers = find_bn_layers(teacher)
     state = strategy.setup_state(ctx, layers)
-    k = deep_start(len(layers))
+    k = deep_start(len(layers), "zero_based")
     assert state["deep_start"] == k == 0 and state["deep_channels"] == [8, 8]
     running_mean = torch.cat([bn.running_mean for _, bn in layers[k:]])
     running_std = torch.cat([torch.sqrt(bn.running_var + bn.eps) for _, bn in layers[k:]])

@@ -14,7 +14,8 @@ from calibbench import strategies
 from calibbench.bnstats import BNStatsRecorder, BNTargets, find_bn_layers
 from calibbench.config import ConfigError
 from calibbench.generator import GenStepOutputs, build_gen_terms, build_generator
-from calibbench.strategies.fdda import CBNSTerm, DBNSTerm, _class_pool, deep_start
+from calibbench.strategies.fdda import CBNSTerm, DBNSTerm
+from calibbench.strategies.generative import class_stats, deep_start
 
 from conftest import run_twice
 from test_cli import cli, results
@@ -70,7 +71,7 @@ def test_cbns_class_batch_pools_each_class_by_hand():
     mean = torch.tensor([[0.0, 2.0], [2.0, 2.0], [3.0, 4.0]])
     std = torch.tensor([[1.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
     labels = torch.tensor([0, 0, 1])
-    classes, cmean, cstd = _class_pool(mean, std, labels, 0.0)
+    classes, cmean, cstd = class_stats(mean, std, labels)
     # class 0: means 0 and 2 -> 1, var = 1 + 1 (spread of the means) = 2; channel 2: 2, var 1
     assert classes.tolist() == [0, 1]
     assert torch.allclose(cmean, torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
@@ -132,7 +133,7 @@ def test_each_fdda_term_reaches_the_generator_and_not_the_fp_model(compose, make
 # -- deep layers, centers, the real set ---------------------------------------------------------------
 def test_deep_start_index():
     # K = ceil(L/2) - 2; the paper counts layers from 1, the code uses K as a 0-based index
-    assert [deep_start(L) for L in (21, 20, 19, 4, 2)] == [8, 7, 7, 0, 0]
+    assert [deep_start(L, "one_based") for L in (21, 20, 19, 4, 2)] == [8, 7, 7, 0, 0]
     assert [deep_start(L, "zero_based") for L in (21, 20, 19)] == [9, 8, 8]
 
 

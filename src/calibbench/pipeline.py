@@ -6,6 +6,7 @@ it, timed, and failure handling wraps the whole run once (status and error go in
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import platform
@@ -61,17 +62,23 @@ def _git_commit() -> str:
     return f"{head}+dirty" if dirty.strip() else head
 
 
+@functools.lru_cache(maxsize=8)
+def _loaded_source_digest(modules: tuple[str, ...]) -> str:
+    """Digest of the source of ``modules``; once per process and module set (code that is loaded
+    does not change, and a sweep's jobs would otherwise re-read and re-parse it every run)."""
+    try:
+        return source_digest(modules)
+    except ImportError:  # a module without Python source (e.g. compiled): say so, do not fail the run
+        return "unknown"
+
+
 def versions() -> dict[str, str]:
     """Package versions plus which code ran: the git commit of the checkout (if any) and a digest
     of the source of every calibbench module loaded (every strategy and refiner is loaded by
     then), exact even for an installed wheel or a dirty tree."""
-    loaded = [m for m in list(sys.modules) if m == "calibbench" or m.startswith("calibbench.")]
-    try:
-        source = source_digest(loaded)
-    except ImportError:  # a module without Python source (e.g. compiled): say so, do not fail the run
-        source = "unknown"
+    loaded = tuple(sorted(m for m in list(sys.modules) if m == "calibbench" or m.startswith("calibbench.")))
     found = {"python": platform.python_version(), "calibbench": __version__,
-             "calibbench_git": _git_commit(), "calibbench_source": source}
+             "calibbench_git": _git_commit(), "calibbench_source": _loaded_source_digest(loaded)}
     for pkg in _PACKAGES:
         try:
             found[pkg] = metadata.version(pkg)

@@ -80,31 +80,11 @@ from calibbench.generator import GenLossTerm, GenStepOutputs, gen_term
 from calibbench.refine import register as register_refiner
 from calibbench.refine.generative import GeneratorRefiner
 from calibbench.strategies.base import CalibrationSet, StrategyContext, register
-from calibbench.strategies.generative import GeneratorStrategy, GeneratorStrategyConfig
+from calibbench.strategies.generative import (K_INDEXING, GeneratorStrategy, GeneratorStrategyConfig,
+                                              class_stats, deep_start)
 
 DIV_LEVELS = ("image", "class")
-K_INDEXING = ("zero_based", "one_based")
 SHIFT_POINTS = 200  # as many points as a loss curve keeps (refine/distill.py CURVE_POINTS)
-
-
-def deep_start(num_layers: int, k_indexing: str = "zero_based") -> int:
-    """0-based index of the first deep BN layer: ``K = ceil(L/2) − 2`` read as a 0-based index
-    (zero_based) or as a layer number counted from 1 (one_based: index K − 1); at least 0."""
-    k = math.ceil(num_layers / 2) - 2
-    return max(0, k - 1 if k_indexing == "one_based" else k)
-
-
-def class_stats(mean: Tensor, std: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(classes present, their pooled mean, their pooled std) from per-image ``mean``/``std``
-    (N×D, std = sqrt(var + eps)): per class ``avg m_i`` and ``sqrt(avg s_i² + avg (m_i − mean_c)²)``.
-    Only present classes are formed (no empty class, so the sqrt never sees 0)."""
-    present = torch.unique(labels)
-    member = (labels[:, None] == present[None, :]).to(mean.dtype)  # N × K
-    weights = member / member.sum(0, keepdim=True)
-    cmean = weights.T @ mean
-    dev = mean - (member @ cmean)  # each image minus its class mean
-    cstd = torch.sqrt(weights.T @ (std.pow(2) + dev.pow(2)))
-    return present, cmean, cstd
 
 
 def deep_image_stats(out: GenStepOutputs) -> tuple[Tensor, Tensor]:
@@ -288,5 +268,4 @@ class ClusterQRefiner(GeneratorRefiner):
         return record
 
 
-__all__ = ["ClusterQ", "ClusterQConfig", "ClusterQRefiner", "AlignTerm", "DiversityTerm", "class_stats",
-           "deep_start", "ema_update"]
+__all__ = ["ClusterQ", "ClusterQConfig", "ClusterQRefiner", "AlignTerm", "DiversityTerm", "ema_update"]

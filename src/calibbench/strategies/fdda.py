@@ -59,12 +59,12 @@ from calibbench.generator import GenLossTerm, GenStepOutputs, gen_term
 from calibbench.refine import register as register_refiner
 from calibbench.refine.generative import GeneratorRefiner
 from calibbench.strategies.base import CalibrationSet, StrategyContext, register, stream_seed
-from calibbench.strategies.generative import GeneratorStrategy, GeneratorStrategyConfig
+from calibbench.strategies.generative import (K_INDEXING, GeneratorStrategy, GeneratorStrategyConfig,
+                                              class_stats, deep_start)
 
 log = logging.getLogger(__name__)
 
 REAL_LABELS = ("dataset", "predicted")
-K_INDEXING = ("one_based", "zero_based")
 NOISE_PARAMS = ("variance", "std")
 FINE_STATS = ("image", "class_batch")
 
@@ -81,29 +81,9 @@ class FDDAConfig(GeneratorStrategyConfig):
     real_batch_size: Optional[int] = None  # null: min(budget.gen_batch_size, number of real images)
 
 
-def deep_start(num_layers: int, k_indexing: str = "one_based") -> int:
-    """The 0-based index of the first deep BN layer: K = ceil(L/2) − 2 counted from 1 (paper) or
-    used as a 0-based index (code); never below 0."""
-    k = math.ceil(num_layers / 2) - 2
-    return max(0, k - 1 if k_indexing == "one_based" else k)
-
-
 def _moment(std: Tensor, kind: str) -> Tensor:
     """The spread statistic compared: the variance (as std², eps on both sides cancels) or std."""
     return std.pow(2) if kind == "var" else std
-
-
-def _class_pool(mean: Tensor, std: Tensor, labels: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-class batch statistics from per-image ones (law of total variance, biased): (classes
-    present, mean K×C, std K×C); ``std`` per image includes ``eps``, the result too."""
-    classes, inverse = torch.unique(labels, return_inverse=True)
-    n = torch.zeros(len(classes), device=mean.device).index_add_(0, inverse, torch.ones_like(labels, dtype=mean.dtype))
-    cmean = torch.zeros(len(classes), mean.shape[1], device=mean.device, dtype=mean.dtype).index_add_(0, inverse, mean)
-    cmean = cmean / n[:, None]
-    var = std.pow(2) - eps
-    spread = var + (mean - cmean[inverse]).pow(2)
-    cvar = torch.zeros_like(cmean).index_add_(0, inverse, spread) / n[:, None]
-    return classes, cmean, torch.sqrt(cvar.clamp_min(0) + eps)
 
 
 class _FineTerm(GenLossTerm):
@@ -139,7 +119,7 @@ class _FineTerm(GenLossTerm):
             c_std = state["center_std"][j].to(mean)
             mean, std = mean[keep], std[keep]
             if self.cfg.fine_stats == "class_batch":
-                keys, mean, std = _class_pool(mean, std, labels, float(state["eps"][j]))
+                keys, mean, std = class_stats(mean, std, labels)
             else:
                 keys = labels
             t_mean, t_mom = self.targets(c_mean, _moment(c_std, kind), keys, start + j, out.step, state)
@@ -302,4 +282,4 @@ class FDDA(GeneratorStrategy):
         return calib
 
 
-__all__ = ["FDDA", "FDDAConfig", "CBNSTerm", "DBNSTerm", "FDDARefiner", "deep_start"]
+__all__ = ["FDDA", "FDDAConfig", "CBNSTerm", "DBNSTerm", "FDDARefiner"]

@@ -24,6 +24,7 @@ to the refinement stage in ``CalibrationSet.state``. See docs/generators.md.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
@@ -41,7 +42,30 @@ from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext
 log = logging.getLogger(__name__)
 
 LABEL_MODES = ("uniform", "balanced")
+K_INDEXING = ("one_based", "zero_based")
 BNS_MOMENTS = ("var", "std")
+
+
+def deep_start(num_layers: int, k_indexing: str) -> int:
+    """0-based index of the first "deep" BN layer, ``K = ceil(L/2) − 2`` (FDDA's paper, ClusterQ's
+    code): ``one_based`` counts layers from 1 as the paper's sums do (index K − 1); ``zero_based``
+    uses K as the index, as the public code does (one layer fewer). Never below 0."""
+    k = math.ceil(num_layers / 2) - 2
+    return max(0, k - 1 if k_indexing == "one_based" else k)
+
+
+def class_stats(mean: Tensor, std: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(classes present, their pooled mean, their pooled std) from per-image ``mean``/``std`` (N×D,
+    std = sqrt(var + eps)), by the law of total variance (biased, eps once, as a BN layer in
+    training mode sees a single-class batch): per class ``avg m_i`` and
+    ``sqrt(avg s_i² + avg (m_i − mean_c)²)``. Only present classes are formed."""
+    present = torch.unique(labels)
+    member = (labels[:, None] == present[None, :]).to(mean.dtype)  # N × K
+    weights = member / member.sum(0, keepdim=True)
+    cmean = weights.T @ mean
+    dev = mean - (member @ cmean)  # each image minus its class mean
+    cstd = torch.sqrt(weights.T @ (std.pow(2) + dev.pow(2)))
+    return present, cmean, cstd
 
 
 @dataclass
@@ -182,4 +206,5 @@ class GeneratorStrategy(Strategy):
         return CalibrationSet(images, labels, info, state)
 
 
-__all__ = ["GeneratorStrategy", "GeneratorStrategyConfig", "LABEL_MODES"]
+__all__ = ["GeneratorStrategy", "GeneratorStrategyConfig", "LABEL_MODES", "K_INDEXING", "deep_start",
+           "class_stats"]
