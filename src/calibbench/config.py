@@ -55,6 +55,8 @@ class DatasetConfig:
     """An image-classification dataset: train split = calibration pool, test/val = evaluation."""
 
     name: str = MISSING  # cifar10 | cifar100 | cifar10_jpeg | imagenet
+    # Which of a paper's per-dataset hyper-parameter sets applies (PLF: refine.plf.family_defaults).
+    family: str = MISSING  # cifar | imagenet
     root: str = MISSING
     num_classes: int = MISSING
     download: bool = True  # torchvision datasets only; ignored offline when files exist
@@ -96,6 +98,42 @@ class QuantConfig:
     mse_steps: int = 100
 
 
+def _plf_family_defaults() -> dict[str, dict[str, float]]:
+    """PLF's hyper-parameters per dataset family (Fan et al., section 4.1)."""
+    return {
+        "cifar": {"t_low": 0.2, "t_high": 0.5, "beta": 0.3, "mu": 100.0, "tau": 1.0, "gamma": 10.0,
+                  "lr": 1e-3},
+        "imagenet": {"t_low": 0.1, "t_high": 0.4, "beta": 0.5, "mu": 4000.0, "tau": 1.0, "gamma": 0.1,
+                     "lr": 1e-5},
+    }
+
+
+def _family(key: str) -> Any:
+    """Interpolation: ``key`` from ``family_defaults`` of the run's ``dataset.family``."""
+    return "${.family_defaults.${dataset.family}." + key + "}"
+
+
+@dataclass
+class PLFRefineConfig:
+    """The pseudo-label-filtering objective (``refine=plf``): L_KL + tau * (L_CE^h + beta * L_CE^l
+    + mu * L_MSE), eq. 11-15. Every number defaults to the paper's value for the run's
+    ``dataset.family`` (``family_defaults``); ``strategy=plf`` routes its ``strategy.*`` keys here."""
+
+    t_low: float = _family("t_low")  # T_l: the threshold at the last epoch (eq. 5)
+    t_high: float = _family("t_high")  # T_u: the threshold at the first epoch
+    beta: float = _family("beta")  # weight of the low-reliable CE (eq. 11)
+    mu: float = _family("mu")  # weight of the feature MSE (eq. 12)
+    tau: float = _family("tau")  # weight of L_P (eq. 15)
+    lr: float = _family("lr")  # the fine-tuning learning rate (refine.lr of refine=plf)
+    use_high: bool = True  # L_CE^h on (Table 5's rows)
+    use_low: bool = True  # L_CE^l on
+    # Where the MSE of eq. 13 reads intermediate features: units (the output of every residual /
+    # inverted-residual unit, the layers the HAST/IntraQ code family hooks) | bn (every BN
+    # layer's output) | list (refine.feature_modules)
+    features: str = "units"
+    family_defaults: dict[str, dict[str, float]] = field(default_factory=_plf_family_defaults)
+
+
 @dataclass
 class RefineConfig:
     """Optional fine-tuning of the quantized model after calibration (``none`` = pure PTQ).
@@ -119,6 +157,7 @@ class RefineConfig:
     batch_size: Optional[int] = None  # null: budget.refine_batch_size
     act_ranges: str = "frozen"  # frozen (the calibrated grid) | learned (per-tensor range trains)
     bn: str = "frozen"  # frozen (eval mode: running stats used, untouched) | train (batch stats)
+    plf: PLFRefineConfig = field(default_factory=PLFRefineConfig)  # refine=plf only
 
 
 @dataclass
@@ -140,6 +179,10 @@ class BudgetConfig:
     # the quantized-model steps are refine_steps).
     gen_warmup_steps: int = 0
     gen_batch_size: int = 32
+    # PLF's labelled synthetic set (strategy=plf): images and optimization steps per batch
+    # (paper: 5120 images, 1000 iterations); batches of synth_batch_size.
+    plf_samples: int = 256
+    plf_iterations: int = 200
 
 
 @dataclass
@@ -217,6 +260,22 @@ def check_choice(what: str, value: Any, valid) -> None:
         raise ConfigError(f"unknown {what} {value!r}; valid choices: {_choices(valid)}")
 
 
+def check_plf_values(prefix: str, values: Any) -> None:
+    """PLF's thresholds and weights (``refine.plf.*`` or ``strategy.*`` of strategy=plf): one
+    ConfigError naming the key."""
+    for key in ("t_low", "t_high"):
+        v = float(values[key])
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"{prefix}.{key}={v} is out of range: a normalized-entropy threshold "
+                              f"in [0, 1]")
+    if float(values["t_low"]) > float(values["t_high"]):
+        raise ConfigError(f"{prefix}.t_low={values['t_low']} > {prefix}.t_high={values['t_high']}: the "
+                          f"threshold falls from t_high (T_u) to t_low (T_l); need t_low <= t_high")
+    for key in ("beta", "mu", "tau"):
+        if float(values[key]) < 0:
+            raise ConfigError(f"{prefix}.{key}={values[key]} is negative; must be >= 0")
+
+
 def effective_bits(cfg: DictConfig) -> tuple[int, int]:
     """(weight bits, activation bits): ``quant.w_bits``/``a_bits`` override ``bits``."""
     w = cfg.quant.w_bits if cfg.quant.w_bits is not None else cfg.bits
@@ -263,6 +322,7 @@ def validate(cfg: DictConfig) -> None:
     check_choice("quant.weight_observer", cfg.quant.weight_observer, ("minmax", "mse"))
     check_choice("quant.act_placement", cfg.quant.act_placement, ("after_relu", "layer_input"))
     check_choice("dataset", cfg.dataset.name, ("cifar10", "cifar100", "cifar10_jpeg", "imagenet"))
+    check_choice("dataset.family", cfg.dataset.family, ("cifar", "imagenet"))
     check_choice("dataset.normalization", cfg.dataset.normalization, ("model_zoo", "legacy_gdfq"))
     check_choice("model.source", cfg.model.source, ("pytorchcv", "torchvision"))
     check_choice("logger.mode", cfg.logger.mode, ("auto", "online", "offline", "disabled"))

@@ -246,9 +246,9 @@ def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[s
             with timings.stage("calibration"):
                 calib, calib_hit, calib_key = cache.get_or_compute(
                     "calibration", calib_spec, lambda: strategy.calibration_set(calib_ctx))
-            if len(calib) != cfg.num_samples:
+            if len(calib) != strategy.num_images(calib_ctx):
                 raise RuntimeError(f"strategy {strategy.name!r} returned {len(calib)} images, "
-                                   f"num_samples={cfg.num_samples}")
+                                   f"expected {strategy.num_images(calib_ctx)} (num_samples={cfg.num_samples})")
             with timings.stage("quantize"):
                 qmodel = quant.quantize(model, cfg.quant, w_bits, a_bits).to(device)
             # Observers see the set in a seeded random order: class order (random) or rank order

@@ -80,6 +80,14 @@ class NoRefine(Refiner):
 class Distill(Refiner):
     """Knowledge distillation from the FP model (terms and weights from ``refine.losses``)."""
 
+    @classmethod
+    def weights(cls, cfg: Any) -> dict[str, float]:
+        """Loss term -> weight of this refiner's objective (``refine.losses``)."""
+        return {name: float(w) for name, w in cfg.losses.items()}
+
+    def terms(self) -> list[tuple[str, float, Any]]:
+        return [(name, w, TERMS.get(name)(self.cfg)) for name, w in self.weights(self.cfg).items() if w > 0]
+
     def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any,
             track: Any = None) -> dict[str, Any]:
         from calibbench.refine.distill import distill  # Lightning is imported only when training
@@ -89,11 +97,42 @@ class Distill(Refiner):
         if steps == 0:
             return _empty(batch_size)
         check_feature_modules(self.cfg, teacher, qmodel)
-        return distill(qmodel, teacher, strategy, ctx, calib, self.cfg, steps, batch_size, track)
+        record = distill(qmodel, teacher, strategy, ctx, calib, self.cfg, steps, batch_size, track,
+                         terms=self.terms())
+        return {**record, **self.extra_record(teacher, ctx, calib, steps, batch_size)}
+
+    def extra_record(self, teacher: nn.Module, ctx: Any, calib: Any, steps: int, batch_size: int
+                     ) -> dict[str, Any]:
+        """What a subclass adds to the ``refine`` record (PLF: its reliability split)."""
+        return {}
+
+
+@register("plf")
+class PseudoLabelFiltering(Distill):
+    """PLF (Fan et al.): L_KL + tau (L_CE^h + beta L_CE^l + mu L_MSE) on the shared distillation
+    module; ``refine.losses`` (default ``kd: 1``, the L_KL of eq. 15) plus the terms of
+    ``refine/plf.py`` weighted from ``refine.plf``."""
+
+    @classmethod
+    def weights(cls, cfg: Any) -> dict[str, float]:
+        from calibbench.refine.plf import plf_weights
+
+        return {**super().weights(cfg), **plf_weights(cfg)}
+
+    def extra_record(self, teacher: nn.Module, ctx: Any, calib: Any, steps: int, batch_size: int
+                     ) -> dict[str, Any]:
+        from calibbench.refine.plf import ReliabilitySchedule, reliability_record
+
+        p = self.cfg.plf
+        schedule = ReliabilitySchedule(p.t_low, p.t_high, steps, batch_size, len(calib))
+        return {"plf": reliability_record(teacher, calib.images, schedule, torch.device(ctx.device))}
 
 
 def _active_terms(cfg: Any) -> list[str]:
-    return [name for name, weight in cfg.losses.items() if float(weight) > 0]
+    refiner = _REGISTRY.get(cfg.name) if cfg.name in _REGISTRY.available() else None
+    weights = refiner.weights(cfg) if refiner is not None and issubclass(refiner, Distill) \
+        else {name: float(w) for name, w in cfg.losses.items()}
+    return [name for name, weight in weights.items() if weight > 0]
 
 
 def check_feature_modules(cfg: Any, *models: nn.Module) -> None:
@@ -149,6 +188,10 @@ def validate(cfg: Any) -> None:
     check_choice("refine.act_ranges", r.act_ranges, ACT_RANGES)
     check_choice("refine.bn", r.bn, BN_MODES)
     _check_strategy(cfg)
+    if r.name == "plf":
+        from calibbench.refine import plf
+
+        plf.validate(cfg)
     if "feature" in _active_terms(r):
         if not r.feature_modules:
             raise ConfigError("refine loss 'feature' needs refine.feature_modules: the module paths "
@@ -179,8 +222,8 @@ def run(qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: A
     return build(cfg).run(qmodel, teacher, strategy, ctx, calib, track)
 
 
-# Generator-based refiners (refine=gdfq, ...) register themselves on import.
-from calibbench.refine import generative  # noqa: E402,F401
+# Generator-based refiners (refine=gdfq, ...) and PLF's loss terms register themselves on import.
+from calibbench.refine import generative, plf  # noqa: E402,F401
 
 __all__ = ["Refiner", "register", "available", "build", "validate", "run", "TERMS",
            "check_feature_modules"]

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from calibbench.refine import stream
-from calibbench.refine.losses import LossTerm, StepOutputs, build_terms
+from calibbench.refine.losses import LossTerm, RefinePlan, StepOutputs, build_terms
 from calibbench.refine.ranges import learned_act_ranges
 from calibbench.strategies.base import stream_seed
 
@@ -115,7 +115,8 @@ class StudentModule(L.LightningModule):
         return self.student(x)
 
     def compute(self, images: Tensor, labels: Optional[Tensor] = None,
-                teacher_logits: Optional[Tensor] = None) -> dict[str, Tensor]:
+                teacher_logits: Optional[Tensor] = None, step: Optional[int] = None
+                ) -> dict[str, Tensor]:
         """Teacher forward (no grad; skipped when ``teacher_logits`` are given and no feature term
         needs the teacher's features), student forward, every term's value (unweighted)."""
         if teacher_logits is None or self.feature_names:
@@ -123,7 +124,7 @@ class StudentModule(L.LightningModule):
                 teacher_logits = self.teacher(images)
         student_logits = self.student(images)
         out = StepOutputs(student_logits, teacher_logits, labels, dict(self._features["student"]),
-                          dict(self._features["teacher"]))
+                          dict(self._features["teacher"]), step)
         self.clear_features()
         return {name: term(out) for name, _, term in self.terms}
 
@@ -166,7 +167,7 @@ class DistillModule(StudentModule):
     def training_step(self, batch: tuple[Tensor, Optional[Tensor]], batch_idx: int) -> dict[str, Any]:
         images, labels = batch
         step = self.global_step + 1
-        values = self.compute(images, labels)
+        values = self.compute(images, labels, step=step)
         total = self.weighted(values, self.terms)
         detached = self.check_finite(values, step)
         lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
@@ -323,9 +324,14 @@ def check_length(rows: list, steps: int, strategy: Any) -> None:
 
 
 def distill(student: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any, cfg: Any,
-            steps: int, batch_size: int, track: Any = None) -> dict[str, Any]:
-    """Train ``student`` in place for ``steps`` steps on ``strategy.batches(...)``; the record."""
-    terms = build_terms(cfg)
+            steps: int, batch_size: int, track: Any = None,
+            terms: Optional[Sequence[tuple[str, float, LossTerm]]] = None) -> dict[str, Any]:
+    """Train ``student`` in place for ``steps`` steps on ``strategy.batches(...)``; the record.
+    ``terms``: the weighted loss terms (default: ``refine.losses``)."""
+    terms = list(build_terms(cfg) if terms is None else terms)
+    plan = RefinePlan(steps, batch_size, len(calib), student, teacher)
+    for _, _, term in terms:
+        term.setup(plan)
     start = time.perf_counter()
     recorder = CurveRecorder(track)
     with training(student, teacher, ctx, cfg, "refine/torch") as range_params:

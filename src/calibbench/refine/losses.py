@@ -38,6 +38,19 @@ class StepOutputs:
     labels: Optional[Tensor] = None
     student_features: dict[str, Tensor] = field(default_factory=dict)
     teacher_features: dict[str, Tensor] = field(default_factory=dict)
+    step: Optional[int] = None  # 1-based refinement step (terms with a schedule read it)
+
+
+@dataclass
+class RefinePlan:
+    """What a term may need to know before training starts (PLF's threshold schedule counts
+    epochs over the stream; its feature term picks module paths in the student)."""
+
+    steps: int
+    batch_size: int
+    num_images: int  # images in the calibration set the stream replays
+    student: Any
+    teacher: Any
 
 
 class LossTerm(ABC):
@@ -49,6 +62,9 @@ class LossTerm(ABC):
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
+
+    def setup(self, plan: RefinePlan) -> None:
+        """Called once before the training module is built (after the models are final)."""
 
     @abstractmethod
     def __call__(self, out: StepOutputs) -> Tensor:

@@ -117,7 +117,12 @@ class Strategy(ABC):
 
     @abstractmethod
     def calibration_set(self, ctx: StrategyContext) -> CalibrationSet:
-        """Return ``ctx.num_samples`` calibration images."""
+        """Return :meth:`num_images` calibration images."""
+
+    def num_images(self, ctx: StrategyContext) -> int:
+        """Size of the set this strategy returns: the run's ``num_samples`` (PLF's comes from its
+        budget, the paper's 5120 being part of the method)."""
+        return int(ctx.num_samples)
 
     def resolved_config(self, ctx: StrategyContext) -> dict[str, Any]:
         """The strategy config with every ``null``-means-fallback value replaced by the value the

@@ -170,23 +170,39 @@ class ZeroQ(Strategy):
         """Images per optimized batch: ``budget.synth_batch_size`` (DSG resolves its own)."""
         return int(ctx.budget.synth_batch_size)
 
+    def num_images(self, ctx: StrategyContext) -> int:
+        """Images to synthesize: the run's ``num_samples`` (PLF reads its own budget field)."""
+        return int(ctx.num_samples)
+
+    def iterations(self, ctx: StrategyContext) -> int:
+        """Optimization steps per batch: ``budget.synth_iterations``."""
+        return int(ctx.budget.synth_iterations)
+
+    def pixel_lr(self) -> float:
+        """Adam's learning rate on the pixels (``strategy.lr``; PLF names it ``synth_lr``)."""
+        return float(self.cfg.lr)
+
+    def make_recorder(self, model: nn.Module) -> BNStatsRecorder:
+        """The hooks the objective reads: per-image BN-input statistics (PLF: per batch)."""
+        return BNStatsRecorder(model)
+
     # -- the shared loop --------------------------------------------------------------------
     def batch_sizes(self, ctx: StrategyContext) -> list[int]:
-        if ctx.budget.synth_batch_size < 1 or ctx.budget.synth_iterations < 1:
+        if ctx.budget.synth_batch_size < 1 or self.iterations(ctx) < 1:
             raise ConfigError(f"budget.synth_batch_size={ctx.budget.synth_batch_size} and "
-                              f"budget.synth_iterations={ctx.budget.synth_iterations} must both be "
+                              f"{self.name}'s iterations ({self.iterations(ctx)}) must both be "
                               f">= 1 for {self.name}")
-        if ctx.num_samples < 1:
-            raise ConfigError(f"num_samples={ctx.num_samples} must be a positive integer")
+        if self.num_images(ctx) < 1:
+            raise ConfigError(f"{self.name}: {self.num_images(ctx)} images asked; must be a positive integer")
         bs = self.batch_size(ctx)
-        full, rest = divmod(ctx.num_samples, bs)
+        full, rest = divmod(self.num_images(ctx), bs)
         return [bs] * full + ([rest] if rest else [])
 
     def calibration_set(self, ctx: StrategyContext) -> CalibrationSet:
         sizes = self.batch_sizes(ctx)
         starts = [sum(sizes[:b]) for b in range(len(sizes))]
         all_labels = self.labels(ctx)
-        iters = ctx.budget.synth_iterations
+        iters = self.iterations(ctx)
         start = time.perf_counter()
         images: list[Tensor] = []
         labels: list[Tensor] = []
@@ -197,7 +213,7 @@ class ZeroQ(Strategy):
         final_lr: list[float] = []
         seconds: list[float] = []
         loop_seconds = 0.0
-        with frozen(ctx.model) as model, BNStatsRecorder(model) as recorder:
+        with frozen(ctx.model) as model, self.make_recorder(model) as recorder:
             targets = recorder.targets(ctx.device)
             objective, extra = self.make_objective(ctx, recorder, targets)
             with tqdm(total=len(sizes) * iters, desc=f"{self.name} synthesis", unit="step",
@@ -226,7 +242,7 @@ class ZeroQ(Strategy):
         total_seconds = time.perf_counter() - start
         weights = [s / sum(sizes) for s in sizes]
         info: dict[str, Any] = {
-            "method": self.name, "init": self.cfg.init, "lr": self.cfg.lr,
+            "method": self.name, "init": self.cfg.init, "lr": self.pixel_lr(),
             "iterations": iters, "batch_size": sizes[0],
             "num_batches": len(sizes), "batch_sizes": sizes, "batch_starts": starts,
             "init_stream": IMAGE_STREAM,
@@ -249,10 +265,10 @@ class ZeroQ(Strategy):
         """Optimize one batch; returns (images on CPU, logged terms, initial total loss, final
         terms, final lr, loop seconds). Raises :class:`SynthesisError` on a NaN/inf loss and when
         the final total loss is above the initial one (the optimization diverged)."""
-        cfg, iters = self.cfg, ctx.budget.synth_iterations
+        cfg, iters = self.cfg, self.iterations(ctx)
         x = x0.to(ctx.device).requires_grad_(True)
         y = None if labels is None else labels.to(ctx.device)
-        opt = torch.optim.Adam([x], lr=cfg.lr)
+        opt = torch.optim.Adam([x], lr=self.pixel_lr())
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", patience=cfg.lr_patience,
                                                            min_lr=cfg.min_lr)
         logged: dict[str, list[float]] = {}
@@ -292,6 +308,7 @@ class ZeroQ(Strategy):
         if final["total"] > initial:
             raise SynthesisError(
                 f"{self.name}: batch {batch + 1}/{num_batches} diverged: total loss {initial:.6g} at the "
-                f"start, {final['total']:.6g} after {iters} steps (lr {cfg.lr:g}); lower strategy.lr")
+                f"start, {final['total']:.6g} after {iters} steps (lr {self.pixel_lr():g}); lower the "
+                f"strategy's pixel learning rate")
         return (x.detach().cpu().float(), logged, initial, final, float(opt.param_groups[0]["lr"]),
                 loop_seconds)

@@ -1,0 +1,261 @@
+"""``refine=plf``: the pseudo-label-filtering objective of Fan et al. (``papers/004``), section 3.
+
+The FP model's softmax on each refinement image is scored by its normalized self-entropy (eq. 3);
+images at or below a threshold t are high-reliable, the rest low-reliable (eq. 4); t falls
+linearly from T_u to T_l over the refinement epochs (eq. 5). High-reliable images get the FP
+argmax as their label (eq. 6-7), low-reliable ones the top-two classes weighted by their
+renormalized probabilities (eq. 8-10). The objective is
+
+    L_total = L_KL + tau * (L_CE^h + beta * L_CE^l + mu * L_MSE)          (eq. 11, 12, 15)
+
+built as loss terms of the shared distillation module (``distill.py``), never a second loop:
+``kd`` (eq. 14: KL(FP || quantized), T = 1), ``plf_high`` (eq. 7), ``plf_low`` (eq. 9) and
+``plf_mse`` (eq. 13), weighted 1, tau, tau*beta, tau*mu. The three PLF terms are ordinary
+registered terms, so ``refine=kd +refine.losses.plf_high=1 +refine.losses.plf_low=0.3`` adds the
+multiple pseudo-labels to plain distillation on any strategy's data (the paper's Table 6 idea).
+
+Decisions where the paper is silent (docs/plf.md):
+- "computed once": the FP model is frozen (eval mode), so a sample's entropy is a function of the
+  image alone; each step recomputes it from the teacher logits the KL term needs anyway (no extra
+  pass), and the record's histogram and per-epoch split sizes come from one FP pass over the
+  whole set before training.
+- Epochs: the stream replays the set, so epoch e covers images e*N .. (e+1)*N - 1 of the stream
+  (N = set size); E = ceil(steps * batch / N). ``f_t(epoch) = epoch / (E - 1)`` with 0-based
+  epochs, so the first epoch uses T_u and the last T_l (the paper's epoch / E reaches neither
+  end with 0-based epochs and skips T_u with 1-based ones).
+- A batch with no high- (low-) reliable sample contributes 0 to L_CE^h (L_CE^l): eq. 7 and 9
+  average over N_h, N_l, which are then 0.
+- eq. 13's squared difference of a feature map is the mean over its elements (MSE), summed over
+  the hooked layers: the output of every residual / inverted-residual unit (``features=units``,
+  the layers the HAST/IntraQ code family hooks) or of every BN layer (``features=bn``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from calibbench.config import ConfigError, check_choice, check_plf_values
+from calibbench.refine.losses import LossTerm, RefinePlan, StepOutputs, term
+
+log = logging.getLogger(__name__)
+
+FEATURES = ("units", "bn", "list")
+HIST_BINS = 20  # histogram of normalized entropies over [0, 1] in the record
+
+
+# -- eq. 3-10 as functions of the FP probabilities -------------------------------------------
+def self_entropy(probs: Tensor) -> Tensor:
+    """eq. 3: -(1 / log N_c) * sum_c P(x, c) log P(x, c), per sample, in [0, 1]."""
+    num_classes = probs.shape[1]
+    return torch.special.entr(probs).sum(dim=1) / math.log(num_classes)
+
+
+def threshold(epoch: int, epochs: int, t_low: float, t_high: float) -> float:
+    """eq. 5: t = T_u - f_t(epoch) (T_u - T_l), f_t = epoch / (E - 1), 0-based epochs (T_u at
+    the first epoch, T_l at the last; a single epoch uses T_u)."""
+    frac = epoch / (epochs - 1) if epochs > 1 else 0.0
+    return t_high - frac * (t_high - t_low)
+
+
+def high_reliable(entropy: Tensor, t: float) -> Tensor:
+    """eq. 4: the mask of the high-reliable samples, H_self(x) <= t."""
+    return entropy <= t
+
+
+def major_labels(probs: Tensor) -> Tensor:
+    """eq. 6: the FP model's argmax."""
+    return probs.argmax(dim=1)
+
+
+def auxiliary_labels(probs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """eq. 8 and 10: (primary label, secondary label, lambda_p, lambda_s); the two weights are the
+    FP probabilities of the two labels renormalized to sum to 1."""
+    top, idx = probs.topk(2, dim=1)
+    norm = top.sum(dim=1)
+    return idx[:, 0], idx[:, 1], top[:, 0] / norm, top[:, 1] / norm
+
+
+class ReliabilitySchedule:
+    """The threshold of eq. 5 for every refinement step: epoch = stream images seen / set size."""
+
+    def __init__(self, t_low: float, t_high: float, steps: int, batch_size: int, num_images: int) -> None:
+        if num_images < 1:
+            raise ConfigError("refine=plf: the calibration set is empty; there is nothing to score")
+        self.t_low, self.t_high = float(t_low), float(t_high)
+        self.batch_size, self.num_images = int(batch_size), int(num_images)
+        self.epochs = max(1, math.ceil(steps * batch_size / num_images))
+
+    def epoch(self, step: int) -> int:
+        """0-based epoch of 1-based ``step`` (the epoch its first image belongs to)."""
+        return min(self.epochs - 1, (step - 1) * self.batch_size // self.num_images)
+
+    def threshold(self, step: int) -> float:
+        return threshold(self.epoch(step), self.epochs, self.t_low, self.t_high)
+
+    def thresholds(self) -> list[float]:
+        return [threshold(e, self.epochs, self.t_low, self.t_high) for e in range(self.epochs)]
+
+
+# -- loss terms --------------------------------------------------------------------------------
+class _Scheduled(LossTerm):
+    """A term whose split depends on the epoch: the schedule is built in :meth:`setup`."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.schedule: Optional[ReliabilitySchedule] = None
+
+    def setup(self, plan: RefinePlan) -> None:
+        p = self.cfg.plf
+        self.schedule = ReliabilitySchedule(p.t_low, p.t_high, plan.steps, plan.batch_size, plan.num_images)
+
+    def split(self, out: StepOutputs) -> tuple[Tensor, Tensor]:
+        """(FP probabilities, high-reliable mask) of this step's batch."""
+        if self.schedule is None or out.step is None:
+            raise RuntimeError(f"refine loss {self.name!r} needs the distillation stage's step "
+                               f"counter (refine=kd or refine=plf)")
+        probs = F.softmax(out.teacher_logits.detach().float(), dim=1)
+        return probs, high_reliable(self_entropy(probs), self.schedule.threshold(out.step))
+
+
+@term("plf_high")
+class HighReliableCE(_Scheduled):
+    """eq. 7: CE of the quantized model to the major pseudo-label, mean over high-reliable samples."""
+
+    def __call__(self, out: StepOutputs) -> Tensor:
+        probs, high = self.split(out)
+        if not bool(high.any()):
+            return out.student_logits.sum() * 0.0
+        return F.cross_entropy(out.student_logits[high], major_labels(probs[high]))
+
+
+@term("plf_low")
+class LowReliableCE(_Scheduled):
+    """eq. 9: lambda_p CE(primary) + lambda_s CE(secondary), mean over low-reliable samples."""
+
+    def __call__(self, out: StepOutputs) -> Tensor:
+        probs, high = self.split(out)
+        low = ~high
+        if not bool(low.any()):
+            return out.student_logits.sum() * 0.0
+        primary, secondary, lam_p, lam_s = auxiliary_labels(probs[low])
+        logits = out.student_logits[low]
+        ce_p = F.cross_entropy(logits, primary, reduction="none")
+        ce_s = F.cross_entropy(logits, secondary, reduction="none")
+        return (lam_p * ce_p + lam_s * ce_s).mean()
+
+
+def unit_modules(model: nn.Module) -> list[str]:
+    """The residual / inverted-residual units: children of every stage container (pytorchcv
+    ``features.stage<k>``, torchvision ``layer<k>``), in forward order."""
+    names = []
+    for name, module in model.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Sequential) and (last.startswith("stage") or
+                                                   (last.startswith("layer") and last[5:].isdigit())):
+            names.extend(f"{name}.{child}" for child, _ in module.named_children())
+    return names
+
+
+def bn_modules(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+
+
+def feature_modules(cfg: Any, student: nn.Module, teacher: nn.Module) -> list[str]:
+    """The module paths eq. 13 compares, per ``refine.plf.features``; each exists in both models."""
+    kind = cfg.plf.features
+    if kind == "list":
+        names = list(cfg.feature_modules)
+    elif kind == "units":
+        names = unit_modules(teacher)
+    else:
+        names = bn_modules(teacher)
+    student_names = {n for n, _ in student.named_modules()}
+    missing = [n for n in names if n not in student_names]
+    if missing:
+        raise ConfigError(f"refine.plf.features={kind}: {missing[:3]} are not modules of the quantized "
+                          f"model (a preset that folds BN has no BN outputs: use features=units)")
+    if not names:
+        raise ConfigError(f"refine.plf.features={kind} finds no module in {type(teacher).__name__}; "
+                          f"use features=list with refine.feature_modules=[...]")
+    return names
+
+
+@term("plf_mse")
+class FeatureMSE(LossTerm):
+    """eq. 13: sum over the hooked layers of the MSE between FP and quantized features."""
+
+    def setup(self, plan: RefinePlan) -> None:
+        self.feature_modules = tuple(feature_modules(self.cfg, plan.student, plan.teacher))
+
+    def __call__(self, out: StepOutputs) -> Tensor:
+        return torch.stack([F.mse_loss(out.student_features[name], out.teacher_features[name])
+                            for name in self.feature_modules]).sum()
+
+
+def plf_weights(cfg: Any) -> dict[str, float]:
+    """eq. 11, 12, 15 as term weights: tau * [use_high], tau * beta * [use_low], tau * mu."""
+    p = cfg.plf
+    tau = float(p.tau)
+    return {"plf_high": tau * float(bool(p.use_high)), "plf_low": tau * float(p.beta) * float(bool(p.use_low)),
+            "plf_mse": tau * float(p.mu)}
+
+
+# -- the record --------------------------------------------------------------------------------
+@torch.no_grad()
+def reliability_record(teacher: nn.Module, images: Tensor, schedule: ReliabilitySchedule,
+                       device: torch.device, batch_size: int = 256) -> dict[str, Any]:
+    """One FP pass over the set: the entropy histogram, and per epoch the threshold and the
+    high/low split sizes (the set is the same every epoch; only t moves)."""
+    was_training = teacher.training
+    teacher.eval()
+    entropies = []
+    for start in range(0, images.shape[0], batch_size):
+        logits = teacher(images[start:start + batch_size].to(device))
+        entropies.append(self_entropy(F.softmax(logits.float(), dim=1)).cpu())
+    teacher.train(was_training)
+    ent = torch.cat(entropies)
+    counts = torch.histc(ent, bins=HIST_BINS, min=0.0, max=1.0)
+    thresholds = schedule.thresholds()
+    high = [int(high_reliable(ent, t).sum()) for t in thresholds]
+    return {
+        "epochs": schedule.epochs,
+        "threshold_per_epoch": [round(t, 6) for t in thresholds],
+        "high_per_epoch": high,
+        "low_per_epoch": [int(ent.numel()) - h for h in high],
+        "entropy_hist": {"bin_edges": [i / HIST_BINS for i in range(HIST_BINS + 1)],
+                         "counts": [int(c) for c in counts.tolist()]},
+        "entropy_mean": float(ent.mean()),
+        "entropy_median": float(ent.median()),
+    }
+
+
+def check_stream(strategy: Any) -> None:
+    """PLF scores a fixed set of images with the FP model: a strategy whose stream is a generator
+    (fresh images every step, no set to score once) has no logits source for it."""
+    from calibbench.strategies.base import Strategy
+
+    if type(strategy).batches is not Strategy.batches:
+        raise ConfigError(f"refine=plf scores a fixed image set once with the FP model, but strategy="
+                          f"{strategy.name} streams fresh generator images every step (no fixed set, "
+                          f"no logits source to filter); use refine=kd or that strategy's own refine")
+
+
+def validate(cfg: Any) -> None:
+    """refine=plf's options (called by refine.validate before any work)."""
+    # strategy=plf routes its strategy.* keys here: name the key the user set
+    check_plf_values("strategy" if cfg.strategy.name == "plf" else "refine.plf", cfg.refine.plf)
+    check_choice("refine.plf.features", cfg.refine.plf.features, FEATURES)
+    if cfg.refine.plf.features == "list" and not cfg.refine.feature_modules:
+        raise ConfigError("refine.plf.features=list needs refine.feature_modules: the module paths "
+                          "whose FP and quantized outputs eq. 13 compares")
+    from calibbench import strategies
+
+    if cfg.strategy.name in strategies.available():
+        check_stream(strategies.build(cfg.strategy))

@@ -1,0 +1,140 @@
+"""``plf``: labelled synthetic images for data-free quantization via pseudo-label filtering.
+
+Fan et al. (``papers/004``), section 3.1: images start from noise and are optimized so that the
+statistics of each batch at every BN layer match the layer's running mean and variance (eq. 1)
+while the FP model assigns them their target label (eq. 2):
+
+    L_DATA = sum_l ||mu_l^p - mu_l^s||^2 + ||sigma_l^p - sigma_l^s||^2  +  gamma * CE(P(x), y)
+
+The loop is ZeroQ's (``zeroq.py``: batches, seeded starting images shared with zeroq/dsg, Adam,
+plateau schedule, divergence checks); this module swaps the objective (batch statistics instead of
+per-image ones, variances as eq. 1 writes them, no input-image term, the CE term), assigns
+class-balanced labels, and reads its own budget (``plf_samples`` images, ``plf_iterations`` steps
+per batch). The refinement that filters the set by reliability is ``refine=plf``
+(``refine/plf.py``), this strategy's default; ``strategy.t_low`` … ``strategy.lr`` are that stage's
+keys (conf/strategy/plf.yaml routes them to ``refine.plf``), so they stay out of the calibration
+cache key: a ``mu`` ablation reuses the synthesized set.
+
+Decisions where the paper is silent (docs/plf.md): the pixel optimizer and schedule are ZeroQ's
+(Adam, lr 0.5, ReduceLROnPlateau); sigma in eq. 1 is the variance (the paper's words, "mean and
+variance"); the CE is the batch mean (eq. 2 writes a sum over the N images, which only rescales
+gamma by the batch size); labels are ``i mod N_c`` shuffled by the seeded ``"plf/labels"`` stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from calibbench.bnstats import BNStatsRecorder, BNTargets
+from calibbench.config import ConfigError, check_plf_values
+from calibbench.strategies.base import CalibrationSet, StrategyContext, register
+from calibbench.strategies.zeroq import ZeroQ, ZeroQConfig, ZeroQObjective
+
+log = logging.getLogger(__name__)
+
+STREAM_LABELS = "plf/labels"
+# The refinement stage's keys, exposed as strategy.* for the paper's ablations; not part of what
+# the synthesized set depends on.
+REFINE_KEYS = ("t_low", "t_high", "beta", "mu", "tau", "lr", "use_high", "use_low")
+
+
+@dataclass
+class PLFConfig(ZeroQConfig):
+    name: str = "plf"
+    input_weight: float = 0.0  # eq. 2 has no input-image term (ZeroQ's); > 0 adds it
+    synth_lr: float = 0.5  # Adam on the pixels (ZeroQ's value; the paper gives none)
+    gamma: float = 10.0  # eq. 2 (CIFAR 10, ImageNet 0.1: conf/strategy/plf.yaml picks by family)
+    # refine=plf's keys (conf/strategy/plf.yaml copies them into refine.plf / refine.lr)
+    t_low: float = 0.2
+    t_high: float = 0.5
+    beta: float = 0.3
+    mu: float = 100.0
+    tau: float = 1.0
+    lr: float = 1e-3  # the quantized model's fine-tuning learning rate (SGD)
+    use_high: bool = True
+    use_low: bool = True
+
+
+class PLFObjective(ZeroQObjective):
+    """eq. 2: the BN loss of eq. 1 on batch statistics plus gamma * CE to the assigned labels."""
+
+    def __init__(self, recorder: BNStatsRecorder, targets: BNTargets, gamma: float,
+                 input_weight: float = 0.0) -> None:
+        super().__init__(recorder, targets, input_weight)
+        self.gamma = float(gamma)
+        # eq. 1 compares variances; recorder and targets hold sqrt(var + eps) with the same eps,
+        # so squaring both gives var + eps on each side and the eps cancels in the difference.
+        self.target_var = self.target_std.pow(2)
+
+    def __call__(self, images: Tensor, logits: Tensor, labels: Optional[Tensor]) -> dict[str, Tensor]:
+        mean, std = self.recorder.flat_batch_stats()
+        bn = (mean - self.target_mean).pow(2).sum() + (std.pow(2) - self.target_var).pow(2).sum()  # eq. 1
+        ce = F.cross_entropy(logits, labels)  # L_IL of eq. 2, batch mean
+        terms = {"total": bn + self.gamma * ce, "bn": bn, "ce": ce}  # eq. 2
+        if self.input_weight > 0:
+            from calibbench.strategies.zeroq import input_loss
+
+            inp = input_loss(images)
+            terms["total"] = terms["total"] + self.input_weight * inp
+            terms["input"] = inp
+        return terms
+
+
+@register("plf", PLFConfig)
+class PLF(ZeroQ):
+    """Class-balanced labelled synthesis; the reliability split happens in ``refine=plf``."""
+
+    def validate(self) -> None:
+        super().validate()
+        cfg = self.cfg
+        if cfg.gamma < 0:
+            raise ConfigError(f"strategy.gamma={cfg.gamma} is negative; must be >= 0")
+        if not cfg.synth_lr > 0:
+            raise ConfigError(f"strategy.synth_lr={cfg.synth_lr} must be positive")
+        check_plf_values("strategy", cfg)
+
+    def num_images(self, ctx: StrategyContext) -> int:
+        return int(ctx.budget.plf_samples)
+
+    def iterations(self, ctx: StrategyContext) -> int:
+        return int(ctx.budget.plf_iterations)
+
+    def pixel_lr(self) -> float:
+        return float(self.cfg.synth_lr)
+
+    def make_recorder(self, model: nn.Module) -> BNStatsRecorder:
+        return BNStatsRecorder(model, per_image=False, per_batch=True)
+
+    def make_objective(self, ctx: StrategyContext, recorder: BNStatsRecorder, targets: BNTargets
+                       ) -> tuple[PLFObjective, dict[str, Any]]:
+        return (PLFObjective(recorder, targets, self.cfg.gamma, self.cfg.input_weight),
+                {"gamma": self.cfg.gamma, "bn_stats": "batch", "labels_stream": STREAM_LABELS})
+
+    def labels(self, ctx: StrategyContext) -> Tensor:
+        """Class-balanced assigned labels: ``i mod N_c`` in a seeded random order."""
+        n = self.num_images(ctx)
+        labels = torch.arange(n) % ctx.data.num_classes
+        return labels[torch.randperm(n, generator=ctx.generator(STREAM_LABELS))]
+
+    def resolved_config(self, ctx: StrategyContext) -> dict[str, Any]:
+        """The synthesis keys only: the refinement's keys (REFINE_KEYS) do not change the set."""
+        out = super().resolved_config(ctx)
+        for key in REFINE_KEYS:
+            out.pop(key, None)
+        return out
+
+    def calibration_set(self, ctx: StrategyContext) -> CalibrationSet:
+        calib = super().calibration_set(ctx)
+        with torch.no_grad():
+            agree = []
+            for images, labels in calib.batches(int(ctx.budget.eval_batch_size)):
+                agree.append(ctx.model(images.to(ctx.device)).argmax(1).cpu() == labels)
+        calib.info["num_images"] = len(calib)
+        calib.info["fp_agrees_with_label"] = float(torch.cat(agree).float().mean())
+        return calib
