@@ -16,8 +16,8 @@ from calibbench.config import ConfigError, QuantConfig, validate
 from calibbench.pipeline import calibration_budget
 from calibbench.refine.losses import RefinePlan, StepOutputs
 from calibbench.refine.plf import (FeatureMSE, HighReliableCE, LowReliableCE, ReliabilitySchedule,
-                                   auxiliary_labels, high_reliable, major_labels, plf_weights,
-                                   self_entropy, threshold, unit_modules)
+                                   auxiliary_labels, channel_attention, high_reliable, major_labels,
+                                   plf_weights, self_entropy, stage_modules, threshold, unit_modules)
 
 from conftest import run_twice
 
@@ -93,13 +93,25 @@ def _refine_cfg(compose, *overrides):
     return compose("refine=plf", *overrides).refine
 
 
-def test_unit_rule_finds_stage_children():
+def test_stage_and_unit_rules():
+    assert stage_modules(Net()) == ["features.stage1"]
     assert unit_modules(Net()) == ["features.stage1.unit1", "features.stage1.unit2"]
 
 
-def test_resnet20_units(resnet20):
+def test_resnet20_stages_and_units(resnet20):
+    assert stage_modules(resnet20) == ["features.stage1", "features.stage2", "features.stage3"]
     units = unit_modules(resnet20)
     assert len(units) == 9 and units[0] == "features.stage1.unit1" and units[-1] == "features.stage3.unit3"
+
+
+def test_channel_attention_is_normalized_channel_energy():
+    x = torch.zeros(2, 3, 4, 4)
+    x[0, 0] = 2.0  # all energy in channel 0
+    x[1] = 1.0     # equal energy in every channel
+    att = channel_attention(x)
+    assert torch.allclose(att[0], torch.tensor([1.0, 0.0, 0.0]))
+    assert torch.allclose(att[1], torch.full((3,), 3 ** -0.5))
+    assert torch.allclose(channel_attention(5 * x), att)  # scale-free: mu's scale does not depend on it
 
 
 @pytest.mark.parametrize("name", ["plf_high", "plf_low", "plf_mse"])
@@ -201,7 +213,9 @@ def test_family_defaults_follow_the_dataset(compose):
     (("strategy=plf", "strategy.tau=-1"), "strategy.tau=-1"),
     (("strategy=plf", "strategy.gamma=-1"), "strategy.gamma=-1"),
     (("strategy=zeroq", "refine=plf", "refine.plf.t_low=0.9"), "refine.plf.t_low=0.9 > refine.plf.t_high"),
-    (("strategy=zeroq", "refine=plf", "refine.plf.features=layers"), "valid choices: units, bn, list"),
+    (("strategy=zeroq", "refine=plf", "refine.plf.features=layers"), "valid choices: stages, units, bn, list"),
+    (("strategy=zeroq", "refine=plf", "refine.plf.feature_map=gram"), "valid choices: attention, raw"),
+    (("strategy=plf", "strategy.lr_schedule=step"), "valid choices: plateau, cosine"),
 ])
 def test_bad_input_is_one_clear_error_before_any_work(compose, overrides, needle):
     cfg = compose(*overrides)

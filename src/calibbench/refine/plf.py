@@ -25,9 +25,15 @@ Decisions where the paper is silent (docs/plf.md):
   end with 0-based epochs and skips T_u with 1-based ones).
 - A batch with no high- (low-) reliable sample contributes 0 to L_CE^h (L_CE^l): eq. 7 and 9
   average over N_h, N_l, which are then 0.
-- eq. 13's squared difference of a feature map is the mean over its elements (MSE), summed over
-  the hooked layers: the output of every residual / inverted-residual unit (``features=units``,
-  the layers the HAST/IntraQ code family hooks) or of every BN layer (``features=bn``).
+- eq. 13 names neither the layers nor the scale of "the intermediate feature layers". Read
+  literally (the raw feature maps' MSE, summed over layers) with the paper's mu = 100 the loss
+  starts ~500x the KL and the fine-tuning diverges here (resnet20 W4A4: 19.0 % val top-1,
+  docs/plf.md). The IntraQ/HAST code family this paper builds on (same 5120 images, same
+  pytorchcv models) aligns features as the per-sample L2-normalized channel energy
+  normalize(mean_hw(x^2)) of every stage's output, MSE per layer summed over layers; that is the
+  scale mu = 100 (CIFAR) / 4000 (ImageNet) fits, so it is the default
+  (``refine.plf.features=stages``, ``feature_map=attention``); ``feature_map=raw`` and
+  ``features=units|bn|list`` are the other readings.
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ from calibbench.refine.losses import LossTerm, RefinePlan, StepOutputs, term
 
 log = logging.getLogger(__name__)
 
-FEATURES = ("units", "bn", "list")
+FEATURES = ("stages", "units", "bn", "list")
+FEATURE_MAPS = ("attention", "raw")
 HIST_BINS = 20  # histogram of normalized entropies over [0, 1] in the record
 
 
@@ -151,16 +158,29 @@ class LowReliableCE(_Scheduled):
         return (lam_p * ce_p + lam_s * ce_s).mean()
 
 
-def unit_modules(model: nn.Module) -> list[str]:
-    """The residual / inverted-residual units: children of every stage container (pytorchcv
-    ``features.stage<k>``, torchvision ``layer<k>``), in forward order."""
+def stage_modules(model: nn.Module) -> list[str]:
+    """The stage containers (pytorchcv ``features.stage<k>``, torchvision ``layer<k>``), in
+    forward order."""
     names = []
     for name, module in model.named_modules():
         last = name.rsplit(".", 1)[-1]
-        if isinstance(module, nn.Sequential) and (last.startswith("stage") or
+        if isinstance(module, nn.Sequential) and ((last.startswith("stage") and last[5:].isdigit()) or
                                                    (last.startswith("layer") and last[5:].isdigit())):
-            names.extend(f"{name}.{child}" for child, _ in module.named_children())
+            names.append(name)
     return names
+
+
+def unit_modules(model: nn.Module) -> list[str]:
+    """The residual / inverted-residual units: the children of every stage container."""
+    modules = dict(model.named_modules())
+    return [f"{stage}.{child}" for stage in stage_modules(model)
+            for child, _ in modules[stage].named_children()]
+
+
+def channel_attention(x: Tensor) -> Tensor:
+    """normalize(mean_hw(x^2)) per sample: the channel-energy map the IntraQ/HAST code aligns."""
+    energy = x.pow(2).mean(dim=(2, 3)) if x.dim() == 4 else x.pow(2)
+    return F.normalize(energy.flatten(1), dim=1)
 
 
 def bn_modules(model: nn.Module) -> list[str]:
@@ -172,6 +192,8 @@ def feature_modules(cfg: Any, student: nn.Module, teacher: nn.Module) -> list[st
     kind = cfg.plf.features
     if kind == "list":
         names = list(cfg.feature_modules)
+    elif kind == "stages":
+        names = stage_modules(teacher)
     elif kind == "units":
         names = unit_modules(teacher)
     else:
@@ -189,13 +211,16 @@ def feature_modules(cfg: Any, student: nn.Module, teacher: nn.Module) -> list[st
 
 @term("plf_mse")
 class FeatureMSE(LossTerm):
-    """eq. 13: sum over the hooked layers of the MSE between FP and quantized features."""
+    """eq. 13: sum over the hooked layers of the MSE between FP and quantized features (their
+    channel attention by default, ``refine.plf.feature_map``)."""
 
     def setup(self, plan: RefinePlan) -> None:
         self.feature_modules = tuple(feature_modules(self.cfg, plan.student, plan.teacher))
+        self.transform = channel_attention if self.cfg.plf.feature_map == "attention" else (lambda x: x)
 
     def __call__(self, out: StepOutputs) -> Tensor:
-        return torch.stack([F.mse_loss(out.student_features[name], out.teacher_features[name])
+        return torch.stack([F.mse_loss(self.transform(out.student_features[name]),
+                                       self.transform(out.teacher_features[name]))
                             for name in self.feature_modules]).sum()
 
 
@@ -252,6 +277,7 @@ def validate(cfg: Any) -> None:
     # strategy=plf routes its strategy.* keys here: name the key the user set
     check_plf_values("strategy" if cfg.strategy.name == "plf" else "refine.plf", cfg.refine.plf)
     check_choice("refine.plf.features", cfg.refine.plf.features, FEATURES)
+    check_choice("refine.plf.feature_map", cfg.refine.plf.feature_map, FEATURE_MAPS)
     if cfg.refine.plf.features == "list" and not cfg.refine.feature_modules:
         raise ConfigError("refine.plf.features=list needs refine.feature_modules: the module paths "
                           "whose FP and quantized outputs eq. 13 compares")

@@ -36,6 +36,7 @@ from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext
 log = logging.getLogger(__name__)
 
 INITS = ("normal", "zeroq_code", "uniform")
+LR_SCHEDULES = ("plateau", "cosine")
 # The ZeroQ code draws integers 0..254, subtracts 127.5 and divides by 5418.75 — the *variance*
 # of U(-128, 127), where its comment says it wants unit variance. The result has std
 # sqrt((255² − 1)/12)/5418.75 ≈ 0.01359, i.e. 1/73.6 of N(0, 1) (the "~74×" of METHODS.md).
@@ -50,6 +51,8 @@ class ZeroQConfig(StrategyConfig):
     lr: float = 0.5  # Adam on the pixels
     lr_patience: int = 100  # ReduceLROnPlateau on the total loss (factor 0.1)
     min_lr: float = 1e-4
+    # plateau: ReduceLROnPlateau (ZeroQ's code) | cosine: cosine decay to min_lr over the iterations
+    lr_schedule: str = "plateau"
     input_weight: float = 1.0  # weight of the input-image term (mean 0 / std 1)
     log_every: int = 1  # keep every k-th step's loss terms in info
 
@@ -150,6 +153,7 @@ class ZeroQ(Strategy):
             if getattr(cfg, key) < 0 or (key == "lr" and cfg.lr == 0):
                 raise ConfigError(f"strategy.{key}={getattr(cfg, key)} must be "
                                   f"{'positive' if key == 'lr' else 'non-negative'}")
+        check_choice("strategy.lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
         if cfg.lr_patience < 0:
             raise ConfigError(f"strategy.lr_patience={cfg.lr_patience} must be >= 0")
         if cfg.log_every < 1:
@@ -269,8 +273,10 @@ class ZeroQ(Strategy):
         x = x0.to(ctx.device).requires_grad_(True)
         y = None if labels is None else labels.to(ctx.device)
         opt = torch.optim.Adam([x], lr=self.pixel_lr())
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", patience=cfg.lr_patience,
-                                                           min_lr=cfg.min_lr)
+        plateau = cfg.lr_schedule == "plateau"
+        sched: Any = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", patience=cfg.lr_patience,
+                                                                 min_lr=cfg.min_lr) if plateau else
+                      torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=cfg.min_lr))
         logged: dict[str, list[float]] = {}
         initial = math.nan
         t0 = time.perf_counter()
@@ -289,7 +295,7 @@ class ZeroQ(Strategy):
                 initial = values[0]  # the loss of the starting images
             terms["total"].backward()
             opt.step()
-            sched.step(values[0])
+            sched.step(values[0]) if plateau else sched.step()
             if step % cfg.log_every == 0 or step == iters:
                 for key, value in zip(terms, values):
                     logged.setdefault(key, []).append(value)
