@@ -272,8 +272,6 @@ def test_synthesis_uses_batch_statistics_ce_and_balanced_labels(compose, make_ct
 
 
 def test_refinement_keys_stay_out_of_the_calibration_key(compose):
-    from calibbench.pipeline import calibration_key  # noqa: F401 (the key uses resolved_config)
-
     a = strategies.build(compose(*SMOKE).strategy)
     b = strategies.build(compose(*SMOKE, "strategy.mu=0", "strategy.use_low=false", "strategy.lr=0.01").strategy)
     c = strategies.build(compose(*SMOKE, "strategy.gamma=1").strategy)

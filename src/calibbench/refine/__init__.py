@@ -189,8 +189,6 @@ def validate(cfg: Any) -> None:
     check_choice("refine.bn", r.bn, BN_MODES)
     _check_strategy(cfg)
     if r.name == "plf":
-        from calibbench.refine import plf
-
         plf.validate(cfg)
     if "feature" in _active_terms(r):
         if not r.feature_modules:
