@@ -67,5 +67,6 @@ def corrupt(path: Path, how: str = "truncate") -> Path:
     """Damage one JPEG: ``truncate`` keeps its first 40% (the header decodes, the data does not),
     ``garbage`` overwrites it with bytes that are no image at all."""
     data = path.read_bytes()
+    path.unlink()  # a new file: a hard-linked copy of a shared tree stays intact
     path.write_bytes(data[: max(16, int(len(data) * 0.4))] if how == "truncate" else b"not a jpeg" * 20)
     return path

@@ -266,7 +266,8 @@ def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[s
             record.update({
                 "model": {"name": cfg.model.name, "arch": cfg.model.arch,
                           "weights_source": built.weights_source, "weights_id": built.weights_id},
-                "dataset": {"name": data.name, "train_size": len(data.train),  # type: ignore[arg-type]
+                "dataset": {"name": data.name, "num_classes": data.num_classes,
+                            "train_size": len(data.train),  # type: ignore[arg-type]
                             "val_size": len(data.holdout), "pool_size": len(data.pool),
                             "eval_split": cfg.eval_split, "eval_size": len(eval_idx),
                             "transform": data.transform},

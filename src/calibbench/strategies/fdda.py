@@ -243,12 +243,19 @@ class FDDA(GeneratorStrategy):
         k = real["num_classes"]
         was = ctx.model.training
         ctx.model.eval()
+        # Per-image statistics in eval mode do not depend on the batch: forwarded in chunks of
+        # budget.calib_batch_size, so ImageNet's 1000 real images never form one 224x224 batch.
+        chunk = max(1, int(ctx.budget.calib_batch_size))
+        parts: list[list[tuple[Tensor, Tensor]]] = []
         with torch.no_grad(), BNStatsRecorder(ctx.model, layers=deep, per_image=True, detach=True,
                                               correction=self.bn_correction) as rec:
-            rec.clear()
-            ctx.model(real["images"].to(ctx.device))
-            stats = rec.image_stats()
+            for begin in range(0, len(real["images"]), chunk):
+                rec.clear()
+                ctx.model(real["images"][begin:begin + chunk].to(ctx.device))
+                parts.append([(m.cpu(), s.cpu()) for m, s in rec.image_stats()])
         ctx.model.train(was)
+        stats = [(torch.cat([p[l][0] for p in parts]), torch.cat([p[l][1] for p in parts]))
+                 for l in range(len(parts[0]))]
         labels = real["labels"]
         means, stds = [], []
         for mean, std in stats:

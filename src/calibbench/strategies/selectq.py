@@ -603,7 +603,7 @@ class SelectQ(Strategy):
             scores, sizes = score_pool(result.stats, result.centroids, result.layout)
             chosen = rank(scores, ctx.num_samples, cfg.select)
         result.seconds["rank"] = time.perf_counter() - t0
-        indices = pool[chosen].tolist()
+        indices = result.pool[chosen].tolist()  # corrupt files are no longer in result.pool
 
         t0 = time.perf_counter()
         images, labels = ctx.data.load(indices, "train", ctx.budget.calib_batch_size)
