@@ -146,7 +146,8 @@ def damaged_root(tmp_path_factory) -> tuple[Path, list[int]]:
 # (1000 forwards at 224x224 per stage), the prediction-based one scans only the pool. A strategy
 # not listed here (a new one) runs with SMALL alone.
 EXTRA = {"zeroq": ["strategy.lr=0.01"], "dsg": ["strategy.lr=0.01", "strategy.batch_size=4"],
-         "fdda": ["strategy.real_labels=predicted"]}
+         "fdda": ["strategy.real_labels=predicted"],
+         "plf": ["strategy.synth_lr=0.01", "budget.plf_samples=8", "budget.plf_iterations=2"]}
 
 
 @pytest.mark.parametrize("name", strategies.available())
