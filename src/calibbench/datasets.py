@@ -12,7 +12,8 @@ Folder datasets (``imagenet``, ``cifar10_jpeg``) are checked for their layout be
 (``train/`` and the evaluation folder exist and hold the same class folders, as many as the
 config says). ``dataset.train_per_class=N`` keeps a seeded sample of N files per class folder of
 the train split (the draw is seeded by ``dataset.val_seed``, like the validation split: fixed per
-dataset, independent of the run seed), so a selection pool never lists the whole 1.28M-image split.
+dataset, independent of the run seed): each class folder's file names are read once (no file is
+opened), and the dataset, its pool and every selection pass hold only the sample.
 
 Files are decoded lazily, where a batch is read. A file that does not decode raises
 :class:`CorruptImageError` naming it; consumers of the calibration pool read with
