@@ -51,7 +51,7 @@ def records(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(root.rglob("result.json"))]
 
 
-def check_record(record: dict, *, pool_size: int = 24, skipped: tuple[int, ...] = ()) -> None:
+def check_record(record: dict, *, skipped: tuple[int, ...] = ()) -> None:
     """What every ImageNet-size run must show, whatever the strategy or model."""
     assert record["status"] == "ok", record.get("error")
     ds, metrics = record["dataset"], record["metrics"]
@@ -89,6 +89,7 @@ def test_fixture_has_the_imagenet_layout(imagenet_root):
     assert len(sizes) >= 4  # varied sizes and aspect ratios
 
 
+@pytest.mark.slow
 def test_headline_command_end_to_end(tmp_path, imagenet_root):
     """The command users type first, as they type it (plus the fixture's sizes)."""
     proc = cli(tmp_path, "strategy=selectq", "model=mobilenetv3", "bits=6", "model.weights=none",
@@ -115,6 +116,7 @@ def model_sweep(tmp_path_factory, imagenet_root) -> dict[str, dict]:
     return {r["config"]["model"]["name"]: r for r in records(out)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", IMAGENET_MODELS)
 def test_headline_command_on_other_imagenet_models(model_sweep, model):
     record = model_sweep[model]
@@ -150,6 +152,7 @@ EXTRA = {"zeroq": ["strategy.lr=0.01"], "dsg": ["strategy.lr=0.01", "strategy.ba
          "plf": ["strategy.synth_lr=0.01", "budget.plf_samples=8", "budget.plf_iterations=2"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", strategies.available())
 def test_every_strategy_at_imagenet_size(tmp_path, compose, damaged_root, name, caplog):
     """Every registered strategy through ``pipeline.run`` (what the CLI calls) on the same config
@@ -176,6 +179,7 @@ def test_every_strategy_at_imagenet_size(tmp_path, compose, damaged_root, name, 
         assert "skipped 2 corrupt image file(s) in the SelectQ pool" in caplog.text
 
 
+@pytest.mark.slow
 def test_fdda_real_set_skips_corrupt_files(damaged_root, make_ctx, compose, caplog):
     """FDDA's default real set (the first pool image of each class): a class whose first image does
     not decode gets its next one."""
@@ -288,6 +292,7 @@ def test_wrong_class_count_names_path_and_counts(tmp_path):
     assert str(root) in str(err.value)
 
 
+@pytest.mark.slow
 def test_wrong_layout_from_the_cli(tmp_path):
     root = tmp_path / "imagenet"
     (root / "val").mkdir(parents=True)
