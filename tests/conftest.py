@@ -107,6 +107,16 @@ def compose() -> Callable:
 
 
 @pytest.fixture(scope="session")
+def imagenet_root(tmp_path_factory) -> Path:
+    """A tiny ImageNet-layout tree (1000 wnid folders, 3 train + 1 val JPEG each; tests/
+    imagenet_fixture.py), written once per session in about a second. Read-only: a test that
+    damages files writes its own tree."""
+    from imagenet_fixture import write_imagenet_tree
+
+    return write_imagenet_tree(tmp_path_factory.mktemp("imagenet"))
+
+
+@pytest.fixture(scope="session")
 def cifar(compose):
     """The real offline cifar10_jpeg data module (both splits, lazy: nothing decoded up front)."""
     from calibbench import datasets

@@ -472,3 +472,30 @@ def test_real_cifar_images_and_labels(cifar, resnet20, make_ctx) -> None:  # noq
     assert calib.labels.tolist() == [targets[i] for i in indices]
     assert calib.images.shape == (16, 3, 32, 32)
     assert calib.info["scores"] == sorted(calib.info["scores"])
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_corrupt_rows_keep_their_step_and_move_nothing(size) -> None:
+    """A corrupt file (``keep`` False) holds its traversal position: every other image keeps the
+    λ_t of its position, the schedule still has all its steps, and the skipped row never moves a
+    centroid (its statistics are NaN in the pass)."""
+    torch.manual_seed(1)
+    layout = StatsLayout.build(["a", "b"], [1, 1], gamma=1.0)
+    stats, init = torch.randn(10, 4), torch.randn(3, 4)
+    keep = torch.ones(10, dtype=torch.bool)
+    keep[[0, 4, 5]] = False
+    stats[~keep] = float("nan")
+    for feeds in ([10], [4, 6], [1] * 10):
+        up = CentroidUpdater(init, layout, 10, size, 0.1, 0.001)
+        start = 0
+        for n in feeds:
+            up.feed(stats[start:start + n], keep[start:start + n])
+            start += n
+        final = up.finish()
+        assert (up.step, up.seen, up.skipped) == (math.ceil(10 / size), 7, 3)
+        c = init
+        for t, begin in enumerate(range(0, 10, size)):
+            rows = stats[begin:begin + size][keep[begin:begin + size]]
+            if len(rows):
+                c = update_centroids(c, rows, knowledge_distance(rows, c, layout).argmin(1), up.lambdas[t], layout)
+        assert torch.isfinite(final).all() and torch.equal(final, c), feeds

@@ -35,7 +35,7 @@ def _key(compose, tiny_data, *overrides: str) -> str:
     ("strategy=selectq", "strategy.pool_size=32"),
     ("strategy=selectq", "strategy.gamma=2"),
     ("dataset.resize=40",), ("dataset.root=/elsewhere",), ("dataset.val_size=10",),
-    ("dataset.val_seed=1",), ("seed=1",), ("num_samples=17",), ("budget.calib_batch_size=7",),
+    ("dataset.val_seed=1",), ("dataset.train_per_class=5",), ("seed=1",), ("num_samples=17",), ("budget.calib_batch_size=7",),
     ("model=resnet56_cifar10",),  # the weights enter through the built model's weights_id
 ])
 def test_any_input_of_the_set_misses_the_cache(compose, tiny_data, change):

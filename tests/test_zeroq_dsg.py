@@ -258,8 +258,8 @@ def test_real_margins_draw_from_the_calibration_pool(resnet20, make_ctx, monkeyp
     data = DataModule("tiny_holdout", TensorImages(tiny.train.images, torch.tensor(tiny.train.targets)),
                       tiny.test, 10, 32, tiny.mean, tiny.std, num_workers=0, holdout=holdout)
     seen: list[int] = []
-    real_load = data.load
-    monkeypatch.setattr(data, "load", lambda idx, *a, **k: (seen.extend(idx), real_load(idx, *a, **k))[1])
+    real_load = data._load
+    monkeypatch.setattr(data, "_load", lambda idx, *a, **k: (seen.extend(idx), real_load(idx, *a, **k))[1])
     ctx = make_ctx(resnet20, data, num_samples=4)
     with frozen(resnet20) as model, BNStatsRecorder(model) as rec:
         info = _dsg(margin_source="real", margin_samples=20).margins(ctx, rec, rec.targets())[2]

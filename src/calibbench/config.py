@@ -67,6 +67,9 @@ class DatasetConfig:
     # every calibration/selection pool; decisions are made on it (eval_split=val).
     val_size: int = 0
     val_seed: int = 0
+    # Folder datasets: keep a seeded sample of N files per train class folder (null = all). Seeded
+    # by val_seed (a fixed property of the dataset, like the validation split); in every cache key.
+    train_per_class: Optional[int] = None
 
 
 @dataclass

@@ -7,18 +7,34 @@ seed, so every run and strategy sees the same validation images and the same poo
 
 Both splits use deterministic eval transforms (no augmentation): a calibration image is the same
 tensor every time it is drawn, which keeps selection and caching reproducible.
+
+Folder datasets (``imagenet``, ``cifar10_jpeg``) are checked for their layout before any work
+(``train/`` and the evaluation folder exist and hold the same class folders, as many as the
+config says). ``dataset.train_per_class=N`` keeps a seeded sample of N files per class folder of
+the train split (the draw is seeded by ``dataset.val_seed``, like the validation split: fixed per
+dataset, independent of the run seed): each class folder's file names are read once (no file is
+opened), and the dataset, its pool and every selection pass hold only the sample.
+
+Files are decoded lazily, where a batch is read. A file that does not decode raises
+:class:`CorruptImageError` naming it; consumers of the calibration pool read with
+``skip_corrupt=True`` (``loader``, :meth:`DataModule.load_valid`, :meth:`DataModule.fill`) and drop
+such files with one warning that counts them, while evaluation and :meth:`DataModule.load` stay
+strict: the evaluation set never silently shrinks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import multiprocessing as mp
-import hashlib
+import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets as tvd
 from torchvision import transforms as T
@@ -35,6 +51,93 @@ LEGACY_GDFQ = {
 }
 FAMILY = {"cifar10": "cifar10", "cifar10_jpeg": "cifar10", "cifar100": "cifar100", "imagenet": "imagenet"}
 EVAL_SPLITS = ("test", "val")
+FOLDER_DATASETS = ("cifar10_jpeg", "imagenet")
+CORRUPT_LABEL = -1  # what a skip_corrupt loader yields as the label of a file that does not decode
+_CORRUPT_PREFIX = "corrupt or unreadable image file"
+
+
+class CorruptImageError(ConfigError):
+    """An image file that PIL cannot decode; the message names the file.
+
+    A ConfigError (bad input, exit code 2 from the CLI). Constructed from one message string, so a
+    DataLoader worker can re-raise it in the main process with its type.
+    """
+
+
+def load_rgb(path: str) -> Image.Image:
+    """ImageFolder's loader, but a file that does not decode is a :class:`CorruptImageError`.
+
+    ``convert`` forces the full decode: a truncated JPEG opens (its header is fine) and fails only
+    there. Module-level so DataLoader workers can pickle it.
+    """
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        # UnidentifiedImageError and "image file is truncated" are OSErrors
+        raise CorruptImageError(f"{_CORRUPT_PREFIX} {path!r}: {err}") from None
+
+
+def corrupt_message(err: BaseException) -> str:
+    """The ``corrupt or unreadable image file '<path>': <reason>`` part of ``err``'s message
+    (a DataLoader worker's re-raise wraps it in a traceback)."""
+    text = str(err)
+    start = text.rfind(_CORRUPT_PREFIX)
+    return text[start:].strip() if start >= 0 else text.strip()
+
+
+class MarkCorrupt(Dataset):
+    """``dataset`` whose undecodable items come out as ``(zeros, CORRUPT_LABEL)`` instead of
+    raising, so a streaming consumer of the calibration pool can drop them batch by batch."""
+
+    def __init__(self, dataset: Dataset, shape: tuple[int, ...]) -> None:
+        self.dataset, self.shape = dataset, shape
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        try:
+            return self.dataset[i]
+        except CorruptImageError:
+            return torch.zeros(self.shape), CORRUPT_LABEL
+
+
+class SampledImageFolder(tvd.ImageFolder):
+    """ImageFolder with :func:`load_rgb`, optionally keeping a seeded sample of ``per_class`` files
+    per class folder (``dataset.train_per_class``).
+
+    Each class folder is listed once (one ``scandir``) and no file is opened; the sample of class
+    ``wnid`` is seeded by (``seed``, ``wnid``), so it does not depend on which other classes exist.
+    A class with fewer files keeps them all (logged).
+    """
+
+    def __init__(self, root: str, transform: Any, per_class: Optional[int] = None, seed: int = 0) -> None:
+        self.per_class, self.sample_seed = per_class, seed
+        super().__init__(root, transform=transform, loader=load_rgb)
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None,  # noqa: ANN001
+                     allow_empty=False):  # noqa: ANN001, ANN201 - torchvision's signature
+        if self.per_class is None:
+            return super().make_dataset(directory, class_to_idx, extensions, is_valid_file, allow_empty)
+        exts = tuple(e.lower() for e in (extensions or tvd.folder.IMG_EXTENSIONS))
+        samples, short = [], []
+        for wnid, label in sorted(class_to_idx.items(), key=lambda kv: kv[1]):
+            folder = os.path.join(directory, wnid)
+            names = sorted(e.name for e in os.scandir(folder)
+                           if e.is_file() and e.name.lower().endswith(exts))
+            if not names:
+                raise ConfigError(f"class folder {folder!r} holds no image files ({', '.join(exts)})")
+            if len(names) > self.per_class:
+                digest = hashlib.sha256(f"{int(self.sample_seed)}/train_per_class/{wnid}".encode()).digest()
+                names = sorted(random.Random(int.from_bytes(digest[:8], "little")).sample(names, self.per_class))
+            else:
+                short.append(wnid)
+            samples += [(os.path.join(folder, n), label) for n in names]
+        if short:
+            log.info("train_per_class=%d: %d class folders hold fewer files and are kept whole (%s...)",
+                     self.per_class, len(short), short[:3])
+        return samples
 
 
 def holdout_indices(n_train: int, val_size: int, val_seed: int) -> list[int]:
@@ -64,6 +167,7 @@ class DataModule:
     std: tuple[float, float, float]
     num_workers: int = 2
     holdout: list[int] = field(default_factory=list)
+    transform: str = ""  # the eval transform applied to every image, for the result record
     pool: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
@@ -83,8 +187,14 @@ class DataModule:
         return self.train, [self.holdout[i] for i in spread_indices(len(self.holdout), limit)]
 
     def loader(self, dataset: Dataset, batch_size: int, indices: Optional[Sequence[int]] = None,
-               num_workers: Optional[int] = None) -> DataLoader:
-        """A streaming, ordered loader over ``dataset`` (optionally a subset of it)."""
+               num_workers: Optional[int] = None, skip_corrupt: bool = False) -> DataLoader:
+        """A streaming, ordered loader over ``dataset`` (optionally a subset of it).
+
+        ``skip_corrupt``: a file that does not decode comes out with label ``CORRUPT_LABEL`` (and
+        zero pixels) for the consumer to drop; otherwise it raises :class:`CorruptImageError`.
+        """
+        if skip_corrupt:
+            dataset = MarkCorrupt(dataset, (len(self.mean), self.input_size, self.input_size))
         if indices is not None:
             dataset = Subset(dataset, list(indices))
         workers = self.num_workers if num_workers is None else num_workers
@@ -96,14 +206,83 @@ class DataModule:
 
     def load(self, indices: Sequence[int], split: str = "train", batch_size: int = 256
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stack the images and labels at ``indices`` (calibration-sized sets only)."""
+        """Stack the images and labels at ``indices`` (calibration-sized sets only). Strict: a
+        file that does not decode raises :class:`CorruptImageError` naming it."""
+        images, labels, _, _ = self._load(indices, split, batch_size, skip_corrupt=False)
+        return images, labels
+
+    def load_valid(self, indices: Sequence[int], split: str = "train", batch_size: int = 256
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+        """(images, labels, kept indices, skipped indices): like :meth:`load`, but files that do
+        not decode are dropped with one warning that counts them."""
+        images, labels, kept, skipped = self._load(indices, split, batch_size, skip_corrupt=True)
+        warn_skipped(self, skipped, split)
+        return images, labels, kept, skipped
+
+    def fill(self, candidates: Sequence[Sequence[int]], counts: Sequence[int], batch_size: int = 256
+             ) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+        """The first ``counts[g]`` train images of each candidate list ``candidates[g]`` that
+        decode: a corrupt file is replaced by the next candidate of its list. Returns (images,
+        labels, indices, skipped) with images and labels in ascending index order. Reads
+        ``sum(counts)`` files plus one per corrupt one; a list that runs out is a ConfigError."""
+        group: dict[int, int] = {}
+        taken = [int(k) for k in counts]
+        want: list[int] = []
+        for g, (cands, k) in enumerate(zip(candidates, taken)):
+            head = [int(i) for i in cands[:k]]
+            if len(head) < k:
+                raise ConfigError(f"{k} images requested from a list of {len(cands)} candidates")
+            want += head
+            group.update({i: g for i in head})
+        got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        skipped: list[int] = []
+        while want:
+            images, labels, kept, bad = self._load(want, "train", batch_size, skip_corrupt=True)
+            got.update({i: (images[j], labels[j]) for j, i in enumerate(kept)})
+            skipped += bad
+            want = []
+            for i in bad:
+                g = group[i]
+                if taken[g] >= len(candidates[g]):
+                    raise ConfigError(
+                        f"not enough decodable images: {len(skipped)} corrupt file(s) among the "
+                        f"candidates (first: {self.file_of(skipped[0])!r}) and no candidate left "
+                        f"to replace them")
+                nxt = int(candidates[g][taken[g]])
+                taken[g] += 1
+                group[nxt] = g
+                want.append(nxt)
+        warn_skipped(self, skipped, "train")
+        chosen = sorted(got)
+        if not chosen:
+            return torch.empty(0), torch.empty(0, dtype=torch.long), [], skipped
+        return (torch.stack([got[i][0] for i in chosen]), torch.stack([got[i][1] for i in chosen]),
+                chosen, skipped)
+
+    def _load(self, indices: Sequence[int], split: str, batch_size: int, skip_corrupt: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
         dataset = self.train if split == "train" else self.test
+        indices = [int(i) for i in indices]
         xs, ys = [], []
         workers = 0 if len(indices) <= batch_size else None
-        for x, y in self.loader(dataset, batch_size, indices, num_workers=workers):
+        for x, y in self.loader(dataset, batch_size, indices, num_workers=workers, skip_corrupt=skip_corrupt):
             xs.append(x)
-            ys.append(y)
-        return torch.cat(xs), torch.cat(ys)
+            ys.append(torch.as_tensor(y))
+        if not xs:
+            return torch.empty(0), torch.empty(0, dtype=torch.long), [], []
+        images, labels = torch.cat(xs), torch.cat(ys)
+        ok = labels != CORRUPT_LABEL
+        if bool(ok.all()):
+            return images, labels, indices, []
+        kept = [i for i, good in zip(indices, ok.tolist()) if good]
+        bad = [i for i, good in zip(indices, ok.tolist()) if not good]
+        return images[ok], labels[ok], kept, bad
+
+    def file_of(self, index: int, split: str = "train") -> str:
+        """The file behind ``index`` of a folder dataset (for messages), else ``split[index]``."""
+        dataset = self.train if split == "train" else self.test
+        samples = getattr(dataset, "samples", None)
+        return samples[int(index)][0] if samples is not None else f"{split}[{int(index)}]"
 
     def targets(self, split: str = "train") -> list[int]:
         """Labels without decoding images (ImageFolder and torchvision CIFAR both keep them)."""
@@ -115,6 +294,15 @@ class DataModule:
         mean = torch.tensor(self.mean, device=pixels.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=pixels.device).view(1, -1, 1, 1)
         return (pixels - mean) / std
+
+
+def warn_skipped(data: DataModule, skipped: Sequence[int], split: str = "train",
+                 what: str = "the calibration pool") -> None:
+    """One warning counting the corrupt files dropped from ``what`` (the first few named)."""
+    if skipped:
+        files = [data.file_of(i, split) for i in list(skipped)[:3]]
+        log.warning("skipped %d corrupt image file(s) in %s (they do not decode): %s%s",
+                    len(skipped), what, ", ".join(files), " ..." if len(skipped) > 3 else "")
 
 
 def _normalization(cfg: DatasetConfig, model: ModelConfig) -> tuple[tuple, tuple]:
@@ -135,6 +323,12 @@ def build(cfg: DatasetConfig, model: ModelConfig) -> DataModule:
     """Build both splits. A missing folder or a failed download is a ConfigError naming the path."""
     mean, std = _normalization(cfg, model)
     size = model.input_size
+    if cfg.train_per_class is not None:
+        if cfg.train_per_class < 1:
+            raise ConfigError(f"dataset.train_per_class={cfg.train_per_class} must be >= 1 or null")
+        if cfg.name not in FOLDER_DATASETS:
+            raise ConfigError(f"dataset.train_per_class applies to folder datasets "
+                              f"({', '.join(FOLDER_DATASETS)}), not {cfg.name!r}; set it to null")
     if cfg.name == "imagenet":
         resize = [T.Resize(cfg.resize or int(size / 0.875)), T.CenterCrop(size)]
     else:  # CIFAR images are 32x32; a model with a larger input gets them upsampled
@@ -152,13 +346,14 @@ def build(cfg: DatasetConfig, model: ModelConfig) -> DataModule:
             raise ConfigError(
                 f"dataset {cfg.name!r}: could not find or download it under {str(root)!r} ({err}). "
                 f"Offline, use dataset=cifar10_jpeg with paths.data_dir pointing at the JPEG copy") from err
-    elif cfg.name in ("cifar10_jpeg", "imagenet"):
+    elif cfg.name in FOLDER_DATASETS:
         val_name = "test" if cfg.name == "cifar10_jpeg" else "val"
-        _require_dir(root, cfg)
-        for split in ("train", val_name):
-            _require_dir(root / split, cfg)
-        train = tvd.ImageFolder(str(root / "train"), transform=tf)
-        val = tvd.ImageFolder(str(root / val_name), transform=tf)
+        check_layout(root, cfg, val_name)
+        try:
+            train = SampledImageFolder(str(root / "train"), tf, cfg.train_per_class, cfg.val_seed)
+            val = SampledImageFolder(str(root / val_name), tf)
+        except FileNotFoundError as err:  # torchvision: a class folder without image files
+            raise ConfigError(f"dataset {cfg.name!r} at {str(root)!r}: {err}") from err
     else:
         raise ConfigError(f"unknown dataset {cfg.name!r}; valid choices: cifar10, cifar100, cifar10_jpeg, imagenet")
     found = len(getattr(train, "classes", [])) or cfg.num_classes
@@ -172,7 +367,36 @@ def build(cfg: DatasetConfig, model: ModelConfig) -> DataModule:
     holdout = holdout_indices(n_train, cfg.val_size, cfg.val_seed)
     log.info("dataset %s: %d train (%d held out for validation) / %d test images from %s",
              cfg.name, n_train, len(holdout), len(val), root)
-    return DataModule(cfg.name, train, val, cfg.num_classes, size, mean, std, cfg.num_workers, holdout)
+    return DataModule(cfg.name, train, val, cfg.num_classes, size, mean, std, cfg.num_workers, holdout,
+                      transform=" -> ".join(repr(t) for t in tf.transforms))
+
+
+def _class_folders(path: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(path) if e.is_dir())
+
+
+def check_layout(root: Path, cfg: DatasetConfig, val_name: str) -> None:
+    """A folder dataset's layout, before any work: ``root/train/<class>/`` and
+    ``root/<val_name>/<class>/`` with the same class folders, ``cfg.num_classes`` of them.
+    One ConfigError naming the path and what is missing."""
+    _require_dir(root, cfg)
+    layout = f"expected root/train/<class>/*.JPEG and root/{val_name}/<class>/*.JPEG"
+    missing = [split for split in ("train", val_name) if not (root / split).is_dir()]
+    if missing:
+        raise ConfigError(f"dataset {cfg.name!r} at {str(root)!r}: no {' or '.join(m + '/' for m in missing)} "
+                          f"folder ({layout}); found: {', '.join(sorted(os.listdir(root))) or 'nothing'}")
+    train, val = _class_folders(root / "train"), _class_folders(root / val_name)
+    if set(train) != set(val):
+        only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        raise ConfigError(
+            f"dataset {cfg.name!r} at {str(root)!r}: the class folders of train/ and {val_name}/ "
+            f"differ ({len(train)} vs {len(val)}): {len(only_train)} only in train/ {only_train[:3]}, "
+            f"{len(only_val)} only in {val_name}/ {only_val[:3]}; labels are folder positions, so "
+            f"both splits need the same class folders")
+    if len(train) != cfg.num_classes:
+        raise ConfigError(
+            f"dataset {cfg.name!r} at {str(root)!r} has {len(train)} class folders in train/ and "
+            f"{val_name}/, the config (and the model) expect {cfg.num_classes} ({layout})")
 
 
 def spread_indices(n_total: int, n: Optional[int]) -> list[int]:

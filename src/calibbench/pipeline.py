@@ -266,9 +266,11 @@ def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[s
             record.update({
                 "model": {"name": cfg.model.name, "arch": cfg.model.arch,
                           "weights_source": built.weights_source, "weights_id": built.weights_id},
-                "dataset": {"name": data.name, "train_size": len(data.train),  # type: ignore[arg-type]
+                "dataset": {"name": data.name, "num_classes": data.num_classes,
+                            "train_size": len(data.train),  # type: ignore[arg-type]
                             "val_size": len(data.holdout), "pool_size": len(data.pool),
-                            "eval_split": cfg.eval_split, "eval_size": len(eval_idx)},
+                            "eval_split": cfg.eval_split, "eval_size": len(eval_idx),
+                            "transform": data.transform},
                 "quant": {"preset": cfg.quant.name, "w_bits": w_bits, "a_bits": a_bits,
                           **quant.describe(qmodel)},
                 "metrics": {"fp": fp, "quant": q, "drop_top1": fp["top1"] - q["top1"]},

@@ -264,7 +264,8 @@ class DSG(ZeroQ):
             pool = ctx.data.pool
             check_pool(n, len(pool), "the calibration pool (strategy.margin_samples)")
             indices = pool[torch.randperm(len(pool), generator=gen)[:n]].sort().values.tolist()
-            images, _ = ctx.data.load(indices, "train", ctx.budget.calib_batch_size)
+            images, _, _, _ = ctx.data.load_valid(indices, "train", ctx.budget.calib_batch_size)
+            n = len(images)  # corrupt files are dropped (with a warning)
         t_mean, t_std = targets.flat()
         dev_m, dev_s = [], []
         chunk = max(1, ctx.budget.synth_batch_size)

@@ -175,17 +175,22 @@ class FDDA(GeneratorStrategy):
         k = self.model_classes(ctx)
         order = ctx.pool_permutation()
         if self.cfg.real_labels == "dataset":
-            targets = torch.tensor(ctx.data.targets("train"))[order]
-            chosen: dict[int, int] = {}
-            for pos, c in enumerate(targets.tolist()):
-                if 0 <= c < k and c not in chosen:
-                    chosen[c] = int(order[pos])
-                    if len(chosen) == k:
-                        break
-            classes = sorted(chosen)
-            indices = [chosen[c] for c in classes]
-            images, labels = (ctx.data.load(indices, "train", int(ctx.budget.calib_batch_size))
-                              if indices else (torch.empty(0), torch.empty(0, dtype=torch.long)))
+            # The first pool image of each class in the pool order; a corrupt file gives way to
+            # the next image of its class.
+            targets = torch.tensor(ctx.data.targets("train"))[order].tolist()
+            candidates: dict[int, list[int]] = {}
+            for i, c in zip(order.tolist(), targets):
+                if 0 <= c < k:
+                    candidates.setdefault(c, []).append(i)
+            classes = sorted(candidates)
+            if classes:
+                images, labels, indices, _ = ctx.data.fill(
+                    [candidates[c] for c in classes], [1] * len(classes), int(ctx.budget.calib_batch_size))
+                by_class = sorted(range(len(indices)), key=lambda j: int(labels[j]))
+                images, labels = images[by_class], labels[by_class]
+                indices = [indices[j] for j in by_class]
+            else:
+                images, labels, indices = torch.empty(0), torch.empty(0, dtype=torch.long), []
             scanned = None
         else:
             images, labels, indices, scanned = self._by_prediction(ctx, order, k)
@@ -213,10 +218,11 @@ class FDDA(GeneratorStrategy):
         was = ctx.model.training
         ctx.model.eval()
         for start in range(0, limit, batch):
-            idx = order[start:min(limit, start + batch)].tolist()
-            x, _ = ctx.data.load(idx, "train", batch)
-            pred = ctx.model(x.to(ctx.device)).argmax(1).cpu().tolist()
+            x, _, idx, _ = ctx.data.load_valid(order[start:min(limit, start + batch)].tolist(), "train", batch)
             scanned += len(idx)
+            if not idx:
+                continue
+            pred = ctx.model(x.to(ctx.device)).argmax(1).cpu().tolist()
             for i, c in enumerate(pred):
                 if c not in found:
                     found[c] = (idx[i], x[i])
@@ -237,12 +243,19 @@ class FDDA(GeneratorStrategy):
         k = real["num_classes"]
         was = ctx.model.training
         ctx.model.eval()
+        # Per-image statistics in eval mode do not depend on the batch: forwarded in chunks of
+        # budget.calib_batch_size, so ImageNet's 1000 real images never form one 224x224 batch.
+        chunk = max(1, int(ctx.budget.calib_batch_size))
+        parts: list[list[tuple[Tensor, Tensor]]] = []
         with torch.no_grad(), BNStatsRecorder(ctx.model, layers=deep, per_image=True, detach=True,
                                               correction=self.bn_correction) as rec:
-            rec.clear()
-            ctx.model(real["images"].to(ctx.device))
-            stats = rec.image_stats()
+            for begin in range(0, len(real["images"]), chunk):
+                rec.clear()
+                ctx.model(real["images"][begin:begin + chunk].to(ctx.device))
+                parts.append([(m.cpu(), s.cpu()) for m, s in rec.image_stats()])
         ctx.model.train(was)
+        stats = [(torch.cat([p[l][0] for p in parts]), torch.cat([p[l][1] for p in parts]))
+                 for l in range(len(parts[0]))]
         labels = real["labels"]
         means, stds = [], []
         for mean, std in stats:

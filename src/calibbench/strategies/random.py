@@ -28,27 +28,31 @@ class RandomSelection(Strategy):
     def calibration_set(self, ctx: StrategyContext) -> CalibrationSet:
         check_pool(ctx.num_samples, len(ctx.data.pool))
         if self.cfg.class_balanced:
-            indices = self._balanced(ctx, ctx.generator("random/class_balanced"))
+            candidates, counts = self._balanced(ctx, ctx.generator("random/class_balanced"))
         else:  # the head of the shared pool order: a uniform sample of SelectQ's pool at this seed
-            indices = ctx.pool_permutation()[: ctx.num_samples]
-        # Sorted so the set (and its cache key) does not depend on draw order; reading is sequential.
-        indices = indices.sort().values.tolist()
-        images, labels = ctx.data.load(indices, "train", ctx.budget.calib_batch_size)
-        counts = torch.bincount(labels, minlength=ctx.data.num_classes).tolist()
-        return CalibrationSet(images, labels, {"indices": indices, "class_counts": counts})
+            candidates, counts = [ctx.pool_permutation()], [ctx.num_samples]
+        # A corrupt file is replaced by the next candidate of its list (the same class when
+        # balanced). Images come back in ascending index order, so the set (and its cache key)
+        # does not depend on draw order; reading is sequential.
+        images, labels, indices, skipped = ctx.data.fill(
+            [c.tolist() for c in candidates], counts, ctx.budget.calib_batch_size)
+        counts_per_class = torch.bincount(labels, minlength=ctx.data.num_classes).tolist()
+        return CalibrationSet(images, labels, {"indices": indices, "class_counts": counts_per_class,
+                                               "skipped_corrupt": skipped})
 
     @staticmethod
-    def _balanced(ctx: StrategyContext, gen: torch.Generator) -> torch.Tensor:
+    def _balanced(ctx: StrategyContext, gen: torch.Generator) -> tuple[list[torch.Tensor], list[int]]:
+        """Per class: its pool images in a seeded order (candidates) and how many to take."""
         pool = ctx.data.pool
         targets = torch.tensor(ctx.data.targets("train"))[pool]
         k = ctx.data.num_classes
         per_class = torch.full((k,), ctx.num_samples // k)
         per_class[torch.randperm(k, generator=gen)[: ctx.num_samples % k]] += 1
-        chosen = []
+        candidates = []
         for c in range(k):
             members = (targets == c).nonzero().flatten()
             if per_class[c] > len(members):
                 raise ConfigError(f"class_balanced: class {c} has {len(members)} images, "
                                   f"{int(per_class[c])} needed; lower num_samples")
-            chosen.append(pool[members[torch.randperm(len(members), generator=gen)[: per_class[c]]]])
-        return torch.cat(chosen)
+            candidates.append(pool[members[torch.randperm(len(members), generator=gen)]])
+        return candidates, per_class.tolist()

@@ -74,6 +74,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calibbench.config import ConfigError, StrategyConfig, check_choice
+from calibbench.datasets import CORRUPT_LABEL, warn_skipped
 from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext, register
 from calibbench.strategies.random import check_pool
 
@@ -368,34 +369,55 @@ class CentroidUpdater:
         self.moves = torch.zeros(k, num_layers, dtype=torch.long, device=centroids.device)
         self.step = 0
         self.seen = 0
+        self.skipped = 0
         self._pending: Optional[torch.Tensor] = None
+        self._pending_keep: Optional[torch.Tensor] = None
         windows = min(SHIFT_WINDOWS, self.num_steps)
         self.window_ends = {round((w + 1) * self.num_steps / windows) for w in range(windows)}
         self.shifts: list[float] = []
         self._snapshot = self.centroids
 
-    def feed(self, stats: torch.Tensor) -> None:
-        """Take the next rows (traversal order) and run every full update step they complete."""
+    def feed(self, stats: torch.Tensor, keep: Optional[torch.Tensor] = None) -> None:
+        """Take the next rows (traversal order) and run every full update step they complete.
+
+        ``keep`` (bool per row) marks the rows of images that decoded; the others (corrupt files)
+        hold their traversal position but move nothing, so every image keeps the λ_t of its
+        position and the schedule still ends at λ_min.
+        """
+        if keep is not None and bool(keep.all()):
+            keep = None  # the common case: no per-step mask work
         if self._pending is not None:
+            if keep is not None or self._pending_keep is not None:
+                keep = torch.cat([_ones_if_none(self._pending_keep, self._pending),
+                                  _ones_if_none(keep, stats)])
             stats = torch.cat([self._pending, stats])
-            self._pending = None
+            self._pending = self._pending_keep = None
         full = stats.shape[0] - stats.shape[0] % self.size
         for start in range(0, full, self.size):
-            self._step(stats[start:start + self.size])
+            self._step(stats[start:start + self.size],
+                       None if keep is None else keep[start:start + self.size])
         if full < stats.shape[0]:
             self._pending = stats[full:]
+            self._pending_keep = None if keep is None else keep[full:]
 
     def finish(self) -> torch.Tensor:
         """Run the last (smaller) step if rows are pending; return the final centroids."""
         if self._pending is not None:
-            self._step(self._pending)
-            self._pending = None
-        if self.step != self.num_steps or self.seen != self.num_images:
-            raise RuntimeError(f"selectq: {self.seen} images in {self.step} update steps, expected "
-                               f"{self.num_images} in {self.num_steps}")
+            self._step(self._pending, self._pending_keep)
+            self._pending = self._pending_keep = None
+        if self.step != self.num_steps or self.seen + self.skipped != self.num_images:
+            raise RuntimeError(f"selectq: {self.seen} images (+{self.skipped} skipped) in {self.step} "
+                               f"update steps, expected {self.num_images} in {self.num_steps}")
         return self.centroids
 
-    def _step(self, chunk: torch.Tensor) -> None:
+    def _step(self, chunk: torch.Tensor, keep: Optional[torch.Tensor] = None) -> None:
+        if keep is not None and not bool(keep.all()):
+            self.skipped += int((~keep).sum())
+            chunk = chunk[keep]
+            if chunk.shape[0] == 0:  # only corrupt files in this step: it passes, nothing moves
+                self.step += 1
+                self._window()
+                return
         lam = self.lambdas[self.step]
         idx, _ = assign(chunk, self.centroids, self.layout)
         self.centroids, moved = _update(self.centroids, chunk, idx, lam, self.layout, self.rule)
@@ -404,9 +426,16 @@ class CentroidUpdater:
         self.moves += moved
         self.step += 1
         self.seen += chunk.shape[0]
+        self._window()
+
+    def _window(self) -> None:
         if self.step in self.window_ends:
             self.shifts.append(layer_shift(self._snapshot, self.centroids, self.layout))
             self._snapshot = self.centroids
+
+
+def _ones_if_none(keep: Optional[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    return torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device) if keep is None else keep
 
 
 def layer_shift(before: torch.Tensor, after: torch.Tensor, layout: StatsLayout) -> float:
@@ -534,6 +563,7 @@ class ClusteringResult:
     moves: torch.Tensor  # (K, L) number of update steps in which each centroid moved
     shifts: list[float] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    skipped: list[int] = field(default_factory=list)  # train indices of corrupt files, not in ``pool``
 
 
 @register("selectq", SelectQConfig)
@@ -565,12 +595,15 @@ class SelectQ(Strategy):
         check_pool(ctx.num_samples, len(pool), what)
 
         result = self.cluster(ctx, pool, order)
+        if result.skipped:
+            check_pool(ctx.num_samples, len(result.pool),
+                       f"{what}, after dropping {len(result.skipped)} corrupt image file(s)")
         t0 = time.perf_counter()
         with torch.inference_mode():
             scores, sizes = score_pool(result.stats, result.centroids, result.layout)
             chosen = rank(scores, ctx.num_samples, cfg.select)
         result.seconds["rank"] = time.perf_counter() - t0
-        indices = pool[chosen].tolist()
+        indices = result.pool[chosen].tolist()  # corrupt files are no longer in result.pool
 
         t0 = time.perf_counter()
         images, labels = ctx.data.load(indices, "train", ctx.budget.calib_batch_size)
@@ -602,17 +635,28 @@ class SelectQ(Strategy):
                 _warn_memory(len(pool), init.shape[1])
                 stats = torch.empty(len(pool), init.shape[1])
                 t0 = time.perf_counter()
-                loader = ctx.data.loader(ctx.data.train, batch_size, pool[order].tolist())
+                # Corrupt files come out labelled CORRUPT_LABEL: they keep their traversal position
+                # (and λ_t) but give no statistics, and leave the pool before ranking.
+                loader = ctx.data.loader(ctx.data.train, batch_size, pool[order].tolist(),
+                                         skip_corrupt=True)
                 bar = tqdm(total=len(pool), unit="img", desc="selectq", disable=not ctx.progress,
                            leave=False)
                 start = 0
-                for images, _ in loader:
-                    batch = tap(images.to(ctx.device, non_blocking=True))
-                    updater.feed(batch)
-                    stop = start + batch.shape[0]
+                valid = torch.ones(len(pool), dtype=torch.bool)
+                for images, labels in loader:
+                    keep = labels != CORRUPT_LABEL
+                    stop = start + images.shape[0]
+                    if bool(keep.all()):
+                        batch = tap(images.to(ctx.device, non_blocking=True))
+                    else:
+                        valid[order[start:stop][~keep]] = False
+                        batch = torch.full((images.shape[0], init.shape[1]), float("nan"), device=init.device)
+                        if bool(keep.any()):
+                            batch[keep.to(init.device)] = tap(images[keep].to(ctx.device, non_blocking=True))
+                    updater.feed(batch, keep.to(batch.device))
                     stats[order[start:stop]] = batch.cpu()  # one device→host copy per batch
                     start = stop
-                    bar.update(batch.shape[0])
+                    bar.update(images.shape[0])
                 bar.close()
                 if start != len(pool):
                     raise RuntimeError(f"the loader yielded {start} images for a pool of {len(pool)}")
@@ -620,10 +664,14 @@ class SelectQ(Strategy):
                 seconds["pass"] = time.perf_counter() - t0
         finally:
             model.train(was_training)
+        skipped = pool[~valid].tolist()
+        if skipped:
+            warn_skipped(ctx.data, skipped, "train", "the SelectQ pool")
+            pool, stats = pool[valid], stats[valid]
         cpu = torch.device("cpu")
         return ClusteringResult(pool, stats, init.cpu(), centroids.cpu(), layout.to(cpu),
                                 updater.lambdas, updater.residual.cpu(), updater.moves.cpu(),
-                                updater.shifts, seconds)
+                                updater.shifts, seconds, skipped)
 
     def _info(self, ctx: StrategyContext, r: ClusteringResult, scores: torch.Tensor,
               sizes: torch.Tensor, chosen: torch.Tensor, indices: list[int],
@@ -646,7 +694,8 @@ class SelectQ(Strategy):
             "scores": scores[chosen].tolist(),
             "select": cfg.select,
             "pool_size": len(r.pool),
-            "images_seen": len(r.pool),  # every pool image is read once
+            "images_seen": len(r.pool),  # every pool image is read once (corrupt files: not decoded)
+            "skipped_corrupt": r.skipped,
             "num_layers": layout.num_layers,
             "stats": cfg.stats,
             "update_batch_size": cfg.update_batch_size,
