@@ -1,0 +1,118 @@
+"""How cells are grouped and named for display: panels (one comparison each), row labels, bits.
+
+A panel is every key column but the row (strategy and refine, with their swept fields) and the
+bits; refinement is part of the row so that ``random`` and ``random + refine=kd`` (and a
+generator strategy with its own refinement) sit in one table. Shared by tables and plots.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any, Optional
+
+from calibbench.report.load import BITS, DEVIATIONS, MISSING, REFINE, STRATEGY, Cell, Summary, sort_key
+
+REFERENCE = "random"  # the strategy every other one is compared with
+
+
+def in_group(column: str, group: str) -> bool:
+    return column == group or column.startswith(f"{group}.")
+
+
+def panel_labels(summary: Summary) -> list[str]:
+    return [c for c in summary.columns if c not in BITS
+            and not any(in_group(c, g) for g in (STRATEGY, REFINE))]
+
+
+def strategy_labels(summary: Summary) -> list[str]:
+    return [c for c in summary.columns if in_group(c, STRATEGY)]
+
+
+def refine_labels(summary: Summary) -> list[str]:
+    return [c for c in summary.columns if in_group(c, REFINE)]
+
+
+def refine_name(summary: Summary, cell: Cell) -> Any:
+    return summary.value(cell, REFINE) if REFINE in summary.columns else cell.flat.get("refine.name", "none")
+
+
+def variant(summary: Summary, cell: Cell) -> str:
+    """'selectq (num_centroids=5, gamma=1.0)': the strategy and its swept fields; a setting that
+    departs from the paper's reading is named as such: 'selectq (select=lowest, not the paper's
+    reading)'. A refiner (and its swept options) follows: '+ refine=kd (lr=0.001)'."""
+    name, *fields = strategy_labels(summary)
+    opts = [f"{f.split('.', 1)[1]}={summary.value(cell, f)}" for f in fields
+            if summary.value(cell, f) != MISSING]
+    for dev in filter(None, str(cell.flat.get(DEVIATIONS) or "").split(", ")):
+        note = f"{dev}, not the paper's reading"
+        opts = [note if o == dev else o for o in opts] if dev in opts else [*opts, note]
+    text = f"{summary.value(cell, name)}" + (f" ({', '.join(opts)})" if opts else "")
+    refine = refine_labels(summary)
+    # The refiner's name is a column only when it varies; a swept refine option (refine.lr) must
+    # still name the row, or cells at different rates would share one.
+    name_r = refine_name(summary, cell)
+    if refine and name_r not in ("none", MISSING, None):
+        r_opts = [f"{f.split('.', 1)[1]}={summary.value(cell, f)}" for f in refine
+                  if f != REFINE and summary.value(cell, f) != MISSING]
+        text += f" + refine={name_r}" + (f" ({', '.join(r_opts)})" if r_opts else "")
+    return text
+
+
+def bits_of(summary: Summary, cell: Cell) -> tuple[Any, Any]:
+    return summary.value(cell, "w_bits"), summary.value(cell, "a_bits")
+
+
+def bits_label(w: Any, a: Any) -> str:
+    return f"W{w}A{a}"
+
+
+def bits_order(bits: tuple[Any, Any]) -> tuple:
+    return sort_key(bits[0]), sort_key(bits[1])
+
+
+def row_order(summary: Summary, cell: Cell) -> tuple:
+    """Within a panel: by strategy (and its fields), the calibration-only row first, then the
+    refined ones."""
+    strategy = tuple(sort_key(summary.value(cell, c)) for c in strategy_labels(summary))
+    refine = summary.value(cell, REFINE) if REFINE in summary.columns else "none"
+    rest = tuple(sort_key(v) for v in cell.key)
+    return (*strategy, refine not in ("none", MISSING), rest)
+
+
+def panels(summary: Summary) -> dict[tuple, list[Cell]]:
+    labels = panel_labels(summary)
+    out: dict[tuple, list[Cell]] = defaultdict(list)
+    for cell in sorted(summary.cells, key=lambda c: row_order(summary, c)):
+        out[tuple(summary.value(cell, c) for c in labels)].append(cell)
+    return out
+
+
+def panel_title(summary: Summary, panel: tuple) -> str:
+    parts = []
+    for column, value in zip(panel_labels(summary), panel):
+        if column == "budget":
+            parts.append(f"budget {value}")
+        elif column == "num_samples":
+            parts.append(f"{value} samples")
+        elif column in ("dataset", "model", "quant"):
+            parts.append(str(value))
+        else:
+            parts.append(f"{column}={value}")
+    return " · ".join(parts)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_")[:120]
+
+
+def reference_cell(summary: Summary, cell: Cell) -> Optional[Cell]:
+    """The ``random`` cell at the same everything-but-strategy (panel, bits, refine and its
+    options): the partner of a paired comparison. None when there is none, or several (random's
+    own swept fields, e.g. class_balanced, would make the choice arbitrary)."""
+    strat = set(strategy_labels(summary))
+    others = [i for i, c in enumerate(summary.columns) if c not in strat]
+    want = tuple(cell.key[i] for i in others)
+    found = [c for c in summary.cells if summary.value(c, STRATEGY) == REFERENCE and c is not cell
+             and tuple(c.key[i] for i in others) == want]
+    return found[0] if len(found) == 1 else None
