@@ -314,3 +314,89 @@ def test_a_swept_refine_option_names_the_row_when_the_refiner_is_constant(tmp_pa
     md = summary_md(tmp_path)
     assert "| fdda + refine=fdda (lr=5e-06) | 90.00 |" in md
     assert "| fdda + refine=fdda (lr=2e-05) | 91.00 |" in md
+
+
+def test_paired_difference_to_random_with_bootstrap_interval(tmp_path):
+    # selectq beats random by exactly 2 at every seed (a seed effect moves both): a zero-width
+    # interval at +2 that excludes 0; zeroq is random ± symmetric noise: its interval holds 0.
+    noise = [1.0, -1.0, 2.0, -2.0, 0.0]
+    for seed in range(5):
+        base = 50.0 + 5 * seed
+        write(tmp_path, f"random/s{seed}", config("random", seed=seed), base, 90.0)
+        write(tmp_path, f"selectq/s{seed}", config("selectq", seed=seed), base + 2.0, 90.0)
+        write(tmp_path, f"zeroq/s{seed}", config("zeroq", seed=seed), base + noise[seed], 90.0)
+    write(tmp_path, "dsg/s0", config("dsg", seed=0), 55.0, 90.0)  # one paired seed only
+    report.build(tmp_path, plots=False)
+    md = summary_md(tmp_path)
+    assert "Paired Δ top-1 vs random" in md
+    assert "| selectq | +2.00 [+2.00, +2.00] * |" in md
+    zeroq = re.search(r"\| zeroq \| \+0\.00 \[(-\d+\.\d+), \+(\d+\.\d+)\] \|", md)
+    assert zeroq and float(zeroq.group(1)) < 0 < float(zeroq.group(2))
+    assert "| dsg | +5.00 (1 pair; the interval needs ≥ 2 paired seeds) |" in md
+    rows = read_csv(tmp_path / "summary.csv")
+    sq = row(rows, strategy="selectq")
+    assert (sq["diff_random_mean"], sq["diff_random_low"], sq["diff_random_high"], sq["diff_random_n"]) == \
+        ("2.0", "2.0", "2.0", "5")
+    assert row(rows, strategy="dsg")["diff_random_low"] == "" and row(rows, strategy="random")["diff_random_n"] == ""
+
+
+def test_pairs_only_at_the_same_bits_and_refinement(tmp_path):
+    for seed in range(3):
+        for bits in (3, 4):
+            write(tmp_path, f"random/w{bits}/s{seed}", config("random", bits=bits, seed=seed), 40.0 + bits, 90.0)
+        cfg = config("selectq", bits=3, seed=seed)
+        cfg["refine"] = {"name": "kd", "lr": 1e-4}  # no random + kd in the folder: nothing to pair with
+        write(tmp_path, f"selectq_kd/s{seed}", cfg, 60.0, 90.0)
+        write(tmp_path, f"selectq/s{seed}", config("selectq", bits=4, seed=seed), 45.0, 90.0)
+    report.build(tmp_path, plots=False)
+    rows = read_csv(tmp_path / "summary.csv")
+    assert row(rows, strategy="selectq", refine="kd")["diff_random_mean"] == ""
+    assert row(rows, strategy="selectq", refine="none")["diff_random_mean"] == "1.0"  # 45 - 44 at W4A4
+
+
+def test_variance_histogram_and_percentiles_within_random(tmp_path):
+    for seed in range(25):  # random top-1 = 40, 41, ..., 64 (W3A3)
+        write(tmp_path, f"random/s{seed}", config("random", bits=3, seed=seed), 40.0 + seed, 90.0)
+    # selectq mean 60: 20 random seeds below and one tie (half) → (20 + 0.5) / 25 = 82nd percentile;
+    # its seeds 59, 60, 61 → 19.5/25, 20.5/25, 21.5/25 = 78, 82, 86.
+    for seed, t1 in enumerate([59.0, 60.0, 61.0]):
+        write(tmp_path, f"selectq/s{seed}", config("selectq", bits=3, seed=seed), t1, 90.0)
+    summary, files = report.build(tmp_path)
+    md = summary_md(tmp_path)
+    assert "### Random-calibration spread, W3A3" in md and "random over 25 seeds" in md
+    assert "| selectq | 3 | 60.00 ± 1.00 | 82.0 | 78 82 86 |" in md
+    assert any(p.name.startswith("variance_") and p.stat().st_size > 1000 for p in files)
+
+
+def test_few_random_seeds_draw_no_variance_histogram(tmp_path):
+    for seed in range(5):
+        write(tmp_path, f"random/s{seed}", config("random", seed=seed), 40.0 + seed, 90.0)
+        write(tmp_path, f"selectq/s{seed}", config("selectq", seed=seed), 45.0, 90.0)
+    _, files = report.build(tmp_path)
+    assert not any(p.name.startswith("variance_") for p in files)
+    assert "Random-calibration spread" not in summary_md(tmp_path)
+
+
+def _diagnostics(clip: list[float]) -> dict:
+    return {"images": 10, "layers": [
+        {"name": f"layer{i}", "kind": "activation", "bits": 3, "calib_lo": 0.0, "calib_hi": 4.0,
+         "eval_min": 0.0, "eval_max": 5.0, "eval_p001": 0.0, "eval_p999": 3.0, "clip_rate": c,
+         "range_inflation": 4.0 / 3.0, "snr_db": 10.0 - i, "act_quant_snr_db": 12.0}
+        for i, c in enumerate(clip)]}
+
+
+def test_diagnostics_of_a_sweep_are_plotted_side_by_side(tmp_path):
+    from calibbench.report.plots import average_layers
+
+    for strategy, clip in (("random", [0.01, 0.02]), ("selectq", [0.001, 0.0])):
+        for seed in range(2):
+            path = write(tmp_path, f"{strategy}/s{seed}", config(strategy, bits=3, seed=seed), 50.0, 90.0)
+            (path.parent / "diagnostics.json").write_text(json.dumps(_diagnostics([c * (1 + seed) for c in clip])))
+    write(tmp_path, "random/w4", config("random", bits=4), 80.0, 95.0)  # no diagnostics at W4A4
+    _, files = report.build(tmp_path)
+    figs = [p for p in files if p.name.startswith("diagnostics_")]
+    assert len(figs) == 1 and "W3A3" in figs[0].name and figs[0].stat().st_size > 5000
+    # mean over seeds, layer by layer: 0.01 and 0.02 → 0.015
+    merged = average_layers([_diagnostics([0.01, 0.02]), _diagnostics([0.02, 0.04])])
+    assert [round(layer["clip_rate"], 6) for layer in merged] == [0.015, 0.03]
+    assert merged[1]["snr_db"] == 9.0 and merged[0]["name"] == "layer0"

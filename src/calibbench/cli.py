@@ -75,11 +75,23 @@ def _task(cfg: DictConfig) -> Optional[float]:
     return float(record["metrics"]["quant"]["top1"])
 
 
+# Command-line aliases: ``diagnostics=true`` reads as ``diagnostics.enabled=true`` (a key cannot be
+# both a bool and a node with ``diagnostics.eval_images``, and Hydra rejects a bool as a group option).
+_ALIASES = {"diagnostics": "diagnostics.enabled"}
+
+
+def _alias(arg: str) -> str:
+    key, sep, value = arg.partition("=")
+    prefix = key[:1] if key[:1] in "+~" else ""
+    return f"{prefix}{_ALIASES[key[len(prefix):]]}={value}" if sep and key[len(prefix):] in _ALIASES else arg
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "report":
         from calibbench import report
 
         sys.exit(report.main(sys.argv[2:]))
+    sys.argv = [sys.argv[0], *map(_alias, sys.argv[1:])]
     register_configs()
     _task()
 

@@ -205,6 +205,19 @@ class LoggerConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    """Per-layer diagnostics after evaluation (calibbench/diagnostics.py): clipping rate, range
+    inflation, SNR per quantized layer on a fixed evaluation subset. ``diagnostics=true`` on the
+    command line is an alias of ``diagnostics.enabled=true`` (cli.py)."""
+
+    enabled: bool = False
+    eval_images: int = 1000  # images of the evaluation split, the same subset for every run
+    seed: int = 0  # draws the subset; not the run seed, so every strategy and seed share it
+    batch_size: int = 100  # one batch of FP activations per layer is held at a time
+    bins: int = 2048  # histogram bins per layer (percentile error <= one bin), a power of two
+
+
+@dataclass
 class StrategyConfig:
     """Fields every strategy has. Each strategy extends this with its own dataclass."""
 
@@ -221,6 +234,7 @@ class RunConfig:
     budget: BudgetConfig = MISSING
     logger: LoggerConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     bits: int = 4
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -320,6 +334,15 @@ def validate(cfg: DictConfig) -> None:
     if cfg.num_samples <= 0:
         raise ConfigError(f"num_samples={cfg.num_samples} must be a positive integer")
     check_choice("eval_split", cfg.eval_split, ("test", "val"))
+    diag = cfg.get("diagnostics")
+    if diag is not None and diag.enabled:
+        if diag.eval_images <= 0:
+            raise ConfigError(f"diagnostics.eval_images={diag.eval_images} must be a positive integer "
+                              "(at most the evaluation split's size)")
+        if diag.batch_size <= 0:
+            raise ConfigError(f"diagnostics.batch_size={diag.batch_size} must be a positive integer")
+        if diag.bins < 2 or diag.bins & (diag.bins - 1):
+            raise ConfigError(f"diagnostics.bins={diag.bins} must be a power of two >= 2")
     validate_budget(cfg.budget)
     if cfg.dataset.val_size < 0:
         raise ConfigError(f"dataset.val_size={cfg.dataset.val_size} must be >= 0")

@@ -196,6 +196,19 @@ def _check_pool(cfg: DictConfig, data: datasets.DataModule, resolved: dict) -> N
                 f"validation, leaving {n_pool}; lower dataset.val_size or {what}")
 
 
+def _diagnostics_subset(cfg: DictConfig, data: datasets.DataModule) -> Optional[list[int]]:
+    """The fixed evaluation subset of ``diagnostics=true`` (None when off). Drawn from the whole
+    evaluation split (not ``budget.eval_limit``'s slice), so every budget shares it too."""
+    diag = cfg.get("diagnostics")
+    if diag is None or not diag.enabled:
+        return None
+    from calibbench import diagnostics
+
+    _, split = data.eval_set(cfg.eval_split, None)
+    diagnostics.check(diag, len(split), cfg.eval_split)
+    return diagnostics.subset(split, int(diag.eval_images), int(diag.seed))
+
+
 def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[str] = None) -> dict:
     """Run one experiment and return its result record (also written to ``run_dir/result.json``).
 
@@ -233,6 +246,7 @@ def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[s
             with timings.stage("data"):
                 data = datasets.build(cfg.dataset, cfg.model)
             eval_set, eval_idx = data.eval_set(cfg.eval_split, cfg.budget.eval_limit)
+            diag_idx = _diagnostics_subset(cfg, data)  # bad eval_images fails here, before any work
             ctx = strategies.StrategyContext(model, data, device, cfg.seed, cfg.num_samples, cfg.budget,
                                              cfg.progress)
             calib_ctx = replace(ctx, budget=calibration_budget(cfg.budget))
@@ -262,6 +276,13 @@ def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[s
             with timings.stage("quant_eval"):
                 q = evaluate(qmodel, data, device, cfg.budget.eval_batch_size, eval_idx, cfg.progress,
                              f"W{w_bits}A{a_bits} eval", eval_set)
+            if diag_idx is not None:
+                from calibbench import diagnostics
+
+                with timings.stage("diagnostics"):
+                    record["diagnostics"] = diagnostics.run(
+                        model, qmodel, data, eval_set, diag_idx, device, cfg.diagnostics, run_dir,
+                        f"{strategy.name} seed {cfg.seed} W{w_bits}A{a_bits} {cfg.model.name}")
             info = dict(calib.info)
             record.update({
                 "model": {"name": cfg.model.name, "arch": cfg.model.arch,

@@ -145,10 +145,12 @@ class QuantAct(nn.Module):
         # clamp of the quantizer *is* the activation, so evaluation skips one full pass over the
         # tensor. Outputs are identical; the STE path (training) always runs the real activation.
         self._relu_cap = {nn.ReLU: float("inf"), nn.ReLU6: 6.0}.get(type(act))
+        # False: always activation then quantizer (diagnostics hooks the quantizer's forward).
+        self.fuse = True
 
     def _fusable(self) -> bool:
         fast = self.quantizer._fast
-        return (self._relu_cap is not None and fast is not None and fast[2] == 0.0
+        return (self.fuse and self._relu_cap is not None and fast is not None and fast[2] == 0.0
                 and self.quantizer._top <= self._relu_cap)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:

@@ -73,7 +73,8 @@ def summary_frame(summary: Summary, diffs: dict[int, sig.PairedDiff]) -> pd.Data
     extra = [[d.mean, d.low, d.high, d.n] if (d := diffs.get(id(c))) else [None] * 4 for c in summary.cells]
     frame = summary.table.copy()
     for i, name in enumerate(PAIRED_COLUMNS):
-        frame[name] = [None if e[i] is None else (round(e[i], 4) if i < 3 else e[i]) for e in extra]
+        frame[name] = pd.Series([None if e[i] is None else (round(e[i], 4) if i < 3 else int(e[i]))
+                                 for e in extra], dtype=object)
     return frame
 
 
