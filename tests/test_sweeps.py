@@ -103,6 +103,31 @@ def test_selectq_grid_sweeps_centroids_gamma_bits(compose):
     assert (one.strategy.num_centroids, one.strategy.gamma) == (5, 0.1)
 
 
+def test_variance_sweep_is_fifty_random_seeds_plus_five_of_each_other_strategy(compose):
+    from types import SimpleNamespace
+
+    from hydra_plugins.calibbench_sweeper.grid_union import GridUnionSweeper
+
+    cfg = compose("sweep=variance", return_hydra_config=True)
+    conf = OmegaConf.to_container(cfg.hydra.sweeper)
+    assert conf["_target_"].endswith("grid_union.GridUnionSweeper")
+    assert cfg.hydra.callbacks.aggregate._target_ == "calibbench.report.AggregateCallback"
+    with hydra_loader_ctx() as loader:
+        sweeper = GridUnionSweeper(None, conf["params"], conf["grids"])
+        sweeper.hydra_context = SimpleNamespace(config_loader=loader)
+        jobs = [dict(o.split("=", 1) for o in job) for job in sweeper.job_overrides([])]
+        assert len(jobs) == 2 * 50 + 2 * 3 * 5 and len({tuple(sorted(j.items())) for j in jobs}) == len(jobs)
+        random_seeds = {(j["bits"], int(j["seed"])) for j in jobs if j["strategy"] == "random"}
+        assert random_seeds == {(b, s) for b in ("3", "4") for s in range(50)}
+        for other in ("selectq", "zeroq", "dsg"):
+            assert sorted(int(j["seed"]) for j in jobs if j["strategy"] == other and j["bits"] == "3") == \
+                list(range(5))
+        assert {j["model"] for j in jobs} == {"resnet20_cifar10"}
+        # A command-line value replaces the key in every grid; jobs both grids produce run once.
+        only_random = sweeper.job_overrides(["strategy=random", "bits=3"])
+        assert len(only_random) == 50
+
+
 def test_sweep_subdir_is_readable_deterministic_and_leaves_out_run_options(compose, tmp_path):
     cfg = compose(*FAST, "strategy=random", "bits=6", "seed=3", f"paths.output_dir={tmp_path}",
                   "threads=1", "resume=true", return_hydra_config=True)
