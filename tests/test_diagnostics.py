@@ -105,6 +105,7 @@ def test_pipeline_writes_diagnostics_without_changing_accuracy(compose, tmp_path
     diag = ("diagnostics.enabled=true", "diagnostics.eval_images=48", "diagnostics.batch_size=32")
     a = run(cfg(*diag), tmp_path / "a")
     b = run(cfg(*diag, "seed=1"), tmp_path / "b")
+    assert b["diagnostics"]["eval_images"] == 48
     off = run(cfg(), tmp_path / "off")
     assert a["metrics"]["quant"] == off["metrics"]["quant"]  # the extra pass changes no number
     assert "diagnostics" in a["timings"] and "diagnostics" not in off["timings"] and "diagnostics" not in off
