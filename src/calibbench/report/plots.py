@@ -150,7 +150,7 @@ def plot_variance(summary: Summary, out_dir: Path) -> list[Path]:
             for c, pct in others:
                 color = next(colors)
                 ax.axvline(c.top1_mean, color=color, linewidth=2,
-                           label=f"{v.variant(summary, c)}: {c.top1_mean:.2f} ({pct:.0f}th pct, n={c.n})")
+                           label=f"{v.variant(summary, c)}: {c.top1_mean:.2f} (percentile {pct:.0f}, n={c.n})")
                 ax.plot(list(c.top1_by_seed.values()), [top * 0.97] * c.n, "|", color=color,
                         markersize=12, markeredgewidth=2)
             ax.set_xlabel("top-1 (%)")
