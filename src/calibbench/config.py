@@ -151,7 +151,7 @@ class RefineConfig:
     ``refine=kd``'s, so a summary splits none/kd by ``refine.name`` alone.
     """
 
-    name: str = "none"  # none | kd | gdfq (registry: calibbench.refine.available())
+    name: str = "none"  # none | kd | adaround | brecq | qdrop | gdfq | ... (calibbench.refine.available())
     # Loss term -> weight (kd | ce | feature); 0 switches a term off.
     losses: dict[str, float] = field(default_factory=lambda: {"kd": 1.0})
     temperature: float = 1.0  # kd: T; the KL is scaled by T^2
@@ -166,6 +166,19 @@ class RefineConfig:
     act_ranges: str = "frozen"  # frozen (the calibrated grid) | learned (per-tensor range trains)
     bn: str = "frozen"  # frozen (eval mode: running stats used, untouched) | train (batch stats)
     plf: PLFRefineConfig = field(default_factory=PLFRefineConfig)  # refine=plf only
+    # Reconstruction refiners (adaround | brecq | qdrop, refine/recon.py); null for the others, so
+    # kd/none records never split on them. Steps per unit: budget.refine_unit_steps (iterations
+    # overrides), batch: budget.refine_unit_batch_size (batch_size overrides); lr: the rounding's.
+    granularity: Optional[str] = None  # layer (AdaRound) | block (BRECQ, QDrop)
+    drop_prob: Optional[float] = None  # QDrop: P(an activation stays float), element-wise, in [0, 1]
+    fisher: Optional[bool] = None  # BRECQ's Fisher-diagonal weighting of the output error
+    learn_act: Optional[bool] = None  # activation step sizes learned with the rounding (LSQ-style)
+    act_lr: Optional[float] = None  # their learning rate (cosine to 0)
+    round_lambda: Optional[float] = None  # lambda of the rounding regulariser, >= 0
+    beta: Optional[list[float]] = None  # [start, end] of the annealed regulariser exponent
+    warmup: Optional[float] = None  # share of a unit's iterations without the regulariser
+    iterations: Optional[int] = None  # per unit; null: budget.refine_unit_steps
+    cache_mb: Optional[float] = None  # a unit's inputs/targets above this are streamed, not cached
 
 
 @dataclass
@@ -191,6 +204,9 @@ class BudgetConfig:
     # (paper: 5120 images, 1000 iterations); batches of synth_batch_size.
     plf_samples: int = 256
     plf_iterations: int = 200
+    # Reconstruction refiners (adaround, brecq, qdrop): optimisation steps per unit and batch size.
+    refine_unit_steps: int = 0
+    refine_unit_batch_size: int = 32
 
 
 @dataclass

@@ -10,6 +10,11 @@ Weight cache: in eval mode, when no gradient has to reach the weight, the fake-q
 computed once and reused until the weight, its qparams or the enabled flag change (or ``train()``
 is called). In training mode (or whenever autograd needs the weight) the weight is re-quantized
 every forward through the straight-through estimator, so a fine-tuning stage trains through it.
+
+Learned rounding (``quant/adaround.py``): :meth:`set_weight_rounding` attaches an AdaRound object;
+from then on the quantized weight is its (soft, then hard) rounding on the grid the weight
+quantizer had when it was attached, instead of round-to-nearest. Disabling the weight quantizer
+still gives the float weight.
 """
 
 from __future__ import annotations
@@ -49,7 +54,13 @@ class _QuantWeightMixin:
         self._range_key: Optional[tuple] = None
         self._cache_key: Optional[tuple] = None
         self._cached_weight: Optional[Tensor] = None
+        self.weight_rounding: Optional[nn.Module] = None  # quant/adaround.py's AdaRound, when attached
         self.sync_weight_range()
+
+    def set_weight_rounding(self, rounding: Optional[nn.Module]) -> None:
+        """Attach (or with ``None`` remove) learned rounding; the cached weight is dropped."""
+        self.weight_rounding = rounding
+        self.invalidate_cache()
 
     def _weight_key(self) -> tuple:
         w = self.weight
@@ -75,12 +86,15 @@ class _QuantWeightMixin:
         wq = self.weight_quantizer
         if not wq.active:
             return self.weight
-        if self.training or (torch.is_grad_enabled() and self.weight.requires_grad):
-            return wq.fake_quantize(self.weight)
-        key = (self._range_key, wq.version)
+        rounding = self.weight_rounding
+        soft = rounding is not None and not rounding.hard
+        if self.training or soft or (torch.is_grad_enabled() and self.weight.requires_grad):
+            return rounding() if rounding is not None else wq.fake_quantize(self.weight)
+        key = (self._range_key, wq.version, None if rounding is None else (id(rounding), rounding.version))
         if key != self._cache_key or self._cached_weight is None:
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable anywhere
-                self._cached_weight = wq.fake_quantize(self.weight.detach())
+                self._cached_weight = (rounding() if rounding is not None
+                                       else wq.fake_quantize(self.weight.detach()))
             self._cache_key = key
         return self._cached_weight
 

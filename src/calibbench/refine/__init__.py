@@ -2,7 +2,9 @@
 
 ``refine=kd`` distils the FP model into the calibrated fake-quant model on Lightning
 (``distill.py``), fed by ``strategy.batches(ctx, calib, batch_size, generator)`` (``stream.py``)
-with a weighted sum of loss terms (``losses.py``: kd, ce, feature). Method-specific refiners
+with a weighted sum of loss terms (``losses.py``: kd, ce, feature). Reconstruction
+(``refine=adaround|brecq|qdrop``, ``recon.py``) learns each unit's weight rounding on the
+calibration images. Method-specific refiners
 (FDDA, ClusterQ, PLF) are the same loop with their own terms and streams: a class registered here
 with ``@register("name")`` plus ``conf/refine/<name>.yaml``. ``refine=gdfq`` (``generative.py``,
 ``alternating.py``) trains a generator strategy's generator and the quantized model alternately
@@ -39,6 +41,10 @@ class Refiner(ABC):
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        """Checks of the run config ``cfg`` that only this refiner knows; raise ConfigError."""
 
     @abstractmethod
     def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any,
@@ -128,6 +134,15 @@ class PseudoLabelFiltering(Distill):
         return {"plf": reliability_record(teacher, calib.images, schedule, torch.device(ctx.device))}
 
 
+def build_optimizer(groups: list[dict[str, Any]], cfg: Any) -> torch.optim.Optimizer:
+    """The refinement stage's optimizer (``refine.optimizer``: sgd with momentum/nesterov, or
+    adam) over parameter groups; a group's own ``lr`` / ``weight_decay`` win over ``cfg``'s."""
+    defaults = {"lr": float(cfg.lr), "weight_decay": float(cfg.weight_decay)}
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=float(cfg.momentum), nesterov=bool(cfg.nesterov), **defaults)
+    return torch.optim.Adam(groups, **defaults)
+
+
 def _active_terms(cfg: Any) -> list[str]:
     refiner = _REGISTRY.get(cfg.name) if cfg.name in _REGISTRY.available() else None
     weights = refiner.weights(cfg) if refiner is not None and issubclass(refiner, Distill) \
@@ -160,6 +175,7 @@ def validate(cfg: Any) -> None:
     """Every refine option of the run config ``cfg`` (and the refine budget): one ConfigError."""
     r = cfg.refine
     check_choice("refine", r.name, available())
+    _REGISTRY.get(r.name).check(cfg)
     steps = cfg.budget.refine_steps
     if steps is None or int(steps) < 0:
         raise ConfigError(f"budget.refine_steps={steps} is out of range: a step count, must be >= 0")
@@ -220,8 +236,9 @@ def run(qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: A
     return build(cfg).run(qmodel, teacher, strategy, ctx, calib, track)
 
 
-# Generator-based refiners (refine=gdfq, ...) and PLF's loss terms register themselves on import.
-from calibbench.refine import generative, plf  # noqa: E402,F401
+# Generator-based refiners (refine=gdfq, ...), PLF's loss terms and reconstruction (adaround,
+# brecq, qdrop) register themselves on import.
+from calibbench.refine import generative, plf, recon  # noqa: E402,F401
 
 __all__ = ["Refiner", "register", "available", "build", "validate", "run", "TERMS",
-           "check_feature_modules"]
+           "check_feature_modules", "build_optimizer"]

@@ -39,7 +39,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from calibbench.refine import stream
+from calibbench.refine import build_optimizer, stream
 from calibbench.refine.losses import LossTerm, RefinePlan, StepOutputs, build_terms
 from calibbench.refine.ranges import learned_act_ranges
 from calibbench.strategies.base import stream_seed
@@ -152,11 +152,7 @@ class StudentModule(L.LightningModule):
         groups = [{"params": weights, "weight_decay": float(cfg.weight_decay)}]
         if self.range_params:
             groups.append({"params": self.range_params, "weight_decay": 0.0})
-        if cfg.optimizer == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(
-                groups, lr=float(cfg.lr), momentum=float(cfg.momentum), nesterov=bool(cfg.nesterov))
-        else:
-            opt = torch.optim.Adam(groups, lr=float(cfg.lr))
+        opt = build_optimizer(groups, cfg)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.max_steps))
         return opt, sched
 

@@ -1,0 +1,108 @@
+"""Cost of one reconstruction iteration of a resnet20 block relative to its plain float step (goal: <= 2).
+
+    python benchmarks/recon_cost.py                       # refine=qdrop, W4A4, stage1.unit1, batch 32
+    python benchmarks/recon_cost.py --refine brecq --unit features.stage3.unit1
+
+Numerator: :meth:`UnitTrainer.step` of ``refine/recon.py`` on the unit — a random batch of the
+cached unit inputs/targets, QDrop's input mixing, the block's forward with soft-rounded weights
+and (learned, dropped) activation quantizers, loss + rounding regulariser (after the warm-up; the
+benchmark times steps after it), backward, Adam steps for V and the activation ranges.
+Denominator: the same block in full precision (a deep copy of the FP model's block, weights
+trainable) on the same batch: forward, the same output loss, backward, one Adam step over its
+weights. Both interleaved (FP, recon, FP, recon, ...) so background load hits both alike; the best
+of ``--repeats`` rounds of ``--steps`` steps is reported (the median too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+
+import torch
+
+from _common import compose, offline_env
+
+GOAL = 2.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--refine", default="qdrop", choices=["adaround", "brecq", "qdrop"])
+    parser.add_argument("--unit", default="features.stage1.unit1", help="block path in resnet20")
+    parser.add_argument("--batch-size", type=int, default=32, help="budget.refine_unit_batch_size")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round and side")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--calib", type=int, default=256, help="calibration images from train")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    offline_env()
+    from calibbench import datasets, models, quant
+    from calibbench.refine.recon import UnitTrainer, quantization_off, recon_loss, unit_data
+    from calibbench.refine.units import build_units
+
+    cfg = compose(f"bits={args.bits}", f"refine={args.refine}")
+    fp = models.build(cfg.model, cfg.dataset.name, cfg.paths.weights_dir).module.eval()
+    data = datasets.build(cfg.dataset, cfg.model)
+    images, _ = data.load(datasets.spread_indices(len(data.train), args.calib), "train")
+    qmodel = quant.quantize(fp, cfg.quant, args.bits, args.bits)
+    quant.calibrate(qmodel, images.split(64), "cpu")
+    qmodel.requires_grad_(False)
+    with torch.no_grad(), quantization_off(qmodel):
+        units, _ = build_units(qmodel, cfg.refine.granularity, images[:1])
+    unit = next(u for u in units if args.unit in u.paths or u.name == args.unit)
+    steps_total = 10_000  # far past the warm-up: the regulariser is part of every timed step
+    gen = torch.Generator().manual_seed(0)
+    udata = unit_data(qmodel, unit, images, cfg.refine, args.batch_size, torch.device("cpu"))
+    trainer = UnitTrainer(qmodel, unit, udata, cfg.refine, steps_total, args.batch_size, gen, args.refine)
+
+    block = [copy.deepcopy(fp.get_submodule(p)).requires_grad_(True) for p in unit.paths]
+    fp_opt = torch.optim.Adam([p for m in block for p in m.parameters()], lr=1e-3)
+    x_fp, _, target, _ = udata.get(torch.arange(args.batch_size))
+
+    def fp_steps(n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            loss = recon_loss(unit.run(block, x_fp), target)
+            fp_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            fp_opt.step()
+        return (time.perf_counter() - start) / n
+
+    it = [int(0.5 * steps_total)]
+
+    def recon_steps(n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            trainer.step(it[0])
+            it[0] += 1
+        return (time.perf_counter() - start) / n
+
+    print(f"resnet20 unit {unit.paths} ({unit.kind}, {len(trainer.layers)} layers), refine={args.refine} "
+          f"(drop_prob={cfg.refine.drop_prob}, learn_act={cfg.refine.learn_act}, "
+          f"fisher={cfg.refine.fisher}), W{args.bits}A{args.bits} {cfg.quant.name}, batch "
+          f"{args.batch_size}, unit data cached={udata.__class__.__name__}, threads={args.threads}")
+    times: dict[str, list[float]] = {"fp": [], "recon": []}
+    fp_steps(2)
+    recon_steps(2)
+    for _ in range(args.repeats):
+        times["fp"].append(fp_steps(args.steps))
+        times["recon"].append(recon_steps(args.steps))
+    trainer.close()
+    for key, values in times.items():
+        print(f"{key:6s} best {1000 * min(values):8.2f} ms/step   median {1000 * statistics.median(values):8.2f} ms/step")
+    ratio = min(times["recon"]) / min(times["fp"])
+    median = statistics.median(times["recon"]) / statistics.median(times["fp"])
+    print(f"goal <= {GOAL}; median ratio {median:.2f}; machine shared with other sessions "
+          f"(load average {open('/proc/loadavg').read().split()[0]})")
+    print(f"ratio {ratio:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

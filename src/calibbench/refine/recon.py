@@ -1,0 +1,599 @@
+"""Reconstruction refiners: AdaRound (layers), BRECQ (blocks), QDrop (blocks + dropped activations).
+
+The calibration images teach each *unit* (``units.py``: a conv/linear, or a block) how its weights
+round, one unit after the other in execution order:
+
+- **input**: what the quantized model feeds the unit on the calibration images, with every unit
+  before it already reconstructed (hard-rounded, its learned activation grid installed);
+- **target**: the unit's output with quantization switched off in the same model (the FP model,
+  BN folded exactly as the quantized one when the preset folds);
+- **inside the unit**: weights use learned rounding (``quant/adaround.py``), activation quantizers
+  are active, their ranges optionally learned (``learn_act``, LSQ-style, ``ranges.py``), and with
+  ``drop_prob > 0`` (QDrop) each activation quantizer's output — and, as in the QDrop code, the
+  unit's input, which the previous unit's quantizer produced — is replaced element-wise by its
+  float value with probability ``drop_prob``;
+- **loss**: ``Σ_channels (out − target)²`` averaged over batch and positions (the BRECQ/QDrop
+  code's ``lp_loss``; ``round_lambda = 0.01`` is balanced against this scale), optionally weighted
+  element-wise by BRECQ's Fisher diagonal (``fisher``), plus ``λ·Σ(1 − |2h − 1|^β)`` after a
+  warm-up, β annealed linearly from ``beta[0]`` to ``beta[1]``;
+- at the end of the unit every rounding is made hard and activation grids are written back.
+
+Only one unit's tensors exist at a time: its inputs, targets (and float inputs / Fisher weights)
+over the calibration images, cached on the device when they fit in ``cache_mb``, otherwise
+recomputed batch by batch from the images at every step (:class:`StreamedUnitData`).
+
+Why a plain loop and not Lightning (as ``refine=kd``): a resnet20 run is ~11 units × 2,000 steps of
+a few milliseconds each; a Trainer per unit would add its setup and per-step hooks (the
+``benchmarks/recon_cost.py`` ratio) to a step that is itself tiny, and its callbacks, loggers and
+device handling give nothing here — the unit's data already lives in memory on the device, there
+is one optimizer pair and no validation. The optimizer is built by the refinement stage's
+``build_optimizer`` (``refine.optimizer``, ``refine.lr``), the record has the stage's fields.
+
+Fisher (``fisher=true``): BRECQ weights the squared error of each element of the block output by
+the squared gradient of the loss w.r.t. that element. Here: the gradient of the FP model's
+cross-entropy to its own prediction (the only label every strategy has; synthetic sets have none)
+w.r.t. the FP unit output, per image (summed loss), squared and divided by its mean over the unit's
+calibration data, so the weights average 1 and ``round_lambda`` keeps its balance. (The BRECQ code
+uses a KL between the partially quantized and the FP model and ``(|g| + 1)²``; this is the paper's
+reading with the normalisation named here.)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import ExitStack, contextmanager
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from calibbench.config import ConfigError, check_choice
+from calibbench.quant import QuantAct, QuantConv2d, QuantLinear, UniformQuantizer
+from calibbench.quant.adaround import AdaRound, attach
+from calibbench.refine import Refiner, build_optimizer, register
+from calibbench.quant.quantizer import MIN_RANGE
+from calibbench.refine.ranges import LearnedRangeQuantizer, _grad_scale, _round_ste, learned_act_ranges
+from calibbench.refine.units import GRANULARITIES, Unit, build_units
+from calibbench.strategies.base import stream_seed
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("granularity", "drop_prob", "fisher", "learn_act", "act_lr", "round_lambda", "beta",
+            "warmup", "cache_mb")
+
+
+# -- validation ----------------------------------------------------------------------------------
+def check_config(cfg: Any) -> None:
+    """Every reconstruction option of the run config ``cfg``: one ConfigError before any work."""
+    r = cfg.refine
+    missing = [k for k in REQUIRED if getattr(r, k, None) is None]
+    if missing:
+        raise ConfigError(f"refine={r.name} needs {', '.join('refine.' + k for k in missing)} "
+                          f"(set in conf/refine/{r.name}.yaml)")
+    check_choice("refine.granularity", r.granularity, GRANULARITIES)
+    if not 0.0 <= float(r.drop_prob) <= 1.0:
+        raise ConfigError(f"refine.drop_prob={r.drop_prob} is out of range; valid: a probability in [0, 1]")
+    if r.iterations is not None and int(r.iterations) < 0:
+        raise ConfigError(f"refine.iterations={r.iterations} is out of range: iterations per unit, "
+                          f"must be >= 0 (or null: budget.refine_unit_steps)")
+    steps = cfg.budget.refine_unit_steps
+    if steps is None or int(steps) < 0:
+        raise ConfigError(f"budget.refine_unit_steps={steps} is out of range: must be >= 0")
+    if float(r.round_lambda) < 0:
+        raise ConfigError(f"refine.round_lambda={r.round_lambda} must be >= 0 (the rounding regulariser's weight)")
+    beta = list(r.beta)
+    if len(beta) != 2 or not all(float(b) > 0 for b in beta):
+        raise ConfigError(f"refine.beta={beta} must be [start, end], both > 0 (e.g. [20, 2])")
+    if not 0.0 <= float(r.warmup) < 1.0:
+        raise ConfigError(f"refine.warmup={r.warmup} must be in [0, 1): the share of iterations "
+                          f"before the rounding regulariser starts")
+    if not float(r.act_lr) > 0:
+        raise ConfigError(f"refine.act_lr={r.act_lr} must be > 0")
+    if not float(r.cache_mb) > 0:
+        raise ConfigError(f"refine.cache_mb={r.cache_mb} must be > 0 (MB of unit data kept in memory)")
+    if r.bn != "frozen":
+        raise ConfigError(f"refine={r.name} reconstructs with BN in eval mode; refine.bn={r.bn!r} "
+                          f"is not supported (valid: frozen)")
+    if int(cfg.budget.refine_unit_batch_size) < 1 or (r.batch_size is not None and int(r.batch_size) < 1):
+        raise ConfigError("the reconstruction batch (refine.batch_size or budget.refine_unit_batch_size) "
+                          "must be >= 1")
+
+
+# -- quantization switches -----------------------------------------------------------------------
+class _FakeQuantDrop(torch.autograd.Function):
+    """Per-tensor fake quantization with LSQ gradients for (scale, zero point) and QDrop's
+    element-wise dropping, in one pass: ``out = x`` where ``keep`` (dropped to float), else
+    ``s · (clamp(round(x / s) + z, qmin, qmax) − z)``.
+
+    The gradients are LSQ's (Esser et al. 2020) for the expression with a straight-through round:
+    for x, 1 inside the code range and where kept float, 0 where clamped; for s, ``round(x/s) − x/s``
+    inside and ``bound − z`` where clamped; for z, ``−s`` where clamped; dropped elements give s and
+    z nothing. "Inside" includes the end codes (a value that rounds *to* the last level is not
+    clipped), as LSQ says; autograd through ``torch.clamp`` (``ranges.py``'s version) gives those
+    elements the clipped gradients instead. Written out
+    because the autograd version of this one line costs ~20 full-tensor ops per activation per
+    step, which dominated a block's reconstruction step (benchmarks/recon_cost.py).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: Tensor, zp: Tensor, qmin: float, qmax: float,
+                keep: Optional[Tensor]) -> Tensor:  # noqa: D102
+        s, z = float(scale), float(zp)
+        lo, hi = qmin - z, qmax - z  # code bounds relative to the zero point
+        u = x * (1.0 / s)
+        r = torch.round(u)
+        below, above = r < lo, r > hi
+        clipped = below | above
+        if keep is not None:
+            clipped &= ~keep
+        learn = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        if learn:  # d out / d s per element, and the elements whose d out / d z is -s
+            e = torch.sub(r, u, out=u).masked_fill_(below, lo).masked_fill_(above, hi)
+            if keep is not None:
+                e.masked_fill_(keep, 0.0)
+            ctx.save_for_backward(clipped, e, clipped.to(x.dtype))
+        else:
+            ctx.save_for_backward(clipped)
+        ctx.s = s
+        q = r.clamp_(lo, hi).mul_(s)
+        return torch.where(keep, x, q) if keep is not None else q
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:  # noqa: D102
+        clipped = ctx.saved_tensors[0]
+        grad_x = grad.masked_fill(clipped, 0.0) if ctx.needs_input_grad[0] else None
+        grad_s = grad_z = None
+        if len(ctx.saved_tensors) == 3:
+            _, e, clipped_f = ctx.saved_tensors
+            flat = grad.reshape(-1)
+            grad_s = torch.dot(flat, e.reshape(-1)).reshape(())
+            grad_z = torch.dot(flat, clipped_f.reshape(-1)).mul_(-ctx.s).reshape(())
+        return grad_x, grad_s, grad_z, None, None, None
+
+
+class UnitActQuantizer(nn.Module):
+    """Stands in for an activation quantizer inside the unit being reconstructed: the calibrated
+    grid (or, with ``learn_act``, a ``LearnedRangeQuantizer``'s learned one), QDrop's element-wise
+    dropping, an off switch; per-tensor grids run through :class:`_FakeQuantDrop`."""
+
+    def __init__(self, inner: nn.Module, drop_prob: float) -> None:
+        super().__init__()
+        self.inner = inner
+        self.drop_prob = float(drop_prob)
+        self.enabled = True
+        self.observing = False
+        self._fast = None
+        self._top = float("inf")
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and bool(self.inner.active)
+
+    def _grid(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(scale, zero point) as 0-dim tensors; learned ones carry LSQ's gradient scale."""
+        q = self.inner
+        if isinstance(q, LearnedRangeQuantizer):
+            g = 1.0 / math.sqrt(max(1, x[0].numel()) * q.qmax)
+            lo, hi = q.bounds()
+            lo, hi = _grad_scale(lo, g), _grad_scale(hi, g)
+            if q.symmetric:
+                return (hi / q.qmax).clamp(min=MIN_RANGE), torch.zeros((), device=x.device)
+            scale = ((hi - lo) / (q.qmax - q.qmin)).clamp(min=MIN_RANGE)
+            return scale, _round_ste(-lo / scale)
+        return q.scale.reshape(()), q.zero_point.reshape(()).float()
+
+    def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
+        if not self.enabled:
+            return x
+        q = self.inner
+        if q.ch_axis is not None:  # per-channel activation grids (not used by the presets)
+            out = q(x)
+            return torch.where(torch.rand_like(x) < self.drop_prob, x, out) if self.drop_prob > 0 else out
+        keep = torch.rand_like(x) < self.drop_prob if self.drop_prob > 0 else None
+        scale, zp = self._grid(x)
+        return _FakeQuantDrop.apply(x, scale, zp, float(q.qmin), float(q.qmax), keep)
+
+
+def _act_slots(modules: list[nn.Module]) -> Iterator[tuple[nn.Module, str]]:
+    for root in modules:
+        for m in root.modules():
+            if isinstance(m, QuantAct):
+                yield m, "quantizer"
+            elif isinstance(m, (QuantConv2d, QuantLinear)) and m.input_quantizer is not None:
+                yield m, "input_quantizer"
+
+
+@contextmanager
+def quantization_off(model: nn.Module) -> Iterator[None]:
+    """The model in full precision (every weight/activation quantizer off), then as it was."""
+    states = []
+    for m in model.modules():
+        if isinstance(m, UnitActQuantizer):
+            states.append((m, m.enabled))
+            m.enabled = False
+        elif isinstance(m, UniformQuantizer):
+            states.append((m, m.quant_enabled))
+            m.enable_quant(False)
+    try:
+        yield
+    finally:
+        for m, flag in states:
+            if isinstance(m, UnitActQuantizer):
+                m.enabled = flag
+            else:
+                m.enable_quant(flag)
+
+
+# -- one unit's data -----------------------------------------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+def _capture_input(model: nn.Module, module: nn.Module, x: Tensor) -> Tensor:
+    """What ``module`` receives when ``model`` runs on ``x`` (the forward stops there)."""
+    box: list[Tensor] = []
+
+    def hook(mod: nn.Module, args: tuple) -> None:
+        box.append(args[0].detach().clone())
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not box:
+        raise RuntimeError(f"refine: unit module {type(module).__name__} was not reached by the forward pass")
+    return box[0]
+
+
+def _capture_output(model: nn.Module, module: nn.Module, x: Tensor) -> Tensor:
+    box: list[Tensor] = []
+
+    def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
+        box.append(out.detach().clone())
+        raise _Stop
+
+    handle = module.register_forward_hook(hook)
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return box[0]
+
+
+def _fisher_grad(model: nn.Module, module: nn.Module, x: Tensor) -> Tensor:
+    """d CE(FP logits, FP argmax) / d (unit output), per image (the loss is summed)."""
+    box: list[Tensor] = []
+
+    def hook(mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        leaf = out.detach().requires_grad_(True)
+        box.append(leaf)
+        return leaf + 0.0  # later in-place ops (ReLU(inplace)) must not touch the leaf
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+            logits = logits.reshape(logits.shape[0], -1)
+            loss = F.cross_entropy(logits, logits.argmax(dim=1), reduction="sum")
+            (grad,) = torch.autograd.grad(loss, box[0])
+    finally:
+        handle.remove()
+    return grad.detach()
+
+
+class UnitData:
+    """A unit's quantized inputs, targets, and (QDrop) float inputs / (Fisher) weights, cached."""
+
+    def __init__(self, model: nn.Module, first: nn.Module, last: nn.Module, images: Tensor,
+                 device: torch.device, batch: int, float_inputs: bool, fisher: bool) -> None:
+        self.model, self.first, self.last = model, first, last
+        self.images, self.device, self.batch = images, device, batch
+        self.float_inputs, self.fisher = float_inputs, fisher
+        self.fisher_scale = 1.0
+        if fisher:  # the mean squared gradient over the unit's data: weights average 1
+            total, count = 0.0, 0
+            for start in range(0, len(images), batch):
+                g = self._grad(images[start:start + batch].to(device))
+                total += float(g.pow(2).sum())
+                count += g.numel()
+            self.fisher_scale = count / max(total, 1e-30)
+
+    def _grad(self, x: Tensor) -> Tensor:
+        with quantization_off(self.model):
+            return _fisher_grad(self.model, self.last, x)
+
+    def compute(self, x: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
+        with torch.no_grad():
+            q_in = _capture_input(self.model, self.first, x)
+            with quantization_off(self.model):
+                fp_in = _capture_input(self.model, self.first, x) if self.float_inputs else None
+                target = _capture_output(self.model, self.last, x)
+        weight = self._grad(x).pow(2) * self.fisher_scale if self.fisher else None
+        return q_in, fp_in, target, weight
+
+    def get(self, idx: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
+        return self.compute(self.images[idx].to(self.device))
+
+    def batches(self) -> Iterator[tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]]:
+        for start in range(0, len(self.images), self.batch):
+            yield self.get(torch.arange(start, min(start + self.batch, len(self.images))))
+
+
+class CachedUnitData(UnitData):
+    """Everything computed once on the calibration images and indexed per step."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        parts = [self.compute(self.images[s:s + self.batch].to(self.device))
+                 for s in range(0, len(self.images), self.batch)]
+        self.tensors = [None if parts[0][k] is None else torch.cat([p[k] for p in parts])
+                        for k in range(4)]
+
+    def get(self, idx: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
+        idx = idx.to(self.tensors[0].device)
+        return tuple(None if t is None else t[idx] for t in self.tensors)  # type: ignore[return-value]
+
+
+class StreamedUnitData(UnitData):
+    """Recomputed from the images at every step (units whose data would not fit in ``cache_mb``)."""
+
+
+def unit_data_bytes(model: nn.Module, unit: Unit, modules: list[nn.Module], example: Tensor,
+                    n_images: int, float_inputs: bool, fisher: bool) -> int:
+    """Bytes the cached tensors of ``unit`` would take for ``n_images`` images."""
+    with torch.no_grad(), quantization_off(model):
+        x_in = _capture_input(model, modules[0], example)
+        out = _capture_output(model, modules[-1], example)
+    per_image = x_in[0].numel() * (2 if float_inputs else 1) + out[0].numel() * (2 if fisher else 1)
+    return per_image * n_images * x_in.element_size()
+
+
+# -- the loss ------------------------------------------------------------------------------------
+def recon_loss(out: Tensor, target: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+    """``Σ_channels (out − target)²`` (× Fisher weight), mean over batch and positions."""
+    err = (out - target).pow(2)
+    if weight is not None:
+        err = err * weight
+    return err.sum(1).mean() if err.dim() > 1 else err.mean()
+
+
+def beta_at(step: int, steps: int, warmup_steps: int, beta: tuple[float, float]) -> float:
+    """Linear anneal from ``beta[0]`` at the end of the warm-up to ``beta[1]`` at the last step."""
+    start, end = beta
+    span = max(1, steps - warmup_steps)
+    rel = min(1.0, max(0.0, (step - warmup_steps) / span))
+    return end + (start - end) * (1.0 - rel)
+
+
+@torch.no_grad()
+def unit_loss(unit: Unit, modules: list[nn.Module], data: UnitData) -> float:
+    """The unit's reconstruction loss on all its calibration data (no dropping, mean over batches
+    weighted by their size)."""
+    total, n = 0.0, 0
+    for q_in, _, target, weight in data.batches():
+        out = unit.run(modules, q_in)
+        total += float(recon_loss(out, target, weight)) * q_in.shape[0]
+        n += q_in.shape[0]
+    return total / max(1, n)
+
+
+# -- one unit ------------------------------------------------------------------------------------
+class UnitTrainer:
+    """The optimisation of one unit: learned rounding attached to its layers, activation
+    quantizers wrapped (QDrop dropping; learned ranges with ``learn_act``), the optimizer pair.
+    :meth:`step` is one iteration; :meth:`close` hardens the rounding and puts the quantizers back
+    (learned ranges written into them). Used as a context manager."""
+
+    def __init__(self, model: nn.Module, unit: Unit, data: UnitData, cfg: Any, steps: int,
+                 batch_size: int, generator: torch.Generator, name: str) -> None:
+        self.unit, self.data, self.steps, self.batch_size = unit, data, int(steps), int(batch_size)
+        self.generator, self.name = generator, name
+        self.modules = unit.modules(model)
+        self.drop = float(cfg.drop_prob)
+        self.layers = [m for m in unit.layers(model) if isinstance(m, (QuantConv2d, QuantLinear))
+                       and m.weight_quantizer.active]
+        self.roundings: list[AdaRound] = [attach(layer) for layer in self.layers]
+        self.beta = (float(cfg.beta[0]), float(cfg.beta[1]))
+        self.warm = int(float(cfg.warmup) * self.steps)
+        self.lam = float(cfg.round_lambda)
+        self._stack = ExitStack()
+        holder = nn.ModuleList(self.modules)  # a view: the modules stay where they are in the model
+        learned = self._stack.enter_context(learned_act_ranges(holder)) if cfg.learn_act else []
+        self._stack.callback(_unwrap_acts, _wrap_acts(self.modules, self.drop))
+        act_params = [p for q in learned for p in (q.lo, q.hi)]
+        groups = [{"params": [r.V for r in self.roundings], "lr": float(cfg.lr)}]
+        if act_params:
+            groups.append({"params": act_params, "lr": float(cfg.act_lr)})
+        self.opt = build_optimizer(groups, cfg)
+        # V at a constant rate (the reference code's Adam); activation grids cosine-annealed to 0.
+        total = max(1, self.steps)
+        lambdas = [lambda s: 1.0] + ([lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))]
+                                     if act_params else [])
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambdas)
+
+    def __enter__(self) -> "UnitTrainer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def step(self, it: int) -> float:
+        """One iteration (0-based ``it``): a random batch, loss, backward, optimizer step."""
+        idx = torch.randperm(len(self.data.images), generator=self.generator)[:self.batch_size]
+        q_in, fp_in, target, weight = self.data.get(idx)
+        if fp_in is not None:  # QDrop: the input the previous quantizer produced, dropped too
+            q_in = torch.where(torch.rand_like(q_in) < self.drop, fp_in, q_in)
+        out = self.unit.run(self.modules, q_in)
+        total = recon_loss(out, target, weight)
+        if it >= self.warm and self.lam > 0 and self.roundings:
+            b = beta_at(it, self.steps, self.warm, self.beta)
+            total = total + self.lam * sum(r.regularizer(b) for r in self.roundings)
+        value = float(total.detach())
+        if not math.isfinite(value):
+            raise RuntimeError(f"refine={self.name}: the loss is {value} in unit {self.unit.name!r} "
+                               f"({self.unit.kind}) at iteration {it + 1} of {self.steps}; stopping")
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        self.opt.step()
+        self.sched.step()
+        return value
+
+    def close(self) -> None:
+        for r in self.roundings:
+            r.harden()
+        self._stack.close()
+
+
+def reconstruct_unit(model: nn.Module, unit: Unit, images: Tensor, cfg: Any, steps: int,
+                     batch_size: int, device: torch.device, generator: torch.Generator,
+                     name: str) -> dict[str, Any]:
+    """Learn the rounding (and activation grids) of one unit in place; its record."""
+    start = time.perf_counter()
+    data = unit_data(model, unit, images, cfg, batch_size, device)
+    modules = unit.modules(model)
+    loss_start = unit_loss(unit, modules, data)
+    losses = []
+    with UnitTrainer(model, unit, data, cfg, steps, batch_size, generator, name) as trainer:
+        for it in range(steps):
+            losses.append(trainer.step(it))
+    # hard rounding; dropping wrappers removed, learned ranges written back into the quantizers
+    changed = [r.changed() for r in trainer.roundings]
+    loss_end = unit_loss(unit, modules, data)
+    flipped, total_w = sum(c[0] for c in changed), sum(c[1] for c in changed)
+    return {"unit": unit.name, "kind": unit.kind, "modules": list(unit.paths),
+            "layers": len(trainer.layers), "weights": total_w, "iterations": steps,
+            "cached": isinstance(data, CachedUnitData), "loss_start": loss_start, "loss_end": loss_end,
+            "loss_first_step": losses[0] if losses else None, "loss_last_step": losses[-1] if losses else None,
+            "changed_share": flipped / total_w if total_w else 0.0, "changed": flipped,
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def unit_data(model: nn.Module, unit: Unit, images: Tensor, cfg: Any, batch_size: int,
+              device: torch.device) -> UnitData:
+    """The unit's data: cached when it fits in ``cache_mb``, else streamed."""
+    modules = unit.modules(model)
+    drop, fisher = float(cfg.drop_prob) > 0, bool(cfg.fisher)
+    need = unit_data_bytes(model, unit, modules, images[:1].to(device), len(images), drop, fisher)
+    cls = CachedUnitData if need <= float(cfg.cache_mb) * 2**20 else StreamedUnitData
+    return cls(model, modules[0], modules[-1], images, device, max(batch_size, 64), drop, fisher)
+
+
+def _wrap_acts(modules: list[nn.Module], drop: float) -> list[tuple[nn.Module, str, UnitActQuantizer]]:
+    """Put a :class:`UnitActQuantizer` in every active activation-quantizer slot of the unit."""
+    wrapped, seen = [], {}
+    for owner, attr in list(_act_slots(modules)):
+        inner = getattr(owner, attr)
+        if isinstance(inner, UnitActQuantizer) or not inner.active:
+            continue
+        wrapper = seen.get(id(inner))
+        if wrapper is None:
+            wrapper = seen[id(inner)] = UnitActQuantizer(inner, drop)
+        setattr(owner, attr, wrapper)
+        wrapped.append((owner, attr, wrapper))
+    return wrapped
+
+
+def _unwrap_acts(wrapped: list[tuple[nn.Module, str, UnitActQuantizer]]) -> None:
+    for owner, attr, wrapper in wrapped:
+        setattr(owner, attr, wrapper.inner)
+
+
+# -- the refiner ---------------------------------------------------------------------------------
+def reconstruct(qmodel: nn.Module, images: Tensor, ctx: Any, cfg: Any, name: str, track: Any = None
+                ) -> dict[str, Any]:
+    """Reconstruct every unit of ``qmodel`` (calibrated fake-quant model) on ``images``; the record."""
+    steps = int(cfg.iterations if cfg.iterations is not None else ctx.budget.refine_unit_steps)
+    batch_size = int(cfg.batch_size or ctx.budget.refine_unit_batch_size)
+    device = torch.device(ctx.device)
+    start = time.perf_counter()
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    flags = [p.requires_grad for p in qmodel.parameters()]
+    was_training = qmodel.training
+    records: list[dict[str, Any]] = []
+    try:
+        with torch.inference_mode(False), torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(stream_seed(ctx.seed, "refine/recon"))  # QDrop's masks
+            order = torch.Generator().manual_seed(stream_seed(ctx.seed, "refine/recon/order"))
+            qmodel.eval()  # BN in eval mode (folded or frozen), as calibrated
+            qmodel.requires_grad_(False)  # only the rounding and (learn_act) the grids train
+            example = images[:1].to(device)
+            with torch.no_grad(), quantization_off(qmodel):
+                units, used = build_units(qmodel, str(cfg.granularity), example)
+            log.info("refine=%s: %d %s units x %d iterations, batch %d", name, len(units), used, steps,
+                     batch_size)
+            bar = _progress(units, ctx.progress, name)
+            for k, unit in enumerate(bar):
+                rec = reconstruct_unit(qmodel, unit, images, cfg, steps, batch_size, device, order, name)
+                records.append(rec)
+                if track is not None:
+                    track.log({"refine/unit": k, "refine/loss_start": rec["loss_start"],
+                               "refine/loss_end": rec["loss_end"], "refine/changed_share": rec["changed_share"]})
+                log.debug("unit %s: loss %.4g -> %.4g, %.1f%% changed, %.1f s", unit.name,
+                          rec["loss_start"], rec["loss_end"], 100 * rec["changed_share"], rec["seconds"])
+    finally:
+        for p, flag in zip(qmodel.parameters(), flags):
+            p.requires_grad_(flag)
+        qmodel.train(was_training)
+    seconds = time.perf_counter() - start
+    weights = sum(r["weights"] for r in records)
+    changed = sum(r["changed"] for r in records)
+    loss_start = sum(r["loss_start"] for r in records)
+    loss_end = sum(r["loss_end"] for r in records)
+    log.info("refine=%s: %d units in %.1f s, summed unit loss %.4g -> %.4g, %.2f%% of weights rounded "
+             "away from nearest", name, len(records), seconds, loss_start, loss_end,
+             100 * changed / max(1, weights))
+    return {"steps": steps * len(records), "batch_size": batch_size,
+            "images_seen": steps * len(records) * min(batch_size, len(images)),
+            "seconds": round(seconds, 3), "loss_first": loss_start, "loss_last": loss_end,
+            "terms": {"recon": 1.0, "round": float(cfg.round_lambda)},
+            "granularity": used, "units": records, "iterations_per_unit": steps,
+            "weights": weights, "changed": changed, "changed_share": changed / weights if weights else 0.0,
+            "curve": {key: [r[key] for r in records] for key in ("loss_start", "loss_end", "changed_share")}}
+
+
+def _progress(units: list[Unit], enabled: bool, name: str):  # noqa: ANN202
+    if not enabled:
+        return units
+    from tqdm.auto import tqdm
+
+    return tqdm(units, desc=f"refine={name}", unit="unit", leave=True)
+
+
+class ReconRefiner(Refiner):
+    """Unit-by-unit reconstruction of the rounding on the calibration set (options in the config)."""
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        check_config(cfg)
+
+    def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any,
+            track: Any = None) -> dict[str, Any]:
+        steps = self.cfg.iterations if self.cfg.iterations is not None else ctx.budget.refine_unit_steps
+        if int(steps) == 0:
+            return {"steps": 0, "batch_size": None, "images_seen": 0, "seconds": 0.0, "loss_first": None,
+                    "loss_last": None, "terms": {}, "curve": {}, "units": []}
+        return reconstruct(qmodel, calib.images, ctx, self.cfg, self.cfg.name, track)
+
+
+@register("adaround")
+class AdaRoundRefiner(ReconRefiner):
+    """AdaRound: layer by layer (``conf/refine/adaround.yaml``)."""
+
+
+@register("brecq")
+class BRECQRefiner(ReconRefiner):
+    """BRECQ: block by block, activation grids learned (``conf/refine/brecq.yaml``)."""
+
+
+@register("qdrop")
+class QDropRefiner(ReconRefiner):
+    """QDrop: BRECQ's blocks with activation quantization dropped at 0.5 (``conf/refine/qdrop.yaml``)."""

@@ -1,0 +1,220 @@
+"""Reconstruction units: which modules are reconstructed together (``refine.granularity``).
+
+``layer`` (AdaRound): every conv/linear on its own, in execution order.
+
+``block`` (BRECQ, QDrop): the units the BRECQ paper reconstructs jointly — the stem, each residual
+unit with its shortcut, each inverted-residual block, the head — found by ONE structural rule
+instead of a list per model:
+
+1. **The chain.** Starting at the model, descend into every ``nn.Sequential`` (and into the model
+   itself); every other module met on the way is a *chain element*. pytorchcv's ResNets and
+   MobileNets give ``init_block, stage*.unit*, final_block, final_pool, output``; torchvision's
+   ResNet-18 gives ``conv1, bn1, relu, maxpool, layer*.N, avgpool, fc``. A residual unit is never
+   a Sequential (its forward adds the shortcut), so it stays one element with its shortcut inside.
+2. **Check it.** One forward pass confirms that the elements run once each, in this order, each
+   reading exactly what the one before it produced (a flatten in between is allowed, as
+   torchvision's ``torch.flatten`` before ``fc``), the first reading the image and the last
+   producing the logits. A model whose forward does anything else (a skip across elements, a
+   reused module, a functional op with a value change between elements) fails the check.
+3. **Group.** An element with a conv/linear inside starts a unit. An element without one (BN,
+   activation, pooling) joins the unit of the *bare layer* it follows (``conv1 → bn1 → relu →
+   maxpool`` is the stem), and otherwise the unit it feeds (``final_pool`` belongs to the head that
+   reads it); weightless elements at the very end join the last unit.
+
+A model that fails the check falls back to layers, with a warning. The same rule also yields the
+per-element input shapes, so a unit can be run on its own (:meth:`Unit.run`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+GRANULARITIES = ("layer", "block")
+WEIGHT_TYPES: tuple[type, ...] = (nn.Conv2d, nn.Linear)  # QuantConv2d / QuantLinear subclass them
+
+
+@dataclass
+class Unit:
+    """Modules reconstructed together: chain elements (paths) run one after the other."""
+
+    name: str
+    kind: str  # layer | stem | block | head
+    paths: list[str]
+    # Per element: the per-sample input shape it expects (a flatten before it), None = as produced.
+    shapes: list[Optional[tuple[int, ...]]] = field(default_factory=list)
+
+    def modules(self, model: nn.Module) -> list[nn.Module]:
+        return [model.get_submodule(p) for p in self.paths]
+
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        """The conv/linear layers inside the unit (their weights are what reconstruction rounds)."""
+        found, seen = [], set()
+        for module in self.modules(model):
+            for m in module.modules():
+                if isinstance(m, WEIGHT_TYPES) and id(m) not in seen:
+                    seen.add(id(m))
+                    found.append(m)
+        return found
+
+    def run(self, modules: list[nn.Module], x: Tensor) -> Tensor:
+        shapes = self.shapes or [None] * len(modules)
+        for module, shape in zip(modules, shapes):
+            if shape is not None and tuple(x.shape[1:]) != shape:
+                x = x.reshape(x.shape[0], *shape)
+            x = module(x)
+        return x
+
+
+def _has_weights(module: nn.Module) -> bool:
+    return any(isinstance(m, WEIGHT_TYPES) for m in module.modules())
+
+
+def _chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Rule 1: descend into the model and every nn.Sequential; everything else is an element."""
+    out: list[tuple[str, nn.Module]] = []
+
+    def visit(prefix: str, module: nn.Module, top: bool) -> None:
+        if top or isinstance(module, nn.Sequential):
+            for name, child in module.named_children():
+                visit(f"{prefix}.{name}" if prefix else name, child, False)
+        else:
+            out.append((prefix, module))
+
+    visit("", model, True)
+    return out
+
+
+class _NotAChain(Exception):
+    pass
+
+
+def _check_chain(model: nn.Module, elements: list[tuple[str, nn.Module]], example: Tensor
+                 ) -> list[Optional[tuple[int, ...]]]:
+    """Rule 2: the forward pass runs the elements as a chain; returns each element's input shape
+    where it differs from what the element before produced (a flatten), else None."""
+    calls: list[int] = []
+    produced: list[Optional[Tensor]] = [None]
+    shapes: list[Optional[tuple[int, ...]]] = [None] * len(elements)
+    problems: list[str] = []
+    handles = []
+
+    def pre(i: int):  # noqa: ANN202
+        def hook(module: nn.Module, args: tuple) -> None:
+            calls.append(i)
+            x = args[0] if args else None
+            prev = produced[0]
+            expected = example if i == 0 else prev
+            if len(args) != 1 or not isinstance(x, Tensor) or expected is None:
+                problems.append(f"{elements[i][0]}: not called with one tensor after its predecessor")
+            elif x.shape != expected.shape:
+                if x.numel() != expected.numel() or not torch.equal(x.reshape(-1), expected.reshape(-1)):
+                    problems.append(f"{elements[i][0]}: input is not its predecessor's output")
+                else:
+                    shapes[i] = tuple(x.shape[1:])
+            elif not torch.equal(x, expected):
+                problems.append(f"{elements[i][0]}: input is not its predecessor's output")
+        return hook
+
+    def post(i: int):  # noqa: ANN202
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            produced[0] = output.detach().clone() if isinstance(output, Tensor) else None
+        return hook
+
+    for i, (_, module) in enumerate(elements):
+        handles.append(module.register_forward_pre_hook(pre(i)))
+        handles.append(module.register_forward_hook(post(i)))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(example)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    if calls != list(range(len(elements))):
+        raise _NotAChain(f"elements ran in the order {calls[:12]}..., not once each in order")
+    if problems:
+        raise _NotAChain("; ".join(problems[:3]))
+    last = produced[0]
+    if last is None or last.numel() != out.numel() or not torch.equal(last.reshape(-1), out.reshape(-1)):
+        raise _NotAChain("the last element's output is not the model's output")
+    return shapes
+
+
+def execution_order(model: nn.Module, example: Tensor) -> list[str]:
+    """Paths of the conv/linear layers in the order a forward pass calls them (first call)."""
+    names = {id(m): n for n, m in model.named_modules() if isinstance(m, WEIGHT_TYPES)}
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda mod, args: order.append(names[id(mod)]))
+               for n, m in model.named_modules() if isinstance(m, WEIGHT_TYPES)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+def layer_units(model: nn.Module, example: Tensor) -> list[Unit]:
+    """One unit per conv/linear, in execution order (a layer never run is left out)."""
+    return [Unit(name=path, kind="layer", paths=[path], shapes=[None])
+            for path in execution_order(model, example)]
+
+
+def block_units(model: nn.Module, example: Tensor) -> Optional[list[Unit]]:
+    """The block units of ``model`` by the rule in the module docstring; None when the model's
+    forward is not a chain of the elements (the caller falls back to layers)."""
+    elements = _chain(model)
+    try:
+        shapes = _check_chain(model, elements, example)
+    except _NotAChain as err:
+        log.warning("refine: %s is not a chain of blocks (%s)", type(model).__name__, err)
+        return None
+    groups: list[list[int]] = []
+    pending: list[int] = []  # weightless elements waiting for the unit they feed
+    after_bare = False  # the last element placed belongs to a unit started by a bare conv/linear
+    for i, (_, module) in enumerate(elements):
+        if _has_weights(module):
+            groups.append([*pending, i])
+            pending = []
+            after_bare = isinstance(module, WEIGHT_TYPES)
+        elif after_bare:
+            groups[-1].append(i)  # BN / activation / pooling of a bare layer: conv → bn → relu
+        else:
+            pending.append(i)  # e.g. the pooling that feeds the head
+    if not groups:
+        return None
+    if pending:
+        groups[-1].extend(pending)
+    units = []
+    for k, group in enumerate(groups):
+        weighted = [elements[j][0] for j in group if _has_weights(elements[j][1])]
+        kind = "stem" if k == 0 else "head" if k == len(groups) - 1 else "block"
+        units.append(Unit(name=weighted[0], kind=kind, paths=[elements[j][0] for j in group],
+                          shapes=[shapes[j] for j in group]))
+    return units
+
+
+def build_units(model: nn.Module, granularity: str, example: Tensor) -> tuple[list[Unit], str]:
+    """``(units, granularity actually used)``; ``block`` falls back to ``layer`` with a warning."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}; valid choices: {', '.join(GRANULARITIES)}")
+    if granularity == "block":
+        units = block_units(model, example)
+        if units is not None:
+            return units, "block"
+        log.warning("refine: %s cannot be split into blocks by the structural rule; "
+                    "reconstructing layer by layer instead", type(model).__name__)
+    return layer_units(model, example), "layer"

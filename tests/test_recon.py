@@ -1,0 +1,387 @@
+"""Reconstruction refiners (adaround / brecq / qdrop): learned rounding in quant/, unit boundaries
+per model, the per-unit loop (loss falls, QDrop's dropping, streaming = caching, determinism),
+records through the pipeline, and every bad input."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from calibbench import quant, refine
+from calibbench.config import ConfigError, QuantConfig, validate
+from calibbench.quant import QuantConv2d, QuantLinear, quantize
+from calibbench.quant.adaround import AdaRound, attach, rectified_sigmoid
+from calibbench.refine.recon import reconstruct, reconstruct_unit, quantization_off
+from calibbench.refine.units import build_units
+
+from conftest import run_twice
+
+DFQ = QuantConfig(name="dfq_legacy")
+ACADEMIC = QuantConfig(name="academic", act_placement="layer_input", fold_bn=True,
+                       first_last_bits=8, quantize_input=True)
+SMOKE = ("budget=smoke", "num_samples=16")
+
+
+class Residual(nn.Module):
+    """conv-BN-ReLU-conv-BN plus a 1x1 shortcut, ReLU after the sum: a residual unit."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+                                  nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout))
+        self.shortcut = nn.Conv2d(cin, cout, 1)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.shortcut(x))
+
+
+class Toy(nn.Module):
+    """stem (conv-BN-ReLU), two residual units, pooled linear head: a chain of blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      Residual(8, 8), Residual(8, 12), nn.AdaptiveAvgPool2d(1))
+        self.fc = nn.Linear(12, 10)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.2, 0.2)
+                    m.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.features(x), 1))
+
+
+class Skip(nn.Module):
+    """Not a chain: the input skips over the children (the rule cannot split it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 3, 3, padding=1)
+        self.b = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x)) + x
+
+
+def _calibrated(model: nn.Module, cfg: QuantConfig, bits: int, images: torch.Tensor) -> nn.Module:
+    qmodel = quantize(model, cfg, bits, bits)
+    quant.calibrate(qmodel, images.split(16), "cpu")
+    return qmodel
+
+
+def _layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+
+
+# -- learned rounding in quant/ ------------------------------------------------------------------
+@pytest.mark.parametrize("cfg", [DFQ, ACADEMIC], ids=["dfq_legacy", "academic"])
+def test_soft_rounding_starts_at_the_float_weight(cfg):
+    images = torch.randn(32, 3, 8, 8)
+    qmodel = _calibrated(Toy().eval(), cfg, 3, images)
+    for layer in _layers(qmodel):
+        w = layer.weight.detach().clone()
+        rounding = attach(layer)
+        soft = layer.quantized_weight().detach()
+        codes = w / rounding.scale
+        inside = (codes >= rounding.lo - 1e-4) & (codes <= rounding.hi + 1e-4)
+        assert inside.float().mean() > 0.75  # per-channel grids cover all but a channel end
+        assert torch.allclose(soft[inside], w[inside], atol=1e-6, rtol=1e-5)
+        # dfq_legacy's integer zero point can leave a channel's extreme weight up to half a step
+        # outside its grid: clamped there, as round-to-nearest clamps it
+        outside = (torch.minimum(codes - rounding.lo, rounding.hi - codes)).clamp(max=0).abs()
+        assert float(outside.max()) <= 0.5 + 1e-4
+        # per channel: one scale per output channel
+        assert rounding.scale.numel() == w.shape[0]
+
+
+@pytest.mark.parametrize("cfg", [DFQ, ACADEMIC], ids=["dfq_legacy", "academic"])
+def test_hard_rounding_is_on_the_grid_within_one_step(cfg):
+    images = torch.randn(32, 3, 8, 8)
+    qmodel = _calibrated(Toy().eval(), cfg, 3, images)
+    g = torch.Generator().manual_seed(0)
+    for layer in _layers(qmodel):
+        w = layer.weight.detach().clone()
+        rounding = attach(layer)
+        with torch.no_grad():
+            rounding.V.copy_(3 * torch.randn(rounding.V.shape, generator=g))  # arbitrary directions
+        rounding.harden()
+        assert rounding.V is None and rounding.hard
+        hard = layer.quantized_weight().detach()
+        codes = hard / rounding.scale
+        assert torch.allclose(codes, codes.round(), atol=1e-4)  # on the integer grid
+        assert torch.all(codes.round() >= rounding.lo) and torch.all(codes.round() <= rounding.hi)
+        step = rounding.scale.expand_as(w)
+        assert torch.all((hard - w).abs() <= step * (1 + 1e-4))
+        # both directions occur, and the share of weights away from nearest is reported
+        changed, total = rounding.changed()
+        assert total == w.numel() and 0 < changed < total
+        # disabling the weight quantizer gives the float weight back
+        layer.weight_quantizer.enable_quant(False)
+        assert torch.equal(layer.quantized_weight(), layer.weight)
+        layer.weight_quantizer.enable_quant(True)
+
+
+def test_hard_rounding_of_untrained_v_is_round_to_nearest():
+    images = torch.randn(32, 3, 8, 8)
+    qmodel = _calibrated(Toy().eval(), DFQ, 4, images)
+    layer = _layers(qmodel)[1]
+    nearest = layer.quantized_weight().detach().clone()
+    rounding = attach(layer)
+    rounding.harden()
+    assert rounding.changed()[0] == 0
+    assert torch.allclose(layer.quantized_weight(), nearest, atol=1e-6)
+
+
+def test_regulariser_drives_h_to_zero_or_one():
+    layer = nn.Linear(16, 8)
+    wq = quant.UniformQuantizer(3, ch_axis=0, num_channels=8)
+    wq.set_range(layer.weight.detach().amin(1), layer.weight.detach().amax(1))
+    rounding = AdaRound(layer.weight, wq)
+    undecided = lambda: float(torch.minimum(rounding.h(), 1 - rounding.h()).mean())  # noqa: E731
+    before = undecided()
+    opt = torch.optim.Adam([rounding.V], lr=0.05)
+    for step in range(300):
+        beta = 20 - 18 * step / 299
+        loss = rounding.regularizer(beta)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert before > 0.15
+    assert undecided() < 0.02
+    assert float(rounding.regularizer(2.0)) < 0.1 * float(AdaRound(layer.weight, wq).regularizer(2.0))
+
+
+def test_rectified_sigmoid_is_clipped():
+    v = torch.tensor([-50.0, 0.0, 50.0])
+    assert rectified_sigmoid(v).tolist() == pytest.approx([0.0, 0.5, 1.0])
+
+
+# -- unit boundaries -----------------------------------------------------------------------------
+def _arch(name: str) -> tuple[nn.Module, int]:
+    torch.manual_seed(0)
+    if name == "tv_resnet18":
+        import torchvision
+
+        return torchvision.models.resnet18().eval(), 224
+    from pytorchcv.model_provider import get_model
+
+    return get_model(name, pretrained=False).eval(), 32 if "cifar" in name else 224
+
+
+EXPECTED = {
+    # model: (units, stem paths, head paths, a block with a shortcut, the shortcut layer in it)
+    "resnet20_cifar10": (11, ["features.init_block"], ["features.final_pool", "output"],
+                         "features.stage2.unit1", "features.stage2.unit1.identity_conv.conv"),
+    "resnet56_cifar10": (29, ["features.init_block"], ["features.final_pool", "output"],
+                         "features.stage3.unit1", "features.stage3.unit1.identity_conv.conv"),
+    "mobilenetv2_w1": (20, ["features.init_block"], ["features.final_pool", "output"],
+                       "features.stage2.unit2", None),
+    "mobilenetv3_large_w1": (18, ["features.init_block"], ["features.final_pool", "output"],
+                             "features.stage2.unit2", None),
+    "tv_resnet18": (10, ["conv1", "bn1", "relu", "maxpool"], ["avgpool", "fc"], "layer2.0",
+                    "layer2.0.downsample.0"),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_block_boundaries(name):
+    model, size = _arch(name)
+    n, stem, head, block, shortcut = EXPECTED[name]
+    units, used = build_units(model, "block", torch.randn(1, 3, size, size))
+    assert used == "block" and len(units) == n
+    assert units[0].paths == stem and units[0].kind == "stem"
+    assert units[-1].paths == head and units[-1].kind == "head"
+    assert all(u.kind == "block" and len(u.paths) == 1 for u in units[1:-1])
+    # every conv/linear belongs to exactly one unit
+    all_layers = [id(m) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    in_units = [id(m) for u in units for m in u.layers(model)]
+    assert sorted(in_units) == sorted(all_layers)
+    unit = next(u for u in units if u.paths == [block])
+    if shortcut is not None:  # the shortcut is inside its residual unit
+        assert any(m is model.get_submodule(shortcut) for m in unit.layers(model))
+    else:  # an inverted residual with its skip: expansion, depthwise and projection together
+        assert len(unit.layers(model)) >= 3
+    # running the units one after the other reproduces the model
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        y = x
+        for u in units:
+            y = u.run(u.modules(model), y)
+        assert torch.allclose(y.reshape(2, -1), model(x).reshape(2, -1), atol=1e-4)
+
+
+@pytest.mark.parametrize("cfg", [DFQ, ACADEMIC], ids=["dfq_legacy", "academic"])
+def test_block_boundaries_of_the_quantized_model(cfg):
+    model, size = _arch("resnet20_cifar10")
+    qmodel = _calibrated(model, cfg, 4, torch.randn(16, 3, size, size))
+    with torch.no_grad(), quantization_off(qmodel):
+        units, used = build_units(qmodel, "block", torch.randn(1, 3, size, size))
+    assert used == "block" and [u.paths for u in units] == \
+        [u.paths for u in build_units(model, "block", torch.randn(1, 3, size, size))[0]]
+
+
+def test_a_model_that_is_not_a_chain_falls_back_to_layers(caplog):
+    with caplog.at_level(logging.WARNING, logger="calibbench.refine.units"):
+        units, used = build_units(Skip().eval(), "block", torch.randn(1, 3, 8, 8))
+    assert used == "layer" and [u.paths for u in units] == [["a"], ["b"]]
+    assert "layer by layer" in caplog.text
+
+
+def test_layer_units_follow_execution_order():
+    units, used = build_units(Toy().eval(), "layer", torch.randn(1, 3, 8, 8))
+    assert used == "layer"
+    assert [u.paths[0] for u in units] == ["features.0", "features.3.body.0", "features.3.body.3",
+                                           "features.3.shortcut", "features.4.body.0",
+                                           "features.4.body.3", "features.4.shortcut", "fc"]
+
+
+# -- the per-unit loop ---------------------------------------------------------------------------
+def _recon_cfg(compose, name: str = "brecq", *overrides: str):
+    return compose(f"refine={name}", *overrides).refine
+
+
+def test_reconstruction_lowers_the_unit_loss(compose, resnet20, cifar):
+    from calibbench.datasets import spread_indices
+
+    images, _ = cifar.load(spread_indices(len(cifar.train), 64), "train")
+    qmodel = _calibrated(resnet20, DFQ, 3, images)
+    cfg = _recon_cfg(compose, "brecq")
+    model_units, _ = build_units(qmodel, "block", images[:1])
+    qmodel.requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    for unit in model_units[:3]:  # stem and the first two residual units, each on the one before
+        rec = reconstruct_unit(qmodel, unit, images, cfg, 150, 32, torch.device("cpu"), gen, "brecq")
+        assert rec["loss_end"] < rec["loss_start"], rec
+        assert 0 < rec["changed_share"] < 0.5
+        assert rec["cached"] and rec["weights"] == sum(m.weight.numel() for m in unit.layers(qmodel))
+
+
+def _toy_run(compose, make_ctx, tiny_data, name: str, *overrides: str, seed: int = 0):
+    images = torch.randn(24, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    qmodel = _calibrated(Toy().eval(), DFQ, 3, images)
+    cfg = _recon_cfg(compose, name, *overrides)
+    ctx = make_ctx(Toy(), tiny_data, seed=seed, refine_unit_steps=12, refine_unit_batch_size=8)
+    record = reconstruct(qmodel, images, ctx, cfg, name)
+    with torch.no_grad():
+        out = qmodel(images)
+    return record, out, qmodel
+
+
+def test_drop_prob_changes_the_result_and_seed_fixes_it(compose, make_ctx, tiny_data):
+    a, out_a, _ = _toy_run(compose, make_ctx, tiny_data, "qdrop")
+    b, out_b, _ = _toy_run(compose, make_ctx, tiny_data, "qdrop")
+    c, out_c, _ = _toy_run(compose, make_ctx, tiny_data, "qdrop", "refine.drop_prob=0.0")
+    assert torch.equal(out_a, out_b) and a["curve"] == b["curve"]
+    assert [u["loss_first_step"] for u in a["units"]] != [u["loss_first_step"] for u in c["units"]]
+    assert not torch.equal(out_a, out_c)
+
+
+def test_streamed_unit_data_gives_the_cached_result(compose, make_ctx, tiny_data):
+    cached, out_c, _ = _toy_run(compose, make_ctx, tiny_data, "brecq", "refine.fisher=true")
+    streamed, out_s, _ = _toy_run(compose, make_ctx, tiny_data, "brecq", "refine.fisher=true",
+                                  "refine.cache_mb=0.000001")
+    assert all(u["cached"] for u in cached["units"]) and not any(u["cached"] for u in streamed["units"])
+    assert torch.allclose(out_c, out_s, atol=1e-5)
+    for u, v in zip(cached["units"], streamed["units"]):
+        assert u["changed"] == v["changed"]
+        assert u["loss_end"] == pytest.approx(v["loss_end"], rel=1e-4)
+
+
+def test_layer_granularity_and_records(compose, make_ctx, tiny_data):
+    record, _, qmodel = _toy_run(compose, make_ctx, tiny_data, "adaround")
+    assert record["granularity"] == "layer" and len(record["units"]) == 8
+    assert record["steps"] == 8 * 12 and record["iterations_per_unit"] == 12
+    for unit in record["units"]:
+        assert set(unit) >= {"unit", "loss_start", "loss_end", "changed_share", "seconds", "weights"}
+    assert record["weights"] == sum(u["weights"] for u in record["units"])
+    # every layer now rounds by its learned, hard decision
+    assert all(m.weight_rounding is not None and m.weight_rounding.hard for m in _layers(qmodel))
+    assert all(not p.requires_grad or True for p in qmodel.parameters())
+
+
+def test_nan_loss_names_the_unit_and_iteration(compose, make_ctx, tiny_data):
+    images = torch.randn(16, 3, 8, 8)
+    qmodel = _calibrated(Toy().eval(), DFQ, 3, images)
+    images[3, 0, 0, 0] = float("nan")
+    ctx = make_ctx(Toy(), tiny_data, refine_unit_steps=5, refine_unit_batch_size=16)
+    with pytest.raises(RuntimeError, match=r"unit 'features.0' \(stem\) at iteration 1 of 5"):
+        reconstruct(qmodel, images, ctx, _recon_cfg(compose, "brecq"), "brecq")
+
+
+# -- through the pipeline ------------------------------------------------------------------------
+@pytest.mark.needs_shared
+def test_qdrop_through_the_pipeline_is_deterministic(compose, tmp_path):
+    a, _ = run_twice(compose, tmp_path, "refine=qdrop", *SMOKE)
+    units = a["refine"]["units"]
+    assert a["refine"]["name"] == "qdrop" and a["refine"]["granularity"] == "block" and len(units) == 11
+    assert a["refine"]["steps"] == 11 * 4 and a["images_seen"] == 16 + 11 * 4 * 8
+    assert a["config"]["refine"]["drop_prob"] == 0.5
+
+
+@pytest.mark.parametrize("override, message", [
+    ("refine.drop_prob=1.5", r"refine.drop_prob=1.5 is out of range; valid: a probability in \[0, 1\]"),
+    ("refine.drop_prob=-0.1", r"refine.drop_prob=-0.1 is out of range"),
+    ("refine.iterations=-1", r"refine.iterations=-1 is out of range"),
+    ("budget.refine_unit_steps=-3", r"budget.refine_unit_steps=-3 is out of range"),
+    ("refine.round_lambda=-0.01", r"refine.round_lambda=-0.01 must be >= 0"),
+    ("refine.granularity=tile", r"unknown refine.granularity 'tile'; valid choices: layer, block"),
+    ("refine.beta=[20]", r"refine.beta=\[20.0\] must be \[start, end\]"),
+    ("refine.warmup=1.0", r"refine.warmup=1.0 must be in \[0, 1\)"),
+    ("refine.bn=train", r"refine.bn='train' is not supported"),
+])
+def test_bad_inputs_fail_before_any_work(compose, tmp_path, override, message):
+    from calibbench.pipeline import run
+
+    cfg = compose("refine=qdrop", *SMOKE, override, f"paths.output_dir={tmp_path}",
+                  f"paths.cache_dir={tmp_path / 'cache'}")
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+        refine.validate(cfg)
+    with pytest.raises(ConfigError):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "cache").exists()  # nothing computed
+
+
+def test_first_last_bits_splits_f8l8_from_f4l4(compose):
+    from pytorchcv.model_provider import get_model
+
+    model = get_model("resnet20_cifar10", pretrained=False).eval()
+    for flb, edge in ((None, 4), (8, 8)):
+        cfg = compose("quant=dfq_legacy", f"quant.first_last_bits={'null' if flb is None else flb}").quant
+        bits = [q.bits for _, kind, q in quant.quantizers(quantize(model, cfg, 4, 4)) if kind == "weight"]
+        assert bits[0] == bits[-1] == edge and set(bits[1:-1]) == {4}
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.5])
+def test_fused_activation_quantizer_has_lsq_gradients(drop):
+    from calibbench.refine.recon import _FakeQuantDrop
+
+    g = torch.Generator().manual_seed(0)
+    x = (2 * torch.randn(4, 3, 5, 5, generator=g)).requires_grad_(True)
+    scale = torch.tensor(0.37, requires_grad=True)
+    zp = torch.tensor(3.0, requires_grad=True)
+    keep = torch.rand(x.shape, generator=g) < drop if drop > 0 else torch.zeros(x.shape, dtype=torch.bool)
+    weight = torch.randn(x.shape, generator=g)
+    out = _FakeQuantDrop.apply(x, scale, zp, 0.0, 7.0, keep if drop > 0 else None)
+    gx, gs, gz = torch.autograd.grad((out * weight).sum(), (x, scale, zp))
+    # LSQ (Esser et al.) written out: v = x/s; inside the code range round(v) - v for s, 1 for x;
+    # clamped: the bound for s, -s for z, 0 for x; elements kept float (QDrop) pass x only
+    v = (x / scale).detach()
+    r = torch.round(v)
+    below, above = r + 3.0 < 0.0, r + 3.0 > 7.0
+    inside = ~(below | above)
+    ref = torch.where(keep, x.detach(), torch.clamp(r + 3.0, 0.0, 7.0).sub(3.0) * 0.37)
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert torch.equal(gx, torch.where(keep | inside, weight, torch.zeros(())))
+    e = torch.where(inside, r - v, torch.where(below, torch.tensor(-3.0), torch.tensor(4.0)))
+    assert float(gs) == pytest.approx(float((weight * e)[~keep].sum()), rel=1e-4, abs=1e-4)
+    assert float(gz) == pytest.approx(float(-0.37 * weight[~keep & ~inside].sum()), rel=1e-4, abs=1e-4)
+    assert float((out.detach() != x.detach()).float().mean()) > 0.3  # it does quantize
