@@ -72,6 +72,9 @@ def flatten_config(config: dict) -> dict[str, Any]:
         # With refine=none no refine.* option is read: a learning rate changed in conf/refine/ after
         # pure-PTQ jobs ran must not split them from later ones, nor show as a column of theirs.
         flat = {k: v for k, v in flat.items() if not k.startswith("refine.") or k == "refine.name"}
+    if flat.get("refine.name") != "plf":
+        # refine.plf.* exists in every config (the schema's defaults) but only refine=plf reads it.
+        flat = {k: v for k, v in flat.items() if not k.startswith("refine.plf.")}
     w, a, bits = flat.get("quant.w_bits", MISSING), flat.get("quant.a_bits", MISSING), flat.get("bits")
     flat["w_bits"] = bits if w == MISSING else w
     flat["a_bits"] = bits if a == MISSING else a
