@@ -29,3 +29,16 @@ def compose(*overrides: str):  # noqa: ANN201 - a DictConfig
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose("config", overrides=["logger.mode=disabled", "progress=false", *overrides])
+
+
+def fp_pass(model, loader) -> float:  # noqa: ANN001 - a module and a DataLoader
+    """Seconds for one plain inference pass over ``loader``."""
+    import time
+
+    import torch
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for images, _ in loader:
+            model(images)
+    return time.perf_counter() - start

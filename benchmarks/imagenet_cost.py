@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from _common import compose, offline_env
+from _common import compose, fp_pass, offline_env
 
 offline_env()
 
@@ -79,14 +79,6 @@ def timed(fn):  # noqa: ANN001, ANN201
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
-
-
-def fp_pass(model: torch.nn.Module, loader) -> float:  # noqa: ANN001 - a DataLoader
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for images, _ in loader:
-            model(images)
-    return time.perf_counter() - start
 
 
 def measure(model_name: str, root: Path, images: int, classes: int, rounds: int) -> dict:

@@ -20,19 +20,10 @@ import time
 
 import torch
 
-from _common import compose, offline_env
+from _common import compose, fp_pass, offline_env
 
 offline_env()
 
-
-
-def fp_pass(model: torch.nn.Module, loader) -> float:  # noqa: ANN001 - a DataLoader
-    """Seconds for one plain inference pass over ``loader``."""
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for images, _ in loader:
-            model(images)
-    return time.perf_counter() - start
 
 
 def main() -> None:

@@ -146,6 +146,13 @@ def _verify_pairs(model: nn.Module, pairs: list, example: Tensor) -> set[int]:
     for _, conv, _, bn in pairs:
         handles.append(conv.register_forward_hook(conv_hook))
         handles.append(bn.register_forward_pre_hook(bn_hook))
+    probe_forward(model, example, handles)
+    return {key for key, good in ok.items() if good}
+
+
+def probe_forward(model: nn.Module, example: Tensor, handles: list) -> None:
+    """One eval-mode, no-grad forward pass of ``example`` for the given hooks to observe; the
+    hooks are removed and the model's train/eval mode restored afterwards, also on error."""
     was_training = model.training
     try:
         model.eval()
@@ -155,7 +162,6 @@ def _verify_pairs(model: nn.Module, pairs: list, example: Tensor) -> set[int]:
         model.train(was_training)
         for h in handles:
             h.remove()
-    return {key for key, good in ok.items() if good}
 
 
 @torch.no_grad()

@@ -34,6 +34,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from calibbench.quant.quantize import probe_forward
+
 log = logging.getLogger(__name__)
 
 GRANULARITIES = ("layer", "block")
@@ -155,15 +157,7 @@ def execution_order(model: nn.Module, example: Tensor) -> list[str]:
     order: list[str] = []
     handles = [m.register_forward_pre_hook(lambda mod, args: order.append(names[id(mod)]))
                for n, m in model.named_modules() if isinstance(m, WEIGHT_TYPES)]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    probe_forward(model, example, handles)
     return list(dict.fromkeys(order))
 
 
