@@ -45,7 +45,7 @@ IGNORED_KEYS = ("quant.w_bits", "quant.a_bits", "dataset.num_workers")
 # Groups whose every field is a typed schema field fixed by the preset's name (``budget=cpu``): a
 # field missing from an older record was added to the schema after that job ran, so its absence
 # never splits a cell. Not so for strategy/refine, whose dict fields are absent when switched off.
-SCHEMA_ONLY_ROOTS = ("budget",)
+SCHEMA_ONLY_ROOTS = ("budget", "dataset")  # a field absent from an older record predates it (dataset.family)
 # Pipeline stages shown in the stage-time table, in run order (result.json ``timings``).
 STAGES = ("calibration", "calibrate", "refine", "quant_eval", "diagnostics", "total")
 METRICS = ("fp_top1", "top1_mean", "top1_std", "top5_mean", "top5_std", "refine_s_mean")
