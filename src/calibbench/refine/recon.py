@@ -232,15 +232,17 @@ class _Stop(Exception):
     pass
 
 
-def _capture_input(model: nn.Module, module: nn.Module, x: Tensor) -> Tensor:
-    """What ``module`` receives when ``model`` runs on ``x`` (the forward stops there)."""
+def _capture(model: nn.Module, module: nn.Module, x: Tensor, output: bool) -> Tensor:
+    """What ``module`` receives (``output=False``) or returns when ``model`` runs on ``x``; the
+    forward stops there."""
     box: list[Tensor] = []
 
-    def hook(mod: nn.Module, args: tuple) -> None:
-        box.append(args[0].detach().clone())
+    def grab(value: Tensor) -> None:
+        box.append(value.detach().clone())
         raise _Stop
 
-    handle = module.register_forward_pre_hook(hook)
+    handle = (module.register_forward_hook(lambda mod, args, out: grab(out)) if output
+              else module.register_forward_pre_hook(lambda mod, args: grab(args[0])))
     try:
         model(x)
     except _Stop:
@@ -252,21 +254,12 @@ def _capture_input(model: nn.Module, module: nn.Module, x: Tensor) -> Tensor:
     return box[0]
 
 
+def _capture_input(model: nn.Module, module: nn.Module, x: Tensor) -> Tensor:
+    return _capture(model, module, x, output=False)
+
+
 def _capture_output(model: nn.Module, module: nn.Module, x: Tensor) -> Tensor:
-    box: list[Tensor] = []
-
-    def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
-        box.append(out.detach().clone())
-        raise _Stop
-
-    handle = module.register_forward_hook(hook)
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return box[0]
+    return _capture(model, module, x, output=True)
 
 
 def _fisher_grad(model: nn.Module, module: nn.Module, x: Tensor) -> Tensor:
