@@ -204,9 +204,12 @@ class BudgetConfig:
     # (paper: 5120 images, 1000 iterations); batches of synth_batch_size.
     plf_samples: int = 256
     plf_iterations: int = 200
-    # Reconstruction refiners (adaround, brecq, qdrop): optimisation steps per unit and batch size.
+    # Reconstruction refiners (adaround, brecq, qdrop): optimisation steps per unit, batch size, and
+    # the learning rate of the rounding variables (their YAMLs' refine.lr interpolates it): the
+    # reference code's 1e-3 is for 20k steps; fewer steps need a larger one (docs/results.md, issue 14).
     refine_unit_steps: int = 0
     refine_unit_batch_size: int = 32
+    refine_unit_lr: float = 1e-3
 
 
 @dataclass

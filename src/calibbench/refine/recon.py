@@ -103,19 +103,41 @@ def check_config(cfg: Any) -> None:
 
 
 # -- quantization switches -----------------------------------------------------------------------
+def drop_mask(like: Tensor, p: float) -> Tensor:
+    """A 0/1 mask shaped and typed like ``like``, each element 1 ("use the float value", QDrop)
+    independently with probability ``p``.
+
+    For ``p`` a multiple of 1/256 (QDrop's 0.5, 0, 1) the draw is exact and cheap: one random byte
+    per element, 8 per 64-bit draw, compared with ``256·p``; any other ``p`` draws a uniform float
+    per element. Float (not bool) because the consumers mix with ``lerp``/multiplies: on the CPU a
+    bool-masked ``where``/``masked_fill`` over a random mask cost ~25× a multiply here (2.4 ms vs
+    0.08 ms for a 32×16×32×32 tensor, one thread), and ``rand_like`` 1.95 ms vs 0.5 ms for the bytes
+    (benchmarks/recon_cost.py).
+    """
+    levels = float(p) * 256.0
+    if levels != int(levels):
+        return (torch.rand_like(like) < p).to(like.dtype)
+    n = like.numel()
+    words = torch.randint(-2**63, 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=like.device)
+    codes = words.view(torch.uint8)[:n].to(like.dtype)
+    return codes.neg_().add_(levels).clamp_(0.0, 1.0).view(like.shape)  # 1 where byte < 256·p
+
+
 class _FakeQuantDrop(torch.autograd.Function):
     """Per-tensor fake quantization with LSQ gradients for (scale, zero point) and QDrop's
-    element-wise dropping, in one pass: ``out = x`` where ``keep`` (dropped to float), else
-    ``s · (clamp(round(x / s) + z, qmin, qmax) − z)``.
+    element-wise dropping, in one pass: ``out = x`` where ``keep`` is 1 (dropped to float), else
+    ``s · (clamp(round(x / s) + z, qmin, qmax) − z)``; ``keep`` is a 0/1 float mask
+    (:func:`drop_mask`) or ``None``.
 
     The gradients are LSQ's (Esser et al. 2020) for the expression with a straight-through round:
     for x, 1 inside the code range and where kept float, 0 where clamped; for s, ``round(x/s) − x/s``
     inside and ``bound − z`` where clamped; for z, ``−s`` where clamped; dropped elements give s and
     z nothing. "Inside" includes the end codes (a value that rounds *to* the last level is not
     clipped), as LSQ says; autograd through ``torch.clamp`` (``ranges.py``'s version) gives those
-    elements the clipped gradients instead. Written out
-    because the autograd version of this one line costs ~20 full-tensor ops per activation per
-    step, which dominated a block's reconstruction step (benchmarks/recon_cost.py).
+    elements the clipped gradients instead. Written out, and with float masks and arithmetic
+    instead of bool ``where``s, because the autograd version of this one line costs ~20 full-tensor
+    ops per activation per step, which dominated a block's reconstruction step
+    (benchmarks/recon_cost.py).
     """
 
     @staticmethod
@@ -125,32 +147,34 @@ class _FakeQuantDrop(torch.autograd.Function):
         lo, hi = qmin - z, qmax - z  # code bounds relative to the zero point
         u = x * (1.0 / s)
         r = torch.round(u)
-        below, above = r < lo, r > hi
-        clipped = below | above
-        if keep is not None:
-            clipped &= ~keep
-        learn = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        if learn:  # d out / d s per element, and the elements whose d out / d z is -s
-            e = torch.sub(r, u, out=u).masked_fill_(below, lo).masked_fill_(above, hi)
-            if keep is not None:
-                e.masked_fill_(keep, 0.0)
-            ctx.save_for_backward(clipped, e, clipped.to(x.dtype))
+        codes = r.clamp(lo, hi)
+        clipped = r.sub_(codes).abs_().sign_()  # 1 where the code was clamped, else 0
+        quantized = 1.0 - keep if keep is not None else None
+        if quantized is not None:
+            clipped.mul_(quantized)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # d out / d s per element: codes − u inside, the bound where clamped, 0 where kept float
+            # (codes − u·inside: the same floats as round(u) − u, no rounding error at the bounds)
+            e = torch.addcmul(codes, u, 1.0 - clipped, value=-1.0)
+            if quantized is not None:
+                e.mul_(quantized)
+            ctx.save_for_backward(clipped, e)
         else:
             ctx.save_for_backward(clipped)
         ctx.s = s
-        q = r.clamp_(lo, hi).mul_(s)
-        return torch.where(keep, x, q) if keep is not None else q
+        q = codes.mul_(s)
+        return torch.lerp(q, x, keep) if keep is not None else q
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:  # noqa: D102
         clipped = ctx.saved_tensors[0]
-        grad_x = grad.masked_fill(clipped, 0.0) if ctx.needs_input_grad[0] else None
+        grad_x = torch.addcmul(grad, grad, clipped, value=-1.0) if ctx.needs_input_grad[0] else None
         grad_s = grad_z = None
-        if len(ctx.saved_tensors) == 3:
-            _, e, clipped_f = ctx.saved_tensors
+        if len(ctx.saved_tensors) == 2:
+            e = ctx.saved_tensors[1]
             flat = grad.reshape(-1)
             grad_s = torch.dot(flat, e.reshape(-1)).reshape(())
-            grad_z = torch.dot(flat, clipped_f.reshape(-1)).mul_(-ctx.s).reshape(())
+            grad_z = torch.dot(flat, clipped.reshape(-1)).mul_(-ctx.s).reshape(())
         return grad_x, grad_s, grad_z, None, None, None
 
 
@@ -191,8 +215,8 @@ class UnitActQuantizer(nn.Module):
         q = self.inner
         if q.ch_axis is not None:  # per-channel activation grids (not used by the presets)
             out = q(x)
-            return torch.where(torch.rand_like(x) < self.drop_prob, x, out) if self.drop_prob > 0 else out
-        keep = torch.rand_like(x) < self.drop_prob if self.drop_prob > 0 else None
+            return torch.lerp(out, x, drop_mask(x, self.drop_prob)) if self.drop_prob > 0 else out
+        keep = drop_mask(x, self.drop_prob) if self.drop_prob > 0 else None
         scale, zp = self._grid(x)
         return _FakeQuantDrop.apply(x, scale, zp, float(q.qmin), float(q.qmax), keep)
 
@@ -424,7 +448,7 @@ class UnitTrainer:
         idx = torch.randperm(len(self.data.images), generator=self.generator)[:self.batch_size]
         q_in, fp_in, target, weight = self.data.get(idx)
         if fp_in is not None:  # QDrop: the input the previous quantizer produced, dropped too
-            q_in = torch.where(torch.rand_like(q_in) < self.drop, fp_in, q_in)
+            q_in = torch.lerp(q_in, fp_in, drop_mask(q_in, self.drop))
         out = self.unit.run(self.modules, q_in)
         total = recon_loss(out, target, weight)
         if it >= self.warm and self.lam > 0 and self.roundings:
