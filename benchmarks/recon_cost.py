@@ -31,7 +31,8 @@ GOAL = 2.0
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--refine", default="qdrop", choices=["adaround", "brecq", "qdrop"])
-    parser.add_argument("--unit", default="features.stage1.unit1", help="block path in resnet20")
+    parser.add_argument("--unit", default="features.stage1.unit1",
+                        help="unit in resnet20: a block path, or (adaround) the first layer under it")
     parser.add_argument("--batch-size", type=int, default=32, help="budget.refine_unit_batch_size")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round and side")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     qmodel.requires_grad_(False)
     with torch.no_grad(), quantization_off(qmodel):
         units, _ = build_units(qmodel, cfg.refine.granularity, images[:1])
-    unit = next(u for u in units if args.unit in u.paths or u.name == args.unit)
+    unit = next(u for u in units if args.unit in u.paths or u.name == args.unit
+                or any(p.startswith(args.unit + ".") for p in u.paths))
     steps_total = 10_000  # far past the warm-up: the regulariser is part of every timed step
     gen = torch.Generator().manual_seed(0)
     udata = unit_data(qmodel, unit, images, cfg.refine, args.batch_size, torch.device("cpu"))

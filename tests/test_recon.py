@@ -371,7 +371,7 @@ def test_fused_activation_quantizer_has_lsq_gradients(drop):
     zp = torch.tensor(3.0, requires_grad=True)
     keep = torch.rand(x.shape, generator=g) < drop if drop > 0 else torch.zeros(x.shape, dtype=torch.bool)
     weight = torch.randn(x.shape, generator=g)
-    out = _FakeQuantDrop.apply(x, scale, zp, 0.0, 7.0, keep.float() if drop > 0 else None)
+    out = _FakeQuantDrop.apply(x, scale, zp, 0.0, 7.0, (~keep).float() if drop > 0 else None)
     gx, gs, gz = torch.autograd.grad((out * weight).sum(), (x, scale, zp))
     # LSQ (Esser et al.) written out: v = x/s; inside the code range round(v) - v for s, 1 for x;
     # clamped: the bound for s, -s for z, 0 for x; elements kept float (QDrop) pass x only
@@ -389,14 +389,14 @@ def test_fused_activation_quantizer_has_lsq_gradients(drop):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.5, 1.0, 0.3])
-def test_drop_mask_is_bernoulli_p_and_seeded(p):
-    from calibbench.refine.recon import drop_mask
+def test_bernoulli_mask_is_bernoulli_p_and_seeded(p):
+    from calibbench.refine.recon import bernoulli_mask
 
     like = torch.empty(64, 17, 9, 9)  # an odd element count: the byte path trims its last word
     torch.manual_seed(3)
-    a = drop_mask(like, p)
+    a = bernoulli_mask(like, p)
     torch.manual_seed(3)
-    b = drop_mask(like, p)
+    b = bernoulli_mask(like, p)
     assert a.shape == like.shape and a.dtype == like.dtype and torch.equal(a, b)
     assert set(a.unique().tolist()) <= {0.0, 1.0}
     share = float(a.mean())
@@ -404,3 +404,13 @@ def test_drop_mask_is_bernoulli_p_and_seeded(p):
     if 0 < p < 1:  # independent elements: neighbours agree no more often than chance
         same = float((a[..., 1:] == a[..., :-1]).float().mean())
         assert same == pytest.approx(p * p + (1 - p) * (1 - p), abs=0.01)
+
+
+def test_mix_picks_exactly_and_in_place():
+    from calibbench.refine.recon import mix_
+
+    a, b = torch.randn(1000), torch.randn(1000)
+    quantized = (torch.arange(1000) % 3 == 0).float()
+    want = torch.where(quantized.bool(), a, b)
+    out = mix_(a.clone(), b, quantized.clone())
+    assert torch.equal(out, want)  # bit for bit: products with 0 and 1 only

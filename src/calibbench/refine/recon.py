@@ -103,16 +103,15 @@ def check_config(cfg: Any) -> None:
 
 
 # -- quantization switches -----------------------------------------------------------------------
-def drop_mask(like: Tensor, p: float) -> Tensor:
-    """A 0/1 mask shaped and typed like ``like``, each element 1 ("use the float value", QDrop)
-    independently with probability ``p``.
+def bernoulli_mask(like: Tensor, p: float) -> Tensor:
+    """A fresh 0/1 mask shaped and typed like ``like``, each element 1 independently with
+    probability ``p`` (QDrop: the "stays quantized" mask is drawn with ``1 − drop_prob``).
 
-    For ``p`` a multiple of 1/256 (QDrop's 0.5, 0, 1) the draw is exact and cheap: one random byte
-    per element, 8 per 64-bit draw, compared with ``256·p``; any other ``p`` draws a uniform float
-    per element. Float (not bool) because the consumers mix with ``lerp``/multiplies: on the CPU a
-    bool-masked ``where``/``masked_fill`` over a random mask cost ~25× a multiply here (2.4 ms vs
-    0.08 ms for a 32×16×32×32 tensor, one thread), and ``rand_like`` 1.95 ms vs 0.5 ms for the bytes
-    (benchmarks/recon_cost.py).
+    For ``p`` a multiple of 1/256 (QDrop's 0.5, and 0, 1) the draw is exact and cheap: one random
+    byte per element, 8 per 64-bit draw, compared with ``256·p``; any other ``p`` draws a uniform
+    float per element. Float, not bool, because its consumers multiply: on the CPU a bool-masked
+    ``where``/``masked_fill`` over a random mask cost ~25× a multiply here (one thread, a
+    32×16×32×32 tensor: 2.4 ms vs 0.08 ms; ``rand_like`` 1.95 ms vs 0.5 ms for the bytes).
     """
     levels = float(p) * 256.0
     if levels != int(levels):
@@ -123,58 +122,67 @@ def drop_mask(like: Tensor, p: float) -> Tensor:
     return codes.neg_().add_(levels).clamp_(0.0, 1.0).view(like.shape)  # 1 where byte < 256·p
 
 
+def mix_(a: Tensor, b: Tensor, quantized: Tensor) -> Tensor:
+    """``a`` where ``quantized`` is 1 and ``b`` where it is 0, written into ``a``, exactly
+    (products with 0 and 1); ``quantized`` is consumed. In place because each new full-size
+    tensor costs more than the arithmetic on it (fresh pages; profiled in a resnet20 block step)."""
+    a.mul_(quantized)
+    return a.add_(quantized.neg_().add_(1.0).mul_(b))
+
+
 class _FakeQuantDrop(torch.autograd.Function):
     """Per-tensor fake quantization with LSQ gradients for (scale, zero point) and QDrop's
-    element-wise dropping, in one pass: ``out = x`` where ``keep`` is 1 (dropped to float), else
-    ``s · (clamp(round(x / s) + z, qmin, qmax) − z)``; ``keep`` is a 0/1 float mask
-    (:func:`drop_mask`) or ``None``.
+    element-wise dropping, in one pass: ``s · (clamp(round(x / s) + z, qmin, qmax) − z)`` where
+    ``quantized`` is 1, ``x`` (dropped to float) where it is 0; ``quantized`` is a fresh 0/1 float
+    mask (:func:`bernoulli_mask`, consumed) or ``None`` (everything quantized).
 
     The gradients are LSQ's (Esser et al. 2020) for the expression with a straight-through round:
     for x, 1 inside the code range and where kept float, 0 where clamped; for s, ``round(x/s) − x/s``
     inside and ``bound − z`` where clamped; for z, ``−s`` where clamped; dropped elements give s and
     z nothing. "Inside" includes the end codes (a value that rounds *to* the last level is not
     clipped), as LSQ says; autograd through ``torch.clamp`` (``ranges.py``'s version) gives those
-    elements the clipped gradients instead. Written out, and with float masks and arithmetic
-    instead of bool ``where``s, because the autograd version of this one line costs ~20 full-tensor
-    ops per activation per step, which dominated a block's reconstruction step
-    (benchmarks/recon_cost.py).
+    elements the clipped gradients instead. Written out because the autograd version of this one
+    line costs ~20 full-size tensors per activation per step, which dominated a block's
+    reconstruction step (benchmarks/recon_cost.py): here 3 new tensors in the forward (the rest in
+    place), float masks and arithmetic instead of bool ``where``s.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, scale: Tensor, zp: Tensor, qmin: float, qmax: float,
-                keep: Optional[Tensor]) -> Tensor:  # noqa: D102
+                quantized: Optional[Tensor]) -> Tensor:  # noqa: D102
         s, z = float(scale), float(zp)
         lo, hi = qmin - z, qmax - z  # code bounds relative to the zero point
         u = x * (1.0 / s)
         r = torch.round(u)
         codes = r.clamp(lo, hi)
         clipped = r.sub_(codes).abs_().sign_()  # 1 where the code was clamped, else 0
-        quantized = 1.0 - keep if keep is not None else None
         if quantized is not None:
             clipped.mul_(quantized)
+        passed = clipped.neg_().add_(1.0)  # d out / d x: 1 inside the code range or kept float
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            # d out / d s per element: codes − u inside, the bound where clamped, 0 where kept float
-            # (codes − u·inside: the same floats as round(u) − u, no rounding error at the bounds)
-            e = torch.addcmul(codes, u, 1.0 - clipped, value=-1.0)
+            # d out / d s: codes − u inside, the bound where clamped (codes − u·passed: the same
+            # floats as round(u) − u, no rounding error at the bounds), 0 where kept float
+            e = u.mul_(passed).neg_().add_(codes)
             if quantized is not None:
                 e.mul_(quantized)
-            ctx.save_for_backward(clipped, e)
+            ctx.save_for_backward(passed, e)
         else:
-            ctx.save_for_backward(clipped)
+            ctx.save_for_backward(passed)
         ctx.s = s
         q = codes.mul_(s)
-        return torch.lerp(q, x, keep) if keep is not None else q
+        return q if quantized is None else mix_(q, x, quantized)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:  # noqa: D102
-        clipped = ctx.saved_tensors[0]
-        grad_x = torch.addcmul(grad, grad, clipped, value=-1.0) if ctx.needs_input_grad[0] else None
+        passed = ctx.saved_tensors[0]
+        grad_x = grad * passed if ctx.needs_input_grad[0] else None
         grad_s = grad_z = None
         if len(ctx.saved_tensors) == 2:
             e = ctx.saved_tensors[1]
             flat = grad.reshape(-1)
             grad_s = torch.dot(flat, e.reshape(-1)).reshape(())
-            grad_z = torch.dot(flat, clipped.reshape(-1)).mul_(-ctx.s).reshape(())
+            # the clamped elements are the ones not passed: Σ grad·clipped = Σ grad − Σ grad·passed
+            grad_z = (flat.sum() - torch.dot(flat, passed.reshape(-1))).mul_(-ctx.s).reshape(())
         return grad_x, grad_s, grad_z, None, None, None
 
 
@@ -215,10 +223,13 @@ class UnitActQuantizer(nn.Module):
         q = self.inner
         if q.ch_axis is not None:  # per-channel activation grids (not used by the presets)
             out = q(x)
-            return torch.lerp(out, x, drop_mask(x, self.drop_prob)) if self.drop_prob > 0 else out
-        keep = drop_mask(x, self.drop_prob) if self.drop_prob > 0 else None
+            if self.drop_prob == 0:
+                return out
+            quantized = bernoulli_mask(x, 1.0 - self.drop_prob)
+            return out * quantized + x * (1.0 - quantized)  # out is in the graph: not in place
+        quantized = bernoulli_mask(x, 1.0 - self.drop_prob) if self.drop_prob > 0 else None
         scale, zp = self._grid(x)
-        return _FakeQuantDrop.apply(x, scale, zp, float(q.qmin), float(q.qmax), keep)
+        return _FakeQuantDrop.apply(x, scale, zp, float(q.qmin), float(q.qmax), quantized)
 
 
 def _act_slots(modules: list[nn.Module]) -> Iterator[tuple[nn.Module, str]]:
@@ -448,7 +459,7 @@ class UnitTrainer:
         idx = torch.randperm(len(self.data.images), generator=self.generator)[:self.batch_size]
         q_in, fp_in, target, weight = self.data.get(idx)
         if fp_in is not None:  # QDrop: the input the previous quantizer produced, dropped too
-            q_in = torch.lerp(q_in, fp_in, drop_mask(q_in, self.drop))
+            q_in = mix_(q_in.clone(), fp_in, bernoulli_mask(q_in, 1.0 - self.drop))
         out = self.unit.run(self.modules, q_in)
         total = recon_loss(out, target, weight)
         if it >= self.warm and self.lam > 0 and self.roundings:
