@@ -163,9 +163,9 @@ def plot_variance(summary: Summary, out_dir: Path) -> list[Path]:
 
 
 # Per-layer quantities a diagnostics figure shows: (json key, axis label, log scale).
-LAYER_METRICS = (("clip_rate", "clipping rate (eval values outside the calibrated range)", True),
-                 ("range_inflation", "range inflation (calibrated width / eval 0.1–99.9 pct width)", False),
-                 ("snr_db", "output SNR, FP vs fake-quant (dB)", False))
+LAYER_METRICS = (("clip_rate", "clipping rate\n(eval values outside\nthe calibrated range)", True),
+                 ("range_inflation", "range inflation\n(calibrated width /\neval 0.1–99.9 pct width)", False),
+                 ("snr_db", "output SNR,\nFP vs fake-quant (dB)", False))
 
 
 def layer_figure(lines: dict[str, list[dict]], title: str, path: Path) -> Path:
@@ -187,7 +187,7 @@ def layer_figure(lines: dict[str, list[dict]], title: str, path: Path) -> Path:
             ax.plot(range(len(ys)), ys, marker="o", markersize=3, label=name)
         if log:
             ax.set_yscale("log")
-        ax.set_ylabel(ylabel + (" (0 not drawn)" if log else ""), fontsize=7)
+        ax.set_ylabel(ylabel + ("\n(0 not drawn)" if log else ""), fontsize=7)
         ax.grid(alpha=0.3)
     ax = axes[3]
     for j, (name, layers) in enumerate(lines.items()):
