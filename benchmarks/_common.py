@@ -42,3 +42,14 @@ def fp_pass(model, loader) -> float:  # noqa: ANN001 - a module and a DataLoader
         for images, _ in loader:
             model(images)
     return time.perf_counter() - start
+
+
+def fp_data_calib(cfg, n_calib: int = 0):  # noqa: ANN001, ANN201 - a DictConfig; (module, DataModule, Tensor | None)
+    """The FP model (eval mode), the dataset, and ``n_calib`` train images spread over the split
+    (None for 0): the setup the PTQ benchmarks share."""
+    from calibbench import datasets, models
+
+    fp = models.build(cfg.model, cfg.dataset.name, cfg.paths.weights_dir).module.eval()
+    data = datasets.build(cfg.dataset, cfg.model)
+    images = data.load(datasets.spread_indices(len(data.train), n_calib), "train")[0] if n_calib else None
+    return fp, data, images

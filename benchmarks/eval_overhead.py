@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from _common import compose, offline_env
+from _common import compose, fp_data_calib, offline_env
 
 
 
@@ -50,11 +50,10 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     offline_env()
-    from calibbench import datasets, models, quant
+    from calibbench import datasets, quant
 
     cfg = compose(f"quant={args.preset}", f"bits={args.bits}")
-    fp = models.build(cfg.model, cfg.dataset.name, cfg.paths.weights_dir).module.eval()
-    data = datasets.build(cfg.dataset, cfg.model)
+    fp, data, _ = fp_data_calib(cfg)
 
     t0 = time.perf_counter()
     n_val = len(data.test)

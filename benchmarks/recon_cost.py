@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from _common import compose, offline_env
+from _common import compose, fp_data_calib, offline_env
 
 GOAL = 2.0
 
@@ -43,14 +43,12 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     offline_env()
-    from calibbench import datasets, models, quant
+    from calibbench import quant
     from calibbench.refine.recon import UnitTrainer, quantization_off, recon_loss, unit_data
     from calibbench.refine.units import build_units
 
     cfg = compose(f"bits={args.bits}", f"refine={args.refine}")
-    fp = models.build(cfg.model, cfg.dataset.name, cfg.paths.weights_dir).module.eval()
-    data = datasets.build(cfg.dataset, cfg.model)
-    images, _ = data.load(datasets.spread_indices(len(data.train), args.calib), "train")
+    fp, _, images = fp_data_calib(cfg, args.calib)
     qmodel = quant.quantize(fp, cfg.quant, args.bits, args.bits)
     quant.calibrate(qmodel, images.split(64), "cpu")
     qmodel.requires_grad_(False)

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from _common import compose, offline_env
+from _common import compose, fp_data_calib, offline_env
 
 
 def main(argv: list[str]) -> int:
@@ -25,14 +25,12 @@ def main(argv: list[str]) -> int:
     lrs = argv[1:] or ["0.001", "0.01"]
     torch.set_num_threads(1)
     offline_env()
-    from calibbench import datasets, models, quant
+    from calibbench import quant
     from calibbench.refine.recon import quantization_off, reconstruct_unit
     from calibbench.refine.units import build_units
 
     cfg = compose("bits=3", "refine=qdrop")
-    fp = models.build(cfg.model, cfg.dataset.name, cfg.paths.weights_dir).module.eval()
-    data = datasets.build(cfg.dataset, cfg.model)
-    images, _ = data.load(datasets.spread_indices(len(data.train), 256), "train")
+    fp, _, images = fp_data_calib(cfg, 256)
     q0 = quant.quantize(fp, cfg.quant, 3, 3)
     quant.calibrate(q0, images.split(64), "cpu")
     q0.requires_grad_(False)

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from _common import compose, offline_env
+from _common import compose, fp_data_calib, offline_env
 
 GOAL = 1.5
 
@@ -51,14 +51,12 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     offline_env()
-    from calibbench import datasets, models, quant
+    from calibbench import quant
     from calibbench.refine.distill import DistillModule
     from calibbench.refine.losses import build_terms
 
     cfg = compose(f"quant={args.preset}", f"bits={args.bits}", "refine=kd")
-    fp = models.build(cfg.model, cfg.dataset.name, cfg.paths.weights_dir).module.eval()
-    data = datasets.build(cfg.dataset, cfg.model)
-    calib_x, _ = data.load(datasets.spread_indices(len(data.train), args.calib), "train")
+    fp, data, calib_x = fp_data_calib(cfg, args.calib)
     qmodel = quant.quantize(fp, cfg.quant, args.bits, args.bits)
     quant.calibrate(qmodel, calib_x.split(64), "cpu")
     x = calib_x[: args.batch_size]
