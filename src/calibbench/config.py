@@ -99,6 +99,12 @@ class QuantConfig:
     ema_decay: float = 0.9
     percentile: float = 99.99
     mse_steps: int = 100
+    # Lp norm of the MSE search: 2.4 as QDrop/MQBench's MSEObserver and BRECQ's scale_method='mse'.
+    mse_p: float = 2.4
+    # percentile/mse/aciq: one estimate per calibration batch averaged over batches (batch_mean) or
+    # one over a uniform sample of all calibration values (pooled, as QDrop/BRECQ calibrate).
+    observer_reduce: str = "pooled"
+    pool_values: int = 65536  # pooled: values sampled per quantizer row (2^16)
 
 
 def _plf_family_defaults() -> dict[str, dict[str, float]]:
@@ -339,6 +345,22 @@ def validate_budget(budget: Any) -> None:
             raise ConfigError(f"budget.{key}={value} is out of range: {kind}, must be >= {low}")
 
 
+def validate_estimator(q: Any) -> None:
+    """The range estimator's own settings (the observers check them again when built)."""
+    check_choice("quant.observer_reduce", q.get("observer_reduce", "batch_mean"), ("batch_mean", "pooled"))
+    if not 50.0 < q.percentile <= 100.0:
+        raise ConfigError(f"quant.percentile={q.percentile} is out of range; valid: (50, 100] "
+                          "(the upper percentile; the range's lower end is 100 - percentile)")
+    if q.mse_steps < 1:
+        raise ConfigError(f"quant.mse_steps={q.mse_steps} must be an integer >= 1 (candidate ranges)")
+    if not q.get("mse_p", 2.0) > 0:
+        raise ConfigError(f"quant.mse_p={q.mse_p} must be > 0 (the Lp norm of the MSE search)")
+    if not 0.0 <= q.ema_decay < 1.0:
+        raise ConfigError(f"quant.ema_decay={q.ema_decay} must be in [0, 1)")
+    if q.get("pool_values", 1) < 1:
+        raise ConfigError(f"quant.pool_values={q.pool_values} must be an integer >= 1")
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks that need more than a type: value ranges and fixed choices. Raises ConfigError.
 
@@ -370,6 +392,7 @@ def validate(cfg: DictConfig) -> None:
     check_choice("quant preset", cfg.quant.name, ("dfq_legacy", "academic"))
     check_choice("quant.act_observer", cfg.quant.act_observer, ("minmax", "ema", "percentile", "mse", "aciq"))
     check_choice("quant.weight_observer", cfg.quant.weight_observer, ("minmax", "mse"))
+    validate_estimator(cfg.quant)
     check_choice("quant.act_placement", cfg.quant.act_placement, ("after_relu", "layer_input"))
     check_choice("dataset", cfg.dataset.name, ("cifar10", "cifar100", "cifar10_jpeg", "imagenet"))
     check_choice("dataset.family", cfg.dataset.family, ("cifar", "imagenet"))

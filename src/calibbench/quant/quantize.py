@@ -44,7 +44,8 @@ from torch import Tensor, nn
 
 from calibbench.config import MAX_BITS, MIN_BITS, ConfigError, check_choice
 from calibbench.quant.modules import QuantAct, QuantConv2d, QuantLinear
-from calibbench.quant.observers import ACT_OBSERVERS, WEIGHT_OBSERVERS, build_observer
+from calibbench.quant.observers import (ACT_OBSERVERS, POOL_MAX_VALUES, WEIGHT_OBSERVERS,
+                                        build_observer)
 from calibbench.quant.quantizer import UniformQuantizer
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,10 @@ def quantize(model: nn.Module, cfg: Any, w_bits: int, a_bits: int, *,
     def act_quantizer(bits: int) -> UniformQuantizer:
         obs = build_observer(str(cfg.act_observer), bits, bool(cfg.act_symmetric), None,
                              bool(opts["act_include_zero"]), ema_decay=float(cfg.ema_decay),
-                             percentile=float(cfg.percentile), mse_steps=int(cfg.mse_steps))
+                             percentile=float(cfg.percentile), mse_steps=int(cfg.mse_steps),
+                             mse_p=float(_opt(cfg, "mse_p", 2.0)),
+                             reduce=str(_opt(cfg, "observer_reduce", "batch_mean")),
+                             pool_values=int(_opt(cfg, "pool_values", POOL_MAX_VALUES)))
         return UniformQuantizer(bits, bool(cfg.act_symmetric), None, bool(opts["act_include_zero"]), obs)
 
     layers = [m for m in qmodel.modules() if type(m) in (nn.Conv2d, nn.Linear)]
@@ -260,7 +264,8 @@ def quantize(model: nn.Module, cfg: Any, w_bits: int, a_bits: int, *,
         n_out = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
         w_obs = build_observer(str(cfg.weight_observer), wb, bool(cfg.weight_symmetric),
                                0 if per_channel else None, bool(opts["weight_include_zero"]),
-                               mse_steps=int(cfg.mse_steps), valid=WEIGHT_OBSERVERS,
+                               mse_steps=int(cfg.mse_steps), mse_p=float(_opt(cfg, "mse_p", 2.0)),
+                               valid=WEIGHT_OBSERVERS,
                                what="quant.weight_observer")
         w_q = UniformQuantizer(wb, bool(cfg.weight_symmetric), 0 if per_channel else None,
                                bool(opts["weight_include_zero"]), w_obs, num_channels=n_out)
@@ -284,6 +289,8 @@ def quantize(model: nn.Module, cfg: Any, w_bits: int, a_bits: int, *,
         "first_last_bits": None if flb is None else int(flb),
         "act_placement": str(cfg.act_placement), "act_observer": str(cfg.act_observer),
         "weight_observer": str(cfg.weight_observer), "act_modules": opts["act_modules"],
+        "observer_reduce": str(_opt(cfg, "observer_reduce", "batch_mean")),
+        "mse_p": float(_opt(cfg, "mse_p", 2.0)),
         "weight_include_zero": bool(opts["weight_include_zero"]),
         "act_include_zero": bool(opts["act_include_zero"]),
         "quantize_input": bool(cfg.quantize_input), "fold_bn": bool(cfg.fold_bn),

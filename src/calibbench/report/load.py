@@ -47,6 +47,16 @@ IGNORED_KEYS = ("quant.w_bits", "quant.a_bits", "dataset.num_workers")
 # never splits a cell. Not so for strategy/refine, whose dict fields are absent when switched off.
 SCHEMA_ONLY_ROOTS = ("budget", "dataset")  # a field absent from an older record predates it (dataset.family)
 # Pipeline stages shown in the stage-time table, in run order (result.json ``timings``).
+# The range estimator: an axis of every comparison. Its fields are a key (never averaged) and are
+# part of a row's label rather than of the panel, so one table sets strategies and estimators side
+# by side; a field is kept only where the run read it (percentile only with act_observer=percentile,
+# ...), so identical computations are never split by an unused setting.
+ESTIMATOR_FIELDS = ("quant.act_observer", "quant.weight_observer", "quant.observer_reduce",
+                    "quant.percentile", "quant.mse_p", "quant.mse_steps", "quant.ema_decay",
+                    "quant.pool_values")
+ESTIMATING = ("percentile", "mse", "aciq")  # observers that honour observer_reduce
+# What a record from before a field existed computed (observer_reduce and mse_p came with issue 20).
+ESTIMATOR_LEGACY = {"quant.observer_reduce": "batch_mean", "quant.mse_p": 2.0}
 STAGES = ("calibration", "calibrate", "refine", "quant_eval", "diagnostics", "total")
 METRICS = ("fp_top1", "top1_mean", "top1_std", "top5_mean", "top5_std", "refine_s_mean")
 _JOB_FIELDS = ("path", "status", "error", "run_key", "finished_at", "seed", "fp_top1", "top1", "top5")
@@ -75,10 +85,34 @@ def flatten_config(config: dict) -> dict[str, Any]:
     if flat.get("refine.name") != "plf":
         # refine.plf.* exists in every config (the schema's defaults) but only refine=plf reads it.
         flat = {k: v for k, v in flat.items() if not k.startswith("refine.plf.")}
+    flat = _estimator_fields(flat)
     w, a, bits = flat.get("quant.w_bits", MISSING), flat.get("quant.a_bits", MISSING), flat.get("bits")
     flat["w_bits"] = bits if w == MISSING else w
     flat["a_bits"] = bits if a == MISSING else a
     return flat
+
+
+def _estimator_fields(flat: dict[str, Any]) -> dict[str, Any]:
+    """Keep the estimator settings a run read, fill those an older record predates."""
+    act, weight = flat.get("quant.act_observer"), flat.get("quant.weight_observer")
+    if act is None and weight is None:
+        return flat
+    used = {"quant.act_observer", "quant.weight_observer"}
+    if act in ESTIMATING:
+        used |= {"quant.observer_reduce"}
+        if flat.get("quant.observer_reduce", ESTIMATOR_LEGACY["quant.observer_reduce"]) == "pooled":
+            used.add("quant.pool_values")
+    if act == "percentile":
+        used.add("quant.percentile")
+    if "mse" in (act, weight):
+        used |= {"quant.mse_p", "quant.mse_steps"}
+    if act == "ema":
+        used.add("quant.ema_decay")
+    out = {k: v for k, v in flat.items() if k not in ESTIMATOR_FIELDS or k in used}
+    for key, old in ESTIMATOR_LEGACY.items():
+        if key in used and out.get(key, MISSING) == MISSING:
+            out[key] = old
+    return out
 
 
 def _read(path: Path, root: Path) -> dict[str, Any]:

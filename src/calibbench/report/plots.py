@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from calibbench.report import views as v
-from calibbench.report.load import MISSING, Cell, Summary, load_diagnostics, sort_key
+from calibbench.report.load import ESTIMATOR_FIELDS, MISSING, Cell, Summary, load_diagnostics, sort_key
 
 _HEAT_ROW, _HEAT_COL = "strategy.num_centroids", "strategy.gamma"
 
@@ -79,7 +79,8 @@ def plot_selectq_heatmap(summary: Summary, out_dir: Path) -> list[Path]:
     cells = [c for c in summary.cells if summary.value(c, "strategy") == "selectq" and c.top1_mean is not None]
     if not swept or not cells:
         return []
-    others = [c for c in [*v.strategy_labels(summary)[1:], *v.refine_labels(summary)]
+    others = [c for c in [*v.strategy_labels(summary)[1:], *v.refine_labels(summary),
+                          *(f for f in summary.columns if f in ESTIMATOR_FIELDS)]
               if c not in (_HEAT_ROW, _HEAT_COL)]
     groups: dict[tuple, list[Cell]] = defaultdict(list)
     for c in cells:
@@ -155,7 +156,8 @@ def plot_variance(summary: Summary, out_dir: Path) -> list[Path]:
                         markersize=12, markeredgewidth=2)
             ax.set_xlabel("top-1 (%)")
             ax.set_ylabel("random seeds")
-            ax.set_title(v.bits_label(*b), fontsize=9)
+            est = ", ".join(v.estimator_opts(ref))
+            ax.set_title(v.bits_label(*b) + (f" · {est}" if est else ""), fontsize=9)
             ax.legend(fontsize=7, loc="upper left")
         fig.suptitle(f"Random calibration spread: {v.panel_title(summary, panel)}", fontsize=9)
         paths.append(save(fig, out_dir / f"variance_{v.slug(v.panel_title(summary, panel))}.png"))
@@ -206,17 +208,19 @@ def layer_figure(lines: dict[str, list[dict]], title: str, path: Path) -> Path:
 
 
 def plot_diagnostics(summary: Summary, out_dir: Path) -> list[Path]:
-    """Per panel and bit-width where jobs wrote diagnostics.json: per-layer metrics averaged over
-    each strategy's seeds, side by side (one line per strategy)."""
+    """Per panel, bit-width and range estimator where jobs wrote diagnostics.json: per-layer
+    metrics averaged over each strategy's seeds, side by side (one line per strategy)."""
     paths = []
     for panel, cells in v.panels(summary).items():
-        by_bits: dict[tuple, dict[str, list[dict]]] = defaultdict(dict)
+        groups: dict[tuple, dict[str, list[dict]]] = defaultdict(dict)
         for c in cells:
             runs = list(load_diagnostics(summary.root, c))
             if runs:
-                by_bits[v.bits_of(summary, c)][f"{v.variant(summary, c)} (n={len(runs)})"] = average_layers(runs)
-        for b, lines in sorted(by_bits.items(), key=lambda kv: v.bits_order(kv[0])):
-            title = f"{v.panel_title(summary, panel)} · {v.bits_label(*b)}"
+                est = ", ".join(v.estimator_opts(c))
+                name = v.variant(summary, c).split(" · ")[0]
+                groups[(v.bits_of(summary, c), est)][f"{name} (n={len(runs)})"] = average_layers(runs)
+        for (b, est), lines in sorted(groups.items(), key=lambda kv: (v.bits_order(kv[0][0]), kv[0][1])):
+            title = f"{v.panel_title(summary, panel)} · {v.bits_label(*b)}" + (f" · {est}" if est else "")
             paths.append(layer_figure(lines, f"Diagnostics: {title}", out_dir / f"diagnostics_{v.slug(title)}.png"))
     return paths
 

@@ -108,24 +108,52 @@ def _paired_section(summary: Summary, cells: list[Cell], diffs: dict[int, sig.Pa
 
 
 def variance_rows(summary: Summary, cells: list[Cell]) -> list[tuple[tuple, Cell, list[tuple[Cell, float]]]]:
-    """Per bit-width with a random cell of ≥ VARIANCE_MIN_SEEDS seeds: (bits, random cell,
-    [(other cell, percentile of its mean top-1 within random's per-seed top-1)])."""
+    """Per bit-width and estimator with a random cell of ≥ VARIANCE_MIN_SEEDS seeds: (bits, random
+    cell, [(other cell under the same estimator, percentile of its mean top-1 within random's
+    per-seed top-1)]). Estimators are never mixed: a strategy under MSE is placed in random's
+    spread under MSE."""
     out = []
     for ref in cells:
-        if v.variant(summary, ref) != v.REFERENCE or ref.n < VARIANCE_MIN_SEEDS:
+        if not v.is_reference(summary, ref) or ref.n < VARIANCE_MIN_SEEDS:
             continue
-        b = v.bits_of(summary, ref)
+        b, est = v.bits_of(summary, ref), v.estimator(ref)
         others = [(c, sig.percentile_within(list(ref.top1_by_seed.values()), c.top1_mean))
-                  for c in cells if c is not ref and v.bits_of(summary, c) == b and c.top1_mean is not None]
+                  for c in cells if c is not ref and v.bits_of(summary, c) == b
+                  and v.estimator(c) == est and c.top1_mean is not None]
         out.append((b, ref, others))
-    return sorted(out, key=lambda r: v.bits_order(r[0]))
+    return sorted(out, key=lambda r: (v.bits_order(r[0]), v.row_order(summary, r[1])))
+
+
+def _estimator_section(summary: Summary, cells: list[Cell], diffs: dict[int, sig.PairedDiff]) -> list[str]:
+    """With more than one estimator in a panel: strategy × (estimator, bits), top-1 and the paired
+    difference to random under the same estimator — does an advantage survive the estimator?"""
+    ests = {v.estimator(c) for c in cells}
+    if len(ests) < 2:
+        return []
+    est_label = {c.key: (", ".join(v.estimator_opts(c)) or "preset default") for c in cells}
+    cols: list[str] = []
+    rows: dict[str, dict[str, str]] = defaultdict(dict)
+    for c in cells:
+        col = f"{est_label[c.key]} · {v.bits_label(*v.bits_of(summary, c))}"
+        if col not in cols:
+            cols.append(col)
+        name = v.variant(summary, c).split(" · ")[0]
+        d = diffs.get(id(c))
+        rows[name][col] = _top1_text(c) + (f"<br>Δ {d.text()}" if d else "")
+    order = sorted(cols, key=lambda t: (t.rsplit(" · ", 1)[1], cols.index(t)))
+    frame = pd.DataFrame.from_dict(rows, orient="index", columns=order)
+    frame = frame.rename_axis("strategy").reset_index().fillna("")
+    return ["### Strategy × range estimator", "",
+            "Top-1 mean ± std; Δ = paired difference to random under the same estimator and bits "
+            "(mean [95% bootstrap CI]; * = excludes 0).", "", *md_table(frame), ""]
 
 
 def _variance_section(summary: Summary, cells: list[Cell]) -> list[str]:
     lines: list[str] = []
     for b, ref, others in variance_rows(summary, cells):
         vals = pd.Series(list(ref.top1_by_seed.values()))
-        lines += [f"### Random-calibration spread, {v.bits_label(*b)}", "",
+        est = ", ".join(v.estimator_opts(ref))
+        lines += [f"### Random-calibration spread, {v.bits_label(*b)}" + (f" · {est}" if est else ""), "",
                   f"random over {ref.n} seeds: mean {vals.mean():.2f}, std {vals.std():.2f}, "
                   f"min {vals.min():.2f}, 5th pct {vals.quantile(0.05):.2f}, median {vals.median():.2f}, "
                   f"95th pct {vals.quantile(0.95):.2f}, max {vals.max():.2f}. Percentile = percent of "
@@ -176,6 +204,7 @@ def markdown(summary: Summary, plots: Sequence[Path] = (),
             lines += [f"FP top-1: {fmt(fps.mean())}", ""]
         lines += md_table(_pivot(summary, cells, _top1_text)) + [""]
         lines += _paired_section(summary, cells, diffs)
+        lines += _estimator_section(summary, cells, diffs)
         lines += _variance_section(summary, cells)
     lines += ["## All configurations", ""]
     refined = any(c.refine_s_mean is not None for c in summary.cells)

@@ -1,17 +1,25 @@
 """How cells are grouped and named for display: panels (one comparison each), row labels, bits.
 
-A panel is every key column but the row (strategy and refine, with their swept fields) and the
-bits; refinement is part of the row so that ``random`` and ``random + refine=kd`` (and a
-generator strategy with its own refinement) sit in one table. Shared by tables and plots.
+A panel is every key column but the row (strategy and refine, with their swept fields, and the
+range estimator) and the bits; refinement is part of the row so that ``random`` and
+``random + refine=kd`` (and a generator strategy with its own refinement) sit in one table, and
+the estimator is part of it so that strategies under min/max and under MSE sit in one table too.
+A row names every estimator setting that differs from its quantizer preset's default (the YAML in
+``conf/quant/``), whether or not it varies in the folder: a table of MSE-calibrated runs never
+reads like one of the preset's min/max. Shared by tables and plots.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Optional
 
-from calibbench.report.load import BITS, DEVIATIONS, MISSING, REFINE, STRATEGY, Cell, Summary, sort_key
+from calibbench.report.load import (BITS, DEVIATIONS, ESTIMATOR_FIELDS, MISSING, REFINE, STRATEGY, Cell,
+                                    Summary, sort_key)
 
 REFERENCE = "random"  # the strategy every other one is compared with
 
@@ -21,8 +29,37 @@ def in_group(column: str, group: str) -> bool:
 
 
 def panel_labels(summary: Summary) -> list[str]:
-    return [c for c in summary.columns if c not in BITS
+    return [c for c in summary.columns if c not in BITS and c not in ESTIMATOR_FIELDS
             and not any(in_group(c, g) for g in (STRATEGY, REFINE))]
+
+
+@functools.lru_cache(maxsize=None)
+def preset_defaults(preset: str) -> dict[str, Any]:
+    """``quant.<field>`` → the value preset ``preset`` gives it (its YAML over the schema)."""
+    from omegaconf import OmegaConf
+
+    from calibbench.config import QuantConfig
+
+    out = {f"quant.{f.name}": f.default for f in dataclasses.fields(QuantConfig)
+           if f.default is not dataclasses.MISSING}
+    path = Path(__file__).resolve().parents[1] / "conf" / "quant" / f"{preset}.yaml"
+    if path.is_file():
+        data = OmegaConf.to_container(OmegaConf.load(path))
+        out.update({f"quant.{k}": val for k, val in data.items() if k != "defaults"})  # type: ignore[union-attr]
+    return out
+
+
+def estimator_opts(cell: Cell) -> list[str]:
+    """``["act_observer=mse", "observer_reduce=pooled"]``: the cell's estimator settings that
+    differ from its preset's defaults (only those the run read: load._estimator_fields)."""
+    defaults = preset_defaults(str(cell.flat.get("quant.name", "")))
+    return [f"{key.split('.', 1)[1]}={cell.flat[key]}" for key in ESTIMATOR_FIELDS
+            if key in cell.flat and cell.flat[key] != defaults.get(key, MISSING)]
+
+
+def estimator(cell: Cell) -> tuple:
+    """The cell's full estimator setting (the identity a paired or spread comparison must share)."""
+    return tuple(cell.flat.get(key, MISSING) for key in ESTIMATOR_FIELDS)
 
 
 def strategy_labels(summary: Summary) -> list[str]:
@@ -56,7 +93,15 @@ def variant(summary: Summary, cell: Cell) -> str:
         r_opts = [f"{f.split('.', 1)[1]}={summary.value(cell, f)}" for f in refine
                   if f != REFINE and summary.value(cell, f) != MISSING]
         text += f" + refine={name_r}" + (f" ({', '.join(r_opts)})" if r_opts else "")
-    return text
+    est = estimator_opts(cell)
+    return text + (f" · {', '.join(est)}" if est else "")
+
+
+def is_reference(summary: Summary, cell: Cell) -> bool:
+    """Plain random calibration (no strategy option, no refinement), under any estimator."""
+    if summary.value(cell, STRATEGY) != REFERENCE or refine_name(summary, cell) not in ("none", MISSING, None):
+        return False
+    return all(summary.value(cell, f) == MISSING for f in strategy_labels(summary)[1:])
 
 
 def bits_of(summary: Summary, cell: Cell) -> tuple[Any, Any]:
@@ -72,12 +117,13 @@ def bits_order(bits: tuple[Any, Any]) -> tuple:
 
 
 def row_order(summary: Summary, cell: Cell) -> tuple:
-    """Within a panel: by strategy (and its fields), the calibration-only row first, then the
-    refined ones."""
+    """Within a panel: by estimator (the preset's default first), then by strategy (and its
+    fields), the calibration-only row first, then the refined ones."""
+    est = (len(estimator_opts(cell)) > 0, tuple(sort_key(v) for v in estimator(cell)))
     strategy = tuple(sort_key(summary.value(cell, c)) for c in strategy_labels(summary))
     refine = summary.value(cell, REFINE) if REFINE in summary.columns else "none"
     rest = tuple(sort_key(v) for v in cell.key)
-    return (*strategy, refine not in ("none", MISSING), rest)
+    return (est, *strategy, refine not in ("none", MISSING), rest)
 
 
 def panels(summary: Summary) -> dict[tuple, list[Cell]]:
