@@ -94,6 +94,19 @@ def test_mse_norm_changes_the_choice():
     assert his[1] > his[0]  # a higher norm weighs the clipped tail more: a wider range
 
 
+@pytest.mark.parametrize("bits, alpha", [(3, 5.02), (4, 6.2), (8, 11.16)])
+def test_aciq_one_sided_uses_banners_positive_table(bits, alpha):
+    """Post-ReLU data: alpha / b from Banner et al.'s `alpha_laplace_positive` (5.02 at 3 bits,
+    not the two-sided table's 5.03 at 4)."""
+    torch.manual_seed(4)
+    x = torch.distributions.Laplace(0.0, 1.0).sample((50_000,)).relu()
+    obs = build_observer("aciq", bits)
+    obs(x)
+    lo, hi = (t.item() for t in obs.calculate_range())
+    b = (x - x.mean()).abs().mean().item()
+    assert lo == 0.0 and hi == pytest.approx(min(x.max().item(), x.mean().item() + alpha * b), rel=1e-5)
+
+
 # -- config checks before any work ---------------------------------------------------------------
 @pytest.mark.parametrize("override, message", [
     ("quant.act_observer=kl", r"quant.act_observer.*'kl'.*minmax, ema, percentile, mse, aciq"),

@@ -37,11 +37,13 @@ ACT_OBSERVERS = ("minmax", "ema", "percentile", "mse", "aciq")
 WEIGHT_OBSERVERS = ("minmax", "mse")
 OBSERVER_REDUCES = ("batch_mean", "pooled")
 
-# Banner et al. (ACIQ): optimal Laplace clipping alpha / b for a two-sided distribution, per bit
-# width. One-sided (post-ReLU) data spends all 2^M levels on one side, which is the two-sided
-# optimum at M+1 bits: their code's `alpha_laplace_positive[M]` == `alpha_laplace[M+1]`; 9 bits
-# (= one-sided 8-bit) is 11.16.
-ACIQ_LAPLACE_ALPHA = {2: 2.83, 3: 3.89, 4: 5.03, 5: 6.2, 6: 7.41, 7: 8.64, 8: 9.89, 9: 11.16}
+# Banner et al. (ACIQ): optimal Laplace clipping alpha / b per bit width, the two tables of their
+# reference code (`alpha_laplace`, `alpha_laplace_positive`). One-sided (post-ReLU) data spends all
+# 2^M levels on one side: the positive table, which is the two-sided one at M+1 bits but for 3
+# bits (5.02 there, 5.03 two-sided at 4 bits). Before issue 20 the one-sided value came from the
+# two-sided table at M+1 (5.03 at 3 bits); now it is their positive table, exactly.
+ACIQ_LAPLACE_ALPHA = {2: 2.83, 3: 3.89, 4: 5.03, 5: 6.2, 6: 7.41, 7: 8.64, 8: 9.89}
+ACIQ_LAPLACE_ALPHA_POSITIVE = {2: 3.89, 3: 5.02, 4: 6.2, 5: 7.41, 6: 8.64, 7: 9.89, 8: 11.16}
 
 PERCENTILE_MAX_VALUES = 2**20  # per row; torch.quantile's hard limit is 2^24 values in total
 MSE_MAX_VALUES = 2**17  # per row: 100 candidate grids x 131k values stays ~0.1 s per batch
@@ -344,8 +346,9 @@ class ACIQObserver(_EstimatingObserver):
 
     ``b = mean|x - mean(x)|``, ``alpha = b * ACIQ_LAPLACE_ALPHA[bits]``. Two-sided data: the window
     ``[max(min, mean - alpha), lo + 2 alpha]`` clipped to the observed max. One-sided data
-    (observed min >= 0, e.g. after ReLU): all levels lie on one side, so alpha is taken at
-    ``bits + 1`` and the window is ``[min, max(mean, 0) + alpha]`` clipped to the observed max
+    (observed min >= 0, e.g. after ReLU): all levels lie on one side, so alpha comes from Banner's
+    positive table (``ACIQ_LAPLACE_ALPHA_POSITIVE``) and the window is
+    ``[min, max(mean, 0) + alpha]`` clipped to the observed max
     (Banner's reference code does the same). Above 8 bits the table ends: plain min/max.
     """
 
@@ -364,7 +367,7 @@ class ACIQObserver(_EstimatingObserver):
         mean = rows.mean(dim=1)
         b = (rows - mean[:, None]).abs_().mean(dim=1)
         one_sided = lo >= 0
-        alpha = torch.where(one_sided, b * ACIQ_LAPLACE_ALPHA[self.bits + 1],
+        alpha = torch.where(one_sided, b * ACIQ_LAPLACE_ALPHA_POSITIVE[self.bits],
                             b * ACIQ_LAPLACE_ALPHA[self.bits])
         two_lo = torch.maximum(lo, mean - alpha)
         two_hi = torch.minimum(hi, two_lo + 2 * alpha)
