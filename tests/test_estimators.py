@@ -148,6 +148,7 @@ def test_estimators_sweep_is_every_strategy_by_estimator_bits_and_seeds(compose)
     assert {j["strategy"] for j in jobs} == {"random", "selectq", "zeroq", "dsg", "plf"}
     assert {j["quant.act_observer"] for j in jobs} == {"minmax", "percentile", "mse", "aciq"}
     assert {j["refine"] for j in jobs} == {"none"}  # PLF's synthetic set, calibration only
+    assert {j.get("diagnostics.enabled") for j in jobs if j["model"] == "resnet20_cifar10"} == {"true"}
     seeds = {m: sorted({int(j["seed"]) for j in jobs if j["model"] == m})
              for m in ("resnet20_cifar10", "resnet56_cifar10")}
     assert seeds == {"resnet20_cifar10": [0, 1, 2, 3, 4], "resnet56_cifar10": [0, 1, 2]}
