@@ -5,8 +5,6 @@ estimators apart (row labels, paired differences and random's spread within one 
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
-
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -18,7 +16,7 @@ from calibbench.quant.quantizer import qrange, range_to_qparams
 from test_report import config as result_config
 from test_report import read_csv, row, summary_md
 from test_report import write as write_result
-from test_sweeps import hydra_loader_ctx
+from test_sweeps import grid_union_sweeper, hydra_loader_ctx
 
 
 # -- observers ---------------------------------------------------------------------------------
@@ -132,14 +130,11 @@ def test_preset_defaults_are_the_references_settings(compose):
 
 # -- sweep presets -------------------------------------------------------------------------------
 def _jobs(compose, *args: str) -> list[dict[str, str]]:
-    from hydra_plugins.calibbench_sweeper.grid_union import GridUnionSweeper
-
     cfg = compose("sweep=estimators", return_hydra_config=True)
     conf = OmegaConf.to_container(cfg.hydra.sweeper)
     with hydra_loader_ctx() as loader:
-        sweeper = GridUnionSweeper(None, conf["params"], conf["grids"])
-        sweeper.hydra_context = SimpleNamespace(config_loader=loader)
-        return [dict(o.split("=", 1) for o in job) for job in sweeper.job_overrides(list(args))]
+        jobs = grid_union_sweeper(conf, loader).job_overrides(list(args))
+    return [dict(o.split("=", 1) for o in job) for job in jobs]
 
 
 def test_estimators_sweep_is_every_strategy_by_estimator_bits_and_seeds(compose):
@@ -148,7 +143,7 @@ def test_estimators_sweep_is_every_strategy_by_estimator_bits_and_seeds(compose)
     assert {j["strategy"] for j in jobs} == {"random", "selectq", "zeroq", "dsg", "plf"}
     assert {j["quant.act_observer"] for j in jobs} == {"minmax", "percentile", "mse", "aciq"}
     assert {j["refine"] for j in jobs} == {"none"}  # PLF's synthetic set, calibration only
-    assert {j.get("diagnostics.enabled") for j in jobs if j["model"] == "resnet20_cifar10"} == {"true"}
+    assert {j.get("diagnostics.enabled") for j in jobs} == {"True"}
     seeds = {m: sorted({int(j["seed"]) for j in jobs if j["model"] == m})
              for m in ("resnet20_cifar10", "resnet56_cifar10")}
     assert seeds == {"resnet20_cifar10": [0, 1, 2, 3, 4], "resnet56_cifar10": [0, 1, 2]}
@@ -157,14 +152,10 @@ def test_estimators_sweep_is_every_strategy_by_estimator_bits_and_seeds(compose)
 
 
 def test_variance_and_compare_take_the_estimator_as_a_swept_key(compose):
-    from hydra_plugins.calibbench_sweeper.grid_union import GridUnionSweeper
-
     cfg = compose("sweep=variance", return_hydra_config=True)
     conf = OmegaConf.to_container(cfg.hydra.sweeper)
     with hydra_loader_ctx() as loader:
-        sweeper = GridUnionSweeper(None, conf["params"], conf["grids"])
-        sweeper.hydra_context = SimpleNamespace(config_loader=loader)
-        jobs = sweeper.job_overrides(["quant.act_observer=minmax,mse"])
+        jobs = grid_union_sweeper(conf, loader).job_overrides(["quant.act_observer=minmax,mse"])
     assert len(jobs) == 2 * (2 * 50 + 2 * 3 * 5)
     assert {o for job in jobs for o in job if o.startswith("quant.")} == \
         {"quant.act_observer=minmax", "quant.act_observer=mse"}

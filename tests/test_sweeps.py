@@ -67,6 +67,19 @@ def hydra_loader_ctx() -> Iterator:
         yield GlobalHydra.instance().config_loader()
 
 
+def grid_union_sweeper(conf: dict, loader):  # noqa: ANN001, ANN201
+    """A GridUnionSweeper from the module Hydra's plugin scan loaded last: Hydra execs plugin
+    modules itself, so a class imported before the scan can be another class object (then
+    ``super()`` in its __init__ fails, depending on which tests ran first)."""
+    import importlib
+    from types import SimpleNamespace
+
+    module = importlib.import_module("hydra_plugins.calibbench_sweeper.grid_union")
+    sweeper = module.GridUnionSweeper(None, conf["params"], conf["grids"])
+    sweeper.hydra_context = SimpleNamespace(config_loader=loader)
+    return sweeper
+
+
 def expand(loader, override: str) -> list[str]:  # noqa: ANN001
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -104,17 +117,12 @@ def test_selectq_grid_sweeps_centroids_gamma_bits(compose):
 
 
 def test_variance_sweep_is_fifty_random_seeds_plus_five_of_each_other_strategy(compose):
-    from types import SimpleNamespace
-
-    from hydra_plugins.calibbench_sweeper.grid_union import GridUnionSweeper
-
     cfg = compose("sweep=variance", return_hydra_config=True)
     conf = OmegaConf.to_container(cfg.hydra.sweeper)
     assert conf["_target_"].endswith("grid_union.GridUnionSweeper")
     assert cfg.hydra.callbacks.aggregate._target_ == "calibbench.report.AggregateCallback"
     with hydra_loader_ctx() as loader:
-        sweeper = GridUnionSweeper(None, conf["params"], conf["grids"])
-        sweeper.hydra_context = SimpleNamespace(config_loader=loader)
+        sweeper = grid_union_sweeper(conf, loader)
         jobs = [dict(o.split("=", 1) for o in job) for job in sweeper.job_overrides([])]
         assert len(jobs) == 2 * 50 + 2 * 3 * 5 and len({tuple(sorted(j.items())) for j in jobs}) == len(jobs)
         random_seeds = {(j["bits"], int(j["seed"])) for j in jobs if j["strategy"] == "random"}
