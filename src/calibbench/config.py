@@ -14,6 +14,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+# numpy's legacy seeding (np.random.seed) takes 0 <= seed < 2**32; torch and Python take more.
+SEED_MAX = 2**32 - 1
 # Bit-widths the fake-quant kernels handle exactly. 1-bit needs a binary (sign) quantizer that is
 # not a uniform grid; above 16 bits the int32 zero point of the kernels loses precision.
 MIN_BITS, MAX_BITS = 2, 16
@@ -186,6 +188,10 @@ class BudgetConfig:
     """Every size a strategy or stage uses. Strategies read sizes from here, never literals."""
 
     name: str = MISSING
+    # The default calibration-set size of this budget: the top-level ``num_samples`` (the same for
+    # every strategy) interpolates it, and ``num_samples=N`` overrides it. Not read by strategies
+    # (they read ``ctx.num_samples``), so not part of the calibration cache key by itself.
+    num_samples: int = 256
     eval_limit: Optional[int] = None  # first N val images (stratified), None = the whole split
     eval_batch_size: int = 256
     calib_batch_size: int = 64
@@ -261,7 +267,9 @@ class RunConfig:
     eval_split: str = "test"  # test: what tables report | val: the held-out train slice, for decisions
     progress: bool = True
     resume: bool = True  # skip a job whose run dir already holds a complete result
-    threads: Optional[int] = None  # torch intra-op threads (sweeps with parallel jobs)
+    # torch intra-op threads: an integer >= 1, or auto / null (torch's default; in a joblib sweep
+    # cores / n_jobs). A string so that ``threads=auto`` composes; :func:`resolve_threads` reads it.
+    threads: Optional[str] = None
 
 
 _SCHEMAS: dict[str, type] = {
@@ -317,6 +325,18 @@ def check_plf_values(prefix: str, values: Any) -> None:
             raise ConfigError(f"{prefix}.{key}={values[key]} is negative; must be >= 0")
 
 
+def resolve_threads(value: Any) -> Optional[int]:
+    """``threads``: ``None``/``auto`` → ``None`` (leave torch's default), ``"N"`` (N >= 1) → N;
+    anything else is a ConfigError naming the key."""
+    if value is None or str(value).strip().lower() in ("auto", "null", "none", ""):
+        return None
+    text = str(value).strip()
+    if not text.lstrip("+").isdigit() or int(text) < 1:
+        raise ConfigError(f"threads={value} is out of range; valid: an integer >= 1 (torch threads "
+                          f"per job) or auto")
+    return int(text)
+
+
 def effective_bits(cfg: DictConfig) -> tuple[int, int]:
     """(weight bits, activation bits): ``quant.w_bits``/``a_bits`` override ``bits``."""
     w = cfg.quant.w_bits if cfg.quant.w_bits is not None else cfg.bits
@@ -352,6 +372,9 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} is out of range; valid: integers {MIN_BITS}..{MAX_BITS}")
     if cfg.num_samples <= 0:
         raise ConfigError(f"num_samples={cfg.num_samples} must be a positive integer")
+    if not 0 <= cfg.seed <= SEED_MAX:
+        raise ConfigError(f"seed={cfg.seed} is out of range; valid: integers 0..{SEED_MAX} (2**32 - 1)")
+    resolve_threads(cfg.threads)
     check_choice("eval_split", cfg.eval_split, ("test", "val"))
     diag = cfg.get("diagnostics")
     if diag is not None and diag.enabled:

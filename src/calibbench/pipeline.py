@@ -28,8 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from calibbench import __version__, datasets, models, quant, refine, strategies
 from calibbench.cache import Cache, atomic_write_bytes, content_key, source_digest
-from calibbench.config import ConfigError, effective_bits, to_container, validate
+from calibbench.config import ConfigError, effective_bits, resolve_threads, to_container
 from calibbench.evaluate import evaluate
+from calibbench.preflight import preflight
 from calibbench.tracking import tracker
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ def run_key(cfg: DictConfig) -> str:
     for key in _NOT_IN_RUN_KEY:
         data.pop(key, None)
     data["dataset"].pop("num_workers", None)
+    data["budget"].pop("num_samples", None)  # only a default: its value is the top-level num_samples
     return content_key(data)
 
 
@@ -155,7 +157,7 @@ def _dataset_key(cfg: DictConfig, data: datasets.DataModule) -> dict:
 # Budget fields a strategy's calibration_set may not read: they are for evaluation and
 # refinement only. Strategies see the budget without them (reading one fails), and everything
 # they can read is in the cache key, so no budget change can leave a stale entry behind.
-_BUDGET_NOT_FOR_CALIBRATION = ("eval_limit",)
+_BUDGET_NOT_FOR_CALIBRATION = ("eval_limit", "num_samples")  # num_samples: ctx.num_samples
 _BUDGET_NOT_FOR_CALIBRATION_PREFIX = "refine_"
 
 
@@ -226,12 +228,9 @@ def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[s
     }
     timings = Timings()
     try:
-        validate(cfg)
-        strategy = strategies.build(cfg.strategy)  # an unknown name fails here, before any work
-        refine.validate(cfg)  # likewise an unknown refiner or a bad refine option
-        strategy.check_run(cfg)  # strategy x refine combinations (e.g. gdfq needs its training)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        strategy = preflight(cfg, run_dir)  # every option of the whole config, before any work
+        if (threads := resolve_threads(cfg.threads)) is not None:
+            torch.set_num_threads(threads)
         device = resolve_device(str(cfg.device))
         record["device"] = str(device)
         w_bits, a_bits = effective_bits(cfg)

@@ -136,6 +136,12 @@ class Strategy(ABC):
             return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
         return dict(asdict(cfg)) if is_dataclass(cfg) else dict(cfg)
 
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        """The class-level preflight hook: every option of this strategy in the run config ``cfg``
+        (``cfg.strategy`` and the budget fields the strategy reads); raise ConfigError naming the
+        key. Called by :func:`calibbench.preflight.preflight` before the model or data exist."""
+
     def check_run(self, cfg: Any) -> None:
         """Checks of the whole run config that only this strategy knows (e.g. a generator strategy
         needs a refinement stage); raise ConfigError. Called before any work."""
@@ -180,6 +186,11 @@ def register(name: str, schema: type = StrategyConfig) -> Callable[[type[Strateg
 
 def available() -> list[str]:
     return _REGISTRY.available()
+
+
+def get(name: str) -> type[Strategy]:
+    """The class registered as ``name``; an unknown name lists the valid ones."""
+    return _REGISTRY.get(name)
 
 
 def build(cfg: Any) -> Strategy:
