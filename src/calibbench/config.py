@@ -243,6 +243,16 @@ class DiagnosticsConfig:
 
 
 @dataclass
+class GuardConfig:
+    """The divergence guard of every training stage (``refine/guard.py``, where the defaults are
+    justified): a loss above ``factor`` × its value at the stage's first step, or a reconstruction
+    unit whose loss after reconstruction is above ``unit_factor`` × before, fails the run. 0 = off."""
+
+    factor: float = 1000.0
+    unit_factor: float = 10.0
+
+
+@dataclass
 class StrategyConfig:
     """Fields every strategy has. Each strategy extends this with its own dataclass."""
 
@@ -260,6 +270,7 @@ class RunConfig:
     logger: LoggerConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     bits: int = 4
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -375,6 +386,14 @@ def validate(cfg: DictConfig) -> None:
     if not 0 <= cfg.seed <= SEED_MAX:
         raise ConfigError(f"seed={cfg.seed} is out of range; valid: integers 0..{SEED_MAX} (2**32 - 1)")
     resolve_threads(cfg.threads)
+    guard = cfg.get("guard")
+    if guard is not None:
+        for key in ("factor", "unit_factor"):
+            if not float(guard[key]) >= 0:
+                raise ConfigError(f"guard.{key}={guard[key]} must be >= 0 (0 switches the check off)")
+        if 0 < float(guard.factor) <= 1 or 0 < float(guard.unit_factor) <= 1:
+            raise ConfigError(f"guard.factor={guard.factor} / guard.unit_factor={guard.unit_factor}: a bound "
+                              f"relative to the start must be > 1 (or 0 = off)")
     check_choice("eval_split", cfg.eval_split, ("test", "val"))
     diag = cfg.get("diagnostics")
     if diag is not None and diag.enabled:

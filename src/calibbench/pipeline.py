@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 # Keys that change how a run is executed or logged, not what it computes.
-_NOT_IN_RUN_KEY = ("logger", "progress", "resume", "threads", "paths")
+_NOT_IN_RUN_KEY = ("logger", "progress", "resume", "threads", "paths", "guard")
 _PACKAGES = ("torch", "torchvision", "pytorchcv", "hydra-core", "omegaconf", "lightning", "wandb", "numpy")
 
 
@@ -247,7 +247,7 @@ def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[s
             eval_set, eval_idx = data.eval_set(cfg.eval_split, cfg.budget.eval_limit)
             diag_idx = _diagnostics_subset(cfg, data)  # bad eval_images fails here, before any work
             ctx = strategies.StrategyContext(model, data, device, cfg.seed, cfg.num_samples, cfg.budget,
-                                             cfg.progress)
+                                             cfg.progress, cfg.get("guard"))
             calib_ctx = replace(ctx, budget=calibration_budget(cfg.budget))
             calib_spec = calibration_key(cfg, strategy, calib_ctx, built, data)
             _check_pool(cfg, data, calib_spec["strategy"])

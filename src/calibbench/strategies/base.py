@@ -81,6 +81,7 @@ class StrategyContext:
     num_samples: int
     budget: BudgetConfig
     progress: bool = True
+    guard: Any = None  # the run's guard config (refine/guard.py); not part of any cache key
 
     def generator(self, stream: str) -> torch.Generator:
         """A CPU generator for the named random ``stream`` of this run (same on any device).
