@@ -8,7 +8,11 @@ depend on the registry are checked in :func:`validate`, which gives one readable
 
 from __future__ import annotations
 
+import errno
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -346,6 +350,21 @@ def resolve_threads(value: Any) -> Optional[int]:
         raise ConfigError(f"threads={value} is out of range; valid: an integer >= 1 (torch threads "
                           f"per job) or auto")
     return int(text)
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """``path`` (created if missing) accepts a new file; else one ConfigError naming it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=".calibbench-write-check.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        reason = "read-only" if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else err.strerror
+        raise ConfigError(f"{what} {str(path)!r} is not writable ({reason}); point it elsewhere, "
+                          f"e.g. paths.output_dir=DIR (or CALIBBENCH_OUTPUT_DIR) / paths.cache_dir=DIR"
+                          ) from None
 
 
 def effective_bits(cfg: DictConfig) -> tuple[int, int]:

@@ -12,29 +12,11 @@ bad option costs no model, no data and no FP evaluation. Checks that need the mo
 
 from __future__ import annotations
 
-import errno
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 from calibbench import refine, strategies
-from calibbench.config import ConfigError, validate
-
-
-def check_writable(path: str | Path, what: str) -> None:
-    """``path`` (created if missing) accepts a new file; else one ConfigError naming it."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path, prefix=".calibbench-write-check.")
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as err:
-        reason = "read-only" if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else err.strerror
-        raise ConfigError(f"{what} {str(path)!r} is not writable ({reason}); point it elsewhere, "
-                          f"e.g. paths.output_dir=DIR (or CALIBBENCH_OUTPUT_DIR) / paths.cache_dir=DIR"
-                          ) from None
+from calibbench.config import check_writable, validate
 
 
 def preflight(cfg: Any, run_dir: Optional[str | Path] = None) -> strategies.Strategy:
