@@ -140,10 +140,13 @@ class Timings(dict):
 
 
 def _fp_key(cfg: DictConfig, built: models.BuiltModel, data: datasets.DataModule,
-            eval_idx: list[int]) -> dict:
+            eval_set: Any, eval_idx: list[int]) -> dict:
+    """The FP metrics' key: the model, the data config, and a fingerprint of the evaluated files
+    (names, sizes, modification times), so images changed in place are never served old metrics."""
     return {"arch": cfg.model.arch, "source": cfg.model.source, "weights": built.weights_id,
             "dataset": _dataset_key(cfg, data), "split": cfg.eval_split,
-            "eval_indices": content_key(eval_idx), "n_eval": len(eval_idx)}
+            "eval_indices": content_key(eval_idx), "n_eval": len(eval_idx),
+            "eval_files": datasets.split_fingerprint(eval_set, eval_idx)}
 
 
 def _dataset_key(cfg: DictConfig, data: datasets.DataModule) -> dict:
@@ -184,7 +187,8 @@ def calibration_key(cfg: DictConfig, strategy: strategies.Strategy, ctx: strateg
             "source": source_digest([type(strategy).__module__]),
             "model": [cfg.model.source, cfg.model.arch, built.weights_id],
             "seed": cfg.seed, "num_samples": cfg.num_samples,
-            "dataset": _dataset_key(cfg, data), "budget": to_container(ctx.budget)}
+            "dataset": _dataset_key(cfg, data), "budget": to_container(ctx.budget),
+            "pool_files": datasets.split_fingerprint(data.train, data.pool.tolist())}
 
 
 def _check_pool(cfg: DictConfig, data: datasets.DataModule, resolved: dict) -> None:
@@ -253,7 +257,7 @@ def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[s
             _check_pool(cfg, data, calib_spec["strategy"])
             with timings.stage("fp_eval"):
                 fp, fp_hit, _ = cache.get_or_compute(
-                    "fp_metrics", _fp_key(cfg, built, data, eval_idx),
+                    "fp_metrics", _fp_key(cfg, built, data, eval_set, eval_idx),
                     lambda: evaluate(model, data, device, cfg.budget.eval_batch_size, eval_idx,
                                      cfg.progress, "FP eval", eval_set))
             with timings.stage("calibration"):
