@@ -219,11 +219,19 @@ class CurveRecorder(L.Callback):
 
 
 class RefineProgressBar(TQDMProgressBar):
-    """Lightning's bar, labelled ``refine`` instead of ``Epoch 0`` (the stream has no epochs)."""
+    """One bar labelled ``refine`` with its step total, created once: Lightning's own would first
+    draw a "Training: 0/?" bar and then, per epoch, an "Epoch 0" one (the stream has no epochs)."""
+
+    @property
+    def train_description(self) -> str:
+        return "refine"
+
+    def on_train_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self.train_progress_bar = self.init_train_tqdm()
 
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        self.train_progress_bar.set_description("refine")
+        total = self.total_train_batches
+        self.train_progress_bar.total = None if total in (None, float("inf")) else int(total)
 
 
 def trainer_kwargs(device: torch.device, steps: int, progress: bool, manual: bool = False
