@@ -65,7 +65,10 @@ def _task(cfg: DictConfig) -> Optional[float]:
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:  # recorded as status: failed; a sweep goes on with the next job
-        log.exception("run failed: %s", err)
+        if isinstance(err, FloatingPointError):  # a NaN or diverged loss: the message says it all
+            log.error("run failed: %s: %s (traceback in result.json)", type(err).__name__, err)
+        else:
+            log.exception("run failed: %s", err)
         if multirun:
             return None
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
