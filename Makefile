@@ -28,7 +28,7 @@ run: $(STAMP)
 	$(PY) -m calibbench $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=20 $(PYTEST_ARGS)  # one line per test file as it runs, the 20 slowest at the end
 
 sweep: $(STAMP)
 	$(PY) -m calibbench -m sweep=compare $(ARGS)

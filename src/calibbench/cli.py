@@ -65,7 +65,10 @@ def _task(cfg: DictConfig) -> Optional[float]:
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:  # recorded as status: failed; a sweep goes on with the next job
-        log.exception("run failed: %s", err)
+        if isinstance(err, FloatingPointError):  # a NaN or diverged loss: the message says it all
+            log.error("run failed: %s: %s (traceback in result.json)", type(err).__name__, err)
+        else:
+            log.exception("run failed: %s", err)
         if multirun:
             return None
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
@@ -93,7 +96,17 @@ def main() -> None:
         sys.exit(report.main(sys.argv[2:]))
     sys.argv = [sys.argv[0], *map(_alias, sys.argv[1:])]
     register_configs()
-    _task()
+    try:
+        _task()
+    except KeyboardInterrupt:  # the run's result.json says failed; finished jobs and the cache are kept
+        print("\ninterrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    from calibbench.report import LAST_SWEEP
+
+    if LAST_SWEEP.get("failed"):  # after the summary is written: a script or CI can tell
+        print(f"error: {LAST_SWEEP['failed']} of {LAST_SWEEP['jobs']} jobs failed; see "
+              f"{LAST_SWEEP['failures_csv']}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,18 @@ depend on the registry are checked in :func:`validate`, which gives one readable
 
 from __future__ import annotations
 
+import errno
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+# numpy's legacy seeding (np.random.seed) takes 0 <= seed < 2**32; torch and Python take more.
+SEED_MAX = 2**32 - 1
 # Bit-widths the fake-quant kernels handle exactly. 1-bit needs a binary (sign) quantizer that is
 # not a uniform grid; above 16 bits the int32 zero point of the kernels loses precision.
 MIN_BITS, MAX_BITS = 2, 16
@@ -192,6 +198,10 @@ class BudgetConfig:
     """Every size a strategy or stage uses. Strategies read sizes from here, never literals."""
 
     name: str = MISSING
+    # The default calibration-set size of this budget: the top-level ``num_samples`` (the same for
+    # every strategy) interpolates it, and ``num_samples=N`` overrides it. Not read by strategies
+    # (they read ``ctx.num_samples``), so not part of the calibration cache key by itself.
+    num_samples: int = 256
     eval_limit: Optional[int] = None  # first N val images (stratified), None = the whole split
     eval_batch_size: int = 256
     calib_batch_size: int = 64
@@ -243,6 +253,16 @@ class DiagnosticsConfig:
 
 
 @dataclass
+class GuardConfig:
+    """The divergence guard of every training stage (``refine/guard.py``, where the defaults are
+    justified): a loss above ``factor`` × its value at the stage's first step, or a reconstruction
+    unit whose loss after reconstruction is above ``unit_factor`` × before, fails the run. 0 = off."""
+
+    factor: float = 1000.0
+    unit_factor: float = 10.0
+
+
+@dataclass
 class StrategyConfig:
     """Fields every strategy has. Each strategy extends this with its own dataclass."""
 
@@ -260,6 +280,7 @@ class RunConfig:
     logger: LoggerConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     bits: int = 4
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -267,7 +288,9 @@ class RunConfig:
     eval_split: str = "test"  # test: what tables report | val: the held-out train slice, for decisions
     progress: bool = True
     resume: bool = True  # skip a job whose run dir already holds a complete result
-    threads: Optional[int] = None  # torch intra-op threads (sweeps with parallel jobs)
+    # torch intra-op threads: an integer >= 1, or auto / null (torch's default; in a joblib sweep
+    # cores / n_jobs). A string so that ``threads=auto`` composes; :func:`resolve_threads` reads it.
+    threads: Optional[str] = None
 
 
 _SCHEMAS: dict[str, type] = {
@@ -323,6 +346,33 @@ def check_plf_values(prefix: str, values: Any) -> None:
             raise ConfigError(f"{prefix}.{key}={values[key]} is negative; must be >= 0")
 
 
+def resolve_threads(value: Any) -> Optional[int]:
+    """``threads``: ``None``/``auto`` → ``None`` (leave torch's default), ``"N"`` (N >= 1) → N;
+    anything else is a ConfigError naming the key."""
+    if value is None or str(value).strip().lower() in ("auto", "null", "none", ""):
+        return None
+    text = str(value).strip()
+    if not text.lstrip("+").isdigit() or int(text) < 1:
+        raise ConfigError(f"threads={value} is out of range; valid: an integer >= 1 (torch threads "
+                          f"per job) or auto")
+    return int(text)
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """``path`` (created if missing) accepts a new file; else one ConfigError naming it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=".calibbench-write-check.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        reason = "read-only" if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else err.strerror
+        raise ConfigError(f"{what} {str(path)!r} is not writable ({reason}); point it elsewhere, "
+                          f"e.g. paths.output_dir=DIR (or CALIBBENCH_OUTPUT_DIR) / paths.cache_dir=DIR"
+                          ) from None
+
+
 def effective_bits(cfg: DictConfig) -> tuple[int, int]:
     """(weight bits, activation bits): ``quant.w_bits``/``a_bits`` override ``bits``."""
     w = cfg.quant.w_bits if cfg.quant.w_bits is not None else cfg.bits
@@ -374,6 +424,17 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} is out of range; valid: integers {MIN_BITS}..{MAX_BITS}")
     if cfg.num_samples <= 0:
         raise ConfigError(f"num_samples={cfg.num_samples} must be a positive integer")
+    if not 0 <= cfg.seed <= SEED_MAX:
+        raise ConfigError(f"seed={cfg.seed} is out of range; valid: integers 0..{SEED_MAX} (2**32 - 1)")
+    resolve_threads(cfg.threads)
+    guard = cfg.get("guard")
+    if guard is not None:
+        for key in ("factor", "unit_factor"):
+            if not float(guard[key]) >= 0:
+                raise ConfigError(f"guard.{key}={guard[key]} must be >= 0 (0 switches the check off)")
+        if 0 < float(guard.factor) <= 1 or 0 < float(guard.unit_factor) <= 1:
+            raise ConfigError(f"guard.factor={guard.factor} / guard.unit_factor={guard.unit_factor}: a bound "
+                              f"relative to the start must be > 1 (or 0 = off)")
     check_choice("eval_split", cfg.eval_split, ("test", "val"))
     diag = cfg.get("diagnostics")
     if diag is not None and diag.enabled:

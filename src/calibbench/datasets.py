@@ -305,6 +305,31 @@ def warn_skipped(data: DataModule, skipped: Sequence[int], split: str = "train",
                     len(skipped), what, ", ".join(files), " ..." if len(skipped) > 3 else "")
 
 
+def split_fingerprint(dataset: Dataset, indices: Sequence[int]) -> Optional[str]:
+    """A cheap digest of the files behind ``indices`` of ``dataset``: each file's path, size and
+    modification time (one ``stat`` per file, nothing opened; ~0.1 s for 10,000 files here).
+
+    Cache keys carry it, so images changed in place (same paths, new bytes) invalidate the FP
+    metrics and calibration sets computed from the old ones. Folder datasets stat the selected
+    image files; torchvision's CIFAR stats its batch files; an in-memory dataset has none (None)."""
+    samples = getattr(dataset, "samples", None)
+    if samples is not None:
+        paths = [samples[int(i)][0] for i in indices]
+    elif getattr(dataset, "base_folder", None) and getattr(dataset, "root", None):
+        files = dataset.train_list if getattr(dataset, "train", False) else dataset.test_list  # type: ignore[attr-defined]
+        paths = [os.path.join(dataset.root, dataset.base_folder, name) for name, _ in files]  # type: ignore[attr-defined]
+    else:
+        return None
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            st = os.stat(path)
+            digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path}\0missing\n".encode())
+    return digest.hexdigest()[:24]
+
+
 def _normalization(cfg: DatasetConfig, model: ModelConfig) -> tuple[tuple, tuple]:
     if cfg.normalization == "legacy_gdfq":
         return LEGACY_GDFQ[FAMILY[cfg.name]]

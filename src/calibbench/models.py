@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,14 +48,38 @@ def state_dict_hash(module: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+_EXPECTED = ("a PyTorch state-dict file (torch.save(model.state_dict(), PATH): a dict of tensors, "
+             "optionally under 'state_dict')")
+
+
+def _read_state_dict(path: Path, cfg: ModelConfig) -> dict:
+    """The file's state dict, loaded with ``weights_only=True`` (tensors only, nothing executed).
+    Any failure is one ConfigError naming the file and what was expected: torch's own messages
+    ("PytorchStreamReader failed ... miniz error", or advice to retry with ``weights_only=False``,
+    unsafe for a file nobody vouched for) never reach the user."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # zip/pickle/unpickler errors come in many types
+        size = path.stat().st_size
+        what = ("is empty" if size == 0 else "is truncated or not a PyTorch file (no complete zip archive)"
+                if not zipfile.is_zipfile(path) else "is damaged or holds objects other than tensors")
+        raise ConfigError(f"model {cfg.name!r}: weights file {str(path)!r} ({size} bytes) {what}; expected "
+                          f"{_EXPECTED}. Re-download or re-save it; a file from an untrusted source "
+                          f"is never loaded with code execution") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"model {cfg.name!r}: weights file {str(path)!r} holds a "
+                          f"{type(state).__name__}, not {_EXPECTED}")
+    return state
+
+
 def _load_file(module: nn.Module, path: Path, cfg: ModelConfig) -> None:
     if not path.is_file():
         raise ConfigError(
             f"model {cfg.name!r}: weights file {str(path)!r} does not exist. Pass model.weights=PATH "
             f"to a state-dict file, or model.weights=pretrained to download {cfg.source} weights")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
+    state = _read_state_dict(path, cfg)
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -28,15 +28,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from calibbench import __version__, datasets, models, quant, refine, strategies
 from calibbench.cache import Cache, atomic_write_bytes, content_key, source_digest
-from calibbench.config import ConfigError, effective_bits, to_container, validate
+from calibbench.config import ConfigError, effective_bits, resolve_threads, to_container
 from calibbench.evaluate import evaluate
+from calibbench.preflight import preflight
 from calibbench.tracking import tracker
 
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 # Keys that change how a run is executed or logged, not what it computes.
-_NOT_IN_RUN_KEY = ("logger", "progress", "resume", "threads", "paths")
+_NOT_IN_RUN_KEY = ("logger", "progress", "resume", "threads", "paths", "guard")
 _PACKAGES = ("torch", "torchvision", "pytorchcv", "hydra-core", "omegaconf", "lightning", "wandb", "numpy")
 
 
@@ -99,6 +100,7 @@ def run_key(cfg: DictConfig) -> str:
     for key in _NOT_IN_RUN_KEY:
         data.pop(key, None)
     data["dataset"].pop("num_workers", None)
+    data["budget"].pop("num_samples", None)  # only a default: its value is the top-level num_samples
     return content_key(data)
 
 
@@ -138,10 +140,13 @@ class Timings(dict):
 
 
 def _fp_key(cfg: DictConfig, built: models.BuiltModel, data: datasets.DataModule,
-            eval_idx: list[int]) -> dict:
+            eval_set: Any, eval_idx: list[int]) -> dict:
+    """The FP metrics' key: the model, the data config, and a fingerprint of the evaluated files
+    (names, sizes, modification times), so images changed in place are never served old metrics."""
     return {"arch": cfg.model.arch, "source": cfg.model.source, "weights": built.weights_id,
             "dataset": _dataset_key(cfg, data), "split": cfg.eval_split,
-            "eval_indices": content_key(eval_idx), "n_eval": len(eval_idx)}
+            "eval_indices": content_key(eval_idx), "n_eval": len(eval_idx),
+            "eval_files": datasets.split_fingerprint(eval_set, eval_idx)}
 
 
 def _dataset_key(cfg: DictConfig, data: datasets.DataModule) -> dict:
@@ -155,7 +160,7 @@ def _dataset_key(cfg: DictConfig, data: datasets.DataModule) -> dict:
 # Budget fields a strategy's calibration_set may not read: they are for evaluation and
 # refinement only. Strategies see the budget without them (reading one fails), and everything
 # they can read is in the cache key, so no budget change can leave a stale entry behind.
-_BUDGET_NOT_FOR_CALIBRATION = ("eval_limit",)
+_BUDGET_NOT_FOR_CALIBRATION = ("eval_limit", "num_samples")  # num_samples: ctx.num_samples
 _BUDGET_NOT_FOR_CALIBRATION_PREFIX = "refine_"
 
 
@@ -182,7 +187,8 @@ def calibration_key(cfg: DictConfig, strategy: strategies.Strategy, ctx: strateg
             "source": source_digest([type(strategy).__module__]),
             "model": [cfg.model.source, cfg.model.arch, built.weights_id],
             "seed": cfg.seed, "num_samples": cfg.num_samples,
-            "dataset": _dataset_key(cfg, data), "budget": to_container(ctx.budget)}
+            "dataset": _dataset_key(cfg, data), "budget": to_container(ctx.budget),
+            "pool_files": datasets.split_fingerprint(data.train, data.pool.tolist())}
 
 
 def _check_pool(cfg: DictConfig, data: datasets.DataModule, resolved: dict) -> None:
@@ -226,12 +232,9 @@ def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[s
     }
     timings = Timings()
     try:
-        validate(cfg)
-        strategy = strategies.build(cfg.strategy)  # an unknown name fails here, before any work
-        refine.validate(cfg)  # likewise an unknown refiner or a bad refine option
-        strategy.check_run(cfg)  # strategy x refine combinations (e.g. gdfq needs its training)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        strategy = preflight(cfg, run_dir)  # every option of the whole config, before any work
+        if (threads := resolve_threads(cfg.threads)) is not None:
+            torch.set_num_threads(threads)
         device = resolve_device(str(cfg.device))
         record["device"] = str(device)
         w_bits, a_bits = effective_bits(cfg)
@@ -248,13 +251,13 @@ def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[s
             eval_set, eval_idx = data.eval_set(cfg.eval_split, cfg.budget.eval_limit)
             diag_idx = _diagnostics_subset(cfg, data)  # bad eval_images fails here, before any work
             ctx = strategies.StrategyContext(model, data, device, cfg.seed, cfg.num_samples, cfg.budget,
-                                             cfg.progress)
+                                             cfg.progress, cfg.get("guard"))
             calib_ctx = replace(ctx, budget=calibration_budget(cfg.budget))
             calib_spec = calibration_key(cfg, strategy, calib_ctx, built, data)
             _check_pool(cfg, data, calib_spec["strategy"])
             with timings.stage("fp_eval"):
                 fp, fp_hit, _ = cache.get_or_compute(
-                    "fp_metrics", _fp_key(cfg, built, data, eval_idx),
+                    "fp_metrics", _fp_key(cfg, built, data, eval_set, eval_idx),
                     lambda: evaluate(model, data, device, cfg.budget.eval_batch_size, eval_idx,
                                      cfg.progress, "FP eval", eval_set))
             with timings.stage("calibration"):

@@ -29,10 +29,23 @@ def has_credentials() -> bool:
     return any("wandb" in host for host in hosts)
 
 
+_TRUE = ("true", "1", "yes", "on")
+
+
 def resolve_mode(mode: str) -> str:
-    if mode == "auto":
-        return "online" if has_credentials() else "offline"
-    return mode
+    """``auto`` follows W&B's own environment convention first: ``WANDB_DISABLED=true`` or
+    ``WANDB_MODE=disabled|offline|online`` (what CI sets), then online with credentials, else
+    offline. An explicit ``logger.mode`` wins over the environment."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_DISABLED", "").strip().lower() in _TRUE:
+        return "disabled"
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env in ("disabled", "offline", "online"):
+        return env
+    if env == "dryrun":  # W&B's older name for offline
+        return "offline"
+    return "online" if has_credentials() else "offline"
 
 
 class Tracker:

@@ -39,6 +39,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from calibbench.bnstats import BNStatsRecorder, BNTargets
 from calibbench.generator import GenLossTerm, GenStepOutputs, Generator
 from calibbench.refine import stream
+from calibbench.refine.guard import factors
 from calibbench.refine.distill import CurveRecorder, StudentModule, check_length, fit, training
 from calibbench.refine.losses import LossTerm, build_terms
 
@@ -107,7 +108,8 @@ class GenerativeModule(StudentModule):
                                  self.bn.image_stats() if self.bn.per_image else None, self.state)
         self.clear_features()  # the teacher's feature hooks (feature term) fired on G's images
         values = {name: term(out) for name, _, term in self.gen_terms}
-        detached = self.check_finite(values, step, GENERATOR if self.student is not None else WARMUP)
+        detached = self.check_finite(values, step, GENERATOR if self.student is not None else WARMUP,
+                                     self.gen_terms)
         total = self.weighted(values, self.gen_terms)
         gen_opt.zero_grad()
         self.manual_backward(total)
@@ -189,6 +191,7 @@ def warm_up(gen: Generator, teacher: nn.Module, strategy: Any, ctx: Any,
     with training(None, teacher, ctx, None, "generator/torch"):
         module = GenerativeModule(None, teacher, (), _Cfg(cfg), steps, gen, strategy.gen_terms(), strategy,
                                   layers, state, warmup_steps=steps)
+        module.guard_factor = factors(getattr(ctx, "guard", None))[0]
         fit(module, _inputs(strategy, ctx, gen, batch_size, "generator/warmup"), ctx, steps, recorder,
             manual=True)
     gen.to(ctx.device)  # Lightning's teardown moves the module to the CPU
@@ -229,6 +232,7 @@ def train_alternating(student: nn.Module, teacher: nn.Module, strategy: Any, ctx
         module = GenerativeModule(student, teacher, terms, cfg, warmup + steps, gen, strategy.gen_terms(),
                                   strategy, layers, state, warmup_steps=warmup, range_params=range_params,
                                   gen_optimizer_state=calib.state.get("optimizer"), step_offset=warmup)
+        module.guard_factor = factors(getattr(ctx, "guard", None))[0]
         fit(module, _inputs(strategy, ctx, gen, batch_size, "refine/generator"), ctx, steps, recorder,
             manual=True)
     seconds = time.perf_counter() - start

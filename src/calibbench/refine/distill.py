@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from calibbench.refine import build_optimizer, stream
+from calibbench.refine.guard import LossGuard, factors
 from calibbench.refine.losses import LossTerm, RefinePlan, StepOutputs, build_terms
 from calibbench.refine.ranges import learned_act_ranges
 from calibbench.strategies.base import stream_seed
@@ -71,6 +72,8 @@ class StudentModule(L.LightningModule):
         self.max_steps = int(max_steps)
         self.range_params = list(range_params)
         self.images_seen = 0
+        self.guard_factor = 1000.0  # guard.factor of the run (set by the caller)
+        self._guards: dict[str, LossGuard] = {}
         self._features: dict[str, dict[str, Tensor]] = {"student": {}, "teacher": {}}
         self._hooks = []
         self.feature_names = sorted({m for _, _, t in self.terms for m in t.feature_modules})
@@ -131,16 +134,24 @@ class StudentModule(L.LightningModule):
     def weighted(self, values: dict[str, Tensor], terms: Sequence[tuple[str, float, Any]]) -> Tensor:
         return sum(weight * values[name] for name, weight, _ in terms)  # type: ignore[return-value]
 
-    def check_finite(self, values: dict[str, Tensor], step: int, player: str = "") -> Tensor:
-        """The detached values stacked; a FloatingPointError naming the player (when there are
-        two), the term(s) and the step when any is NaN/inf."""
+    def check_finite(self, values: dict[str, Tensor], step: int, player: str = "",
+                     terms: Optional[Sequence[tuple[str, float, Any]]] = None) -> Tensor:
+        """The detached values stacked, after the player's :class:`~calibbench.refine.guard.LossGuard`
+        checked them: a FloatingPointError naming the player (when there are two), the term(s) and
+        the step when any is NaN/inf, a DivergenceError when the weighted total (``terms``' weights,
+        default the student's) grew past ``guard_factor`` × its first value."""
         detached = torch.stack([v.detach() for v in values.values()])
-        if not bool(torch.isfinite(detached).all()):
-            bad = {name: float(v) for name, v in zip(values, detached) if not math.isfinite(float(v))}
-            who = f"{player} " if player else ""
-            raise FloatingPointError(
-                f"refine: {who}loss term(s) {', '.join(f'{k!r} = {v}' for k, v in bad.items())} at "
-                f"step {step} of {self.max_steps}; lower the learning rate or check the stream's images")
+        floats = {name: float(v) for name, v in zip(values, detached)}
+        guard = self._guards.get(player)
+        if guard is None:
+            generator = player.startswith("generator")
+            stage = player or f"refine={getattr(self.cfg, 'name', 'kd')}"
+            hint = ("lower strategy.lr (the generator's learning rate)" if generator
+                    else f"lower refine.lr (now {getattr(self.cfg, 'lr', '?')})")
+            guard = self._guards[player] = LossGuard(stage, self.guard_factor, self.max_steps, hint)
+        weights = {name: w for name, w, _ in (self.terms if terms is None else terms)}
+        total = sum(weights.get(name, 1.0) * v for name, v in floats.items() if math.isfinite(v))
+        guard.check(floats, step, total)
         return detached
 
     def student_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
@@ -208,11 +219,19 @@ class CurveRecorder(L.Callback):
 
 
 class RefineProgressBar(TQDMProgressBar):
-    """Lightning's bar, labelled ``refine`` instead of ``Epoch 0`` (the stream has no epochs)."""
+    """One bar labelled ``refine`` with its step total, created once: Lightning's own would first
+    draw a "Training: 0/?" bar and then, per epoch, an "Epoch 0" one (the stream has no epochs)."""
+
+    @property
+    def train_description(self) -> str:
+        return "refine"
+
+    def on_train_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self.train_progress_bar = self.init_train_tqdm()
 
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        self.train_progress_bar.set_description("refine")
+        total = self.total_train_batches
+        self.train_progress_bar.total = None if total in (None, float("inf")) else int(total)
 
 
 def trainer_kwargs(device: torch.device, steps: int, progress: bool, manual: bool = False
@@ -332,6 +351,7 @@ def distill(student: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, cal
     recorder = CurveRecorder(track)
     with training(student, teacher, ctx, cfg, "refine/torch") as range_params:
         module = DistillModule(student, teacher, terms, cfg, steps, range_params)
+        module.guard_factor = factors(getattr(ctx, "guard", None))[0]
         data = stream.loader(strategy, ctx, calib, batch_size, ctx.generator("refine/order"))
         fit(module, data, ctx, steps, recorder)
     seconds = time.perf_counter() - start

@@ -55,6 +55,7 @@ from calibbench.quant import QuantAct, QuantConv2d, QuantLinear, UniformQuantize
 from calibbench.quant.adaround import AdaRound, attach
 from calibbench.refine import Refiner, build_optimizer, register
 from calibbench.quant.quantizer import MIN_RANGE
+from calibbench.refine.guard import LossGuard, check_unit, factors
 from calibbench.refine.ranges import LearnedRangeQuantizer, _grad_scale, _round_ste, learned_act_ranges
 from calibbench.refine.units import GRANULARITIES, Unit, build_units
 from calibbench.strategies.base import stream_seed
@@ -422,7 +423,12 @@ class UnitTrainer:
     (learned ranges written into them). Used as a context manager."""
 
     def __init__(self, model: nn.Module, unit: Unit, data: UnitData, cfg: Any, steps: int,
-                 batch_size: int, generator: torch.Generator, name: str) -> None:
+                 batch_size: int, generator: torch.Generator, name: str, guard_factor: float = 1000.0
+                 ) -> None:
+        # the reconstruction term only: the rounding regulariser is bounded (<= lambda x #weights)
+        # and jumps by design when it switches on after the warm-up
+        self.guard = LossGuard(f"refine={name} unit {unit.name!r} ({unit.kind})", guard_factor, steps,
+                               f"lower refine.lr (now {cfg.lr})")
         self.unit, self.data, self.steps, self.batch_size = unit, data, int(steps), int(batch_size)
         self.generator, self.name = generator, name
         self.modules = unit.modules(model)
@@ -462,6 +468,7 @@ class UnitTrainer:
             q_in = mix_(q_in.clone(), fp_in, bernoulli_mask(q_in, 1.0 - self.drop))
         out = self.unit.run(self.modules, q_in)
         total = recon_loss(out, target, weight)
+        recon = float(total.detach())
         if it >= self.warm and self.lam > 0 and self.roundings:
             b = beta_at(it, self.steps, self.warm, self.beta)
             total = total + self.lam * sum(r.regularizer(b) for r in self.roundings)
@@ -469,6 +476,7 @@ class UnitTrainer:
         if not math.isfinite(value):
             raise RuntimeError(f"refine={self.name}: the loss is {value} in unit {self.unit.name!r} "
                                f"({self.unit.kind}) at iteration {it + 1} of {self.steps}; stopping")
+        self.guard.check({"recon": recon}, it + 1)
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         self.opt.step()
@@ -483,19 +491,23 @@ class UnitTrainer:
 
 def reconstruct_unit(model: nn.Module, unit: Unit, images: Tensor, cfg: Any, steps: int,
                      batch_size: int, device: torch.device, generator: torch.Generator,
-                     name: str) -> dict[str, Any]:
+                     name: str, guard: Any = None) -> dict[str, Any]:
     """Learn the rounding (and activation grids) of one unit in place; its record."""
     start = time.perf_counter()
     data = unit_data(model, unit, images, cfg, batch_size, device)
     modules = unit.modules(model)
     loss_start = unit_loss(unit, modules, data)
     losses = []
-    with UnitTrainer(model, unit, data, cfg, steps, batch_size, generator, name) as trainer:
+    factor, unit_factor = factors(guard)
+    with UnitTrainer(model, unit, data, cfg, steps, batch_size, generator, name, factor) as trainer:
         for it in range(steps):
             losses.append(trainer.step(it))
     # hard rounding; dropping wrappers removed, learned ranges written back into the quantizers
     changed = [r.changed() for r in trainer.roundings]
     loss_end = unit_loss(unit, modules, data)
+    if steps > 0:
+        check_unit(f"refine={name}", unit.name, loss_start, loss_end, unit_factor,
+                   f"lower refine.lr (now {cfg.lr})")
     flipped, total_w = sum(c[0] for c in changed), sum(c[1] for c in changed)
     return {"unit": unit.name, "kind": unit.kind, "modules": list(unit.paths),
             "layers": len(trainer.layers), "weights": total_w, "iterations": steps,
@@ -560,7 +572,8 @@ def reconstruct(qmodel: nn.Module, images: Tensor, ctx: Any, cfg: Any, name: str
                      batch_size)
             bar = _progress(units, ctx.progress, name)
             for k, unit in enumerate(bar):
-                rec = reconstruct_unit(qmodel, unit, images, cfg, steps, batch_size, device, order, name)
+                rec = reconstruct_unit(qmodel, unit, images, cfg, steps, batch_size, device, order, name,
+                                       getattr(ctx, "guard", None))
                 records.append(rec)
                 if track is not None:
                     track.log({"refine/unit": k, "refine/loss_start": rec["loss_start"],

@@ -34,6 +34,25 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+# The outcome of the last multirun in this process (set by AggregateCallback): the CLI exits
+# non-zero after the summary is written when any job failed.
+LAST_SWEEP: dict[str, Any] = {}
+
+
+def _count_failed(sweep_dir: Path) -> tuple[int, int]:
+    """(jobs not ok, jobs) from the result files, without the report's dependencies."""
+    import json
+
+    failed = total = 0
+    for path in sweep_dir.rglob("result.json"):
+        total += 1
+        try:
+            failed += json.loads(path.read_text()).get("status") != "ok"
+        except (OSError, ValueError):
+            failed += 1
+    return failed, total
+
+
 class AggregateCallback(Callback):
     """At the end of a multirun: summarize the sweep dir and log the aggregate W&B run.
 
@@ -49,11 +68,38 @@ class AggregateCallback(Callback):
         from calibbench.report.cli import build
         from calibbench.report.wandb_upload import log_aggregate
 
+        from calibbench.tracking import resolve_mode
+
         sweep_dir = Path(config.hydra.sweep.dir)
+        failed, total = _count_failed(sweep_dir)
+        LAST_SWEEP.update(dir=sweep_dir, failed=failed, jobs=total, failures_csv=sweep_dir / "failures.csv")
         try:
             summary, files = build(sweep_dir, plots=self.plots)
+            LAST_SWEEP.update(failed=len(summary.failures))
             logger_cfg = config.get("logger")
-            if logger_cfg is not None and logger_cfg.mode != "disabled":
+            if logger_cfg is not None and resolve_mode(logger_cfg.mode) != "disabled":
                 log_aggregate(summary, files, logger_cfg, sweep_dir.name)
         except Exception:  # noqa: BLE001 - see docstring
             log.exception("sweep summary failed; rebuild it with: python -m calibbench report %s", sweep_dir)
+
+
+class OutputCheck(Callback):
+    """Before Hydra creates the run or sweep folder: a folder that cannot be written is one line
+    naming it (exit 2), not Hydra's chained traceback."""
+
+    def _check(self, path: str) -> None:
+        import sys
+
+        from calibbench.config import ConfigError, check_writable
+
+        try:
+            check_writable(path, "the output folder")
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir)

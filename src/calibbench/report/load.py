@@ -39,7 +39,7 @@ BASE = (("dataset", "dataset.name"), ("model", "model.name"), ("quant", "quant.n
 # bits / quant.w_bits / quant.a_bits (the effective w_bits and a_bits columns replace them),
 # dataset.num_workers (DataLoader processes: same images, same numbers), and diagnostics (an extra
 # measuring pass after evaluation; it changes no accuracy).
-IGNORED_ROOTS = ("seed", "logger", "progress", "resume", "threads", "paths", "bits", "diagnostics",
+IGNORED_ROOTS = ("seed", "logger", "progress", "resume", "threads", "paths", "guard", "bits", "diagnostics",
                  DEVIATIONS)
 IGNORED_KEYS = ("quant.w_bits", "quant.a_bits", "dataset.num_workers")
 # Groups whose every field is a typed schema field fixed by the preset's name (``budget=cpu``): a

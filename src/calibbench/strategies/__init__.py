@@ -8,10 +8,10 @@ import importlib
 import pkgutil
 
 from calibbench.strategies.base import (CalibrationSet, Strategy, StrategyContext, available,
-                                        build, register)
+                                        build, get, register)
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["CalibrationSet", "Strategy", "StrategyContext", "available", "build", "register"]
+__all__ = ["CalibrationSet", "Strategy", "StrategyContext", "available", "build", "get", "register"]

@@ -81,6 +81,7 @@ class StrategyContext:
     num_samples: int
     budget: BudgetConfig
     progress: bool = True
+    guard: Any = None  # the run's guard config (refine/guard.py); not part of any cache key
 
     def generator(self, stream: str) -> torch.Generator:
         """A CPU generator for the named random ``stream`` of this run (same on any device).
@@ -136,6 +137,12 @@ class Strategy(ABC):
             return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
         return dict(asdict(cfg)) if is_dataclass(cfg) else dict(cfg)
 
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        """The class-level preflight hook: every option of this strategy in the run config ``cfg``
+        (``cfg.strategy`` and the budget fields the strategy reads); raise ConfigError naming the
+        key. Called by :func:`calibbench.preflight.preflight` before the model or data exist."""
+
     def check_run(self, cfg: Any) -> None:
         """Checks of the whole run config that only this strategy knows (e.g. a generator strategy
         needs a refinement stage); raise ConfigError. Called before any work."""
@@ -180,6 +187,11 @@ def register(name: str, schema: type = StrategyConfig) -> Callable[[type[Strateg
 
 def available() -> list[str]:
     return _REGISTRY.available()
+
+
+def get(name: str) -> type[Strategy]:
+    """The class registered as ``name``; an unknown name lists the valid ones."""
+    return _REGISTRY.get(name)
 
 
 def build(cfg: Any) -> Strategy:

@@ -172,9 +172,9 @@ class DSG(ZeroQ):
 
     paper_reading = {"batch_size": "layers"}  # the paper's N = L
 
-    def validate(self) -> None:
-        super().validate()
-        cfg = self.cfg
+    @classmethod
+    def check_options(cls, cfg: Any) -> None:
+        super().check_options(cfg)
         check_choice("strategy.margin_source", cfg.margin_source, MARGIN_SOURCES)
         check_choice("strategy.margin_granularity", cfg.margin_granularity, GRANULARITIES)
         if not 0.0 <= cfg.epsilon <= 1.0:

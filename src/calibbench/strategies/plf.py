@@ -92,9 +92,11 @@ class PLFObjective(ZeroQObjective):
 class PLF(ZeroQ):
     """Class-balanced labelled synthesis; the reliability split happens in ``refine=plf``."""
 
-    def validate(self) -> None:
-        super().validate()
-        cfg = self.cfg
+    images_key, iterations_key = "plf_samples", "plf_iterations"
+
+    @classmethod
+    def check_options(cls, cfg: Any) -> None:
+        super().check_options(cfg)
         if cfg.gamma < 0:
             raise ConfigError(f"strategy.gamma={cfg.gamma} is negative; must be >= 0")
         if not cfg.synth_lr > 0:

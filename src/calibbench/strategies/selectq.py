@@ -573,6 +573,11 @@ class SelectQ(Strategy):
     # The paper's text picks the highest scores and moves the nearest centroid per image.
     paper_reading = {"select": "highest", "update_batch_size": 1}
 
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        """``strategy.*`` ranges and choices, before any work (preflight)."""
+        validate(cfg.strategy)
+
     def forward_batch_size(self, ctx: StrategyContext) -> int:
         return int(self.cfg.batch_size or ctx.budget.eval_batch_size)
 

@@ -141,13 +141,27 @@ class ZeroQ(Strategy):
 
     synthetic = True
 
+    # Budget fields this strategy's synthesis reads: (images, iterations); PLF reads its own.
+    images_key: Optional[str] = None  # None: the run's num_samples
+    iterations_key = "synth_iterations"
+
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        self.validate()
+        self.check_options(cfg)
 
-    def validate(self) -> None:
-        """Ranges Hydra's types cannot express; a ConfigError names the field."""
-        cfg = self.cfg
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        """The strategy's options and the synthesis budget, before any work (preflight)."""
+        cls.check_options(cfg.strategy)
+        budget = cfg.budget
+        for key in ("synth_batch_size", cls.iterations_key, cls.images_key):
+            if key is not None and int(budget[key]) < 1:
+                raise ConfigError(f"budget.{key}={budget[key]} is out of range for strategy={cls.name}: "
+                                  f"it synthesizes images by optimization, must be >= 1")
+
+    @classmethod
+    def check_options(cls, cfg: Any) -> None:
+        """Ranges Hydra's types cannot express in ``strategy.*``; a ConfigError names the field."""
         check_choice("strategy.init", cfg.init, INITS)
         for key in ("lr", "min_lr", "input_weight"):
             if getattr(cfg, key) < 0 or (key == "lr" and cfg.lr == 0):
