@@ -262,6 +262,7 @@ class RunConfig:
     progress: bool = True
     resume: bool = True  # skip a job whose run dir already holds a complete result
     threads: Optional[int] = None  # torch intra-op threads (sweeps with parallel jobs)
+    export: Optional[str] = None  # onnx: write model.onnx and check it under onnxruntime (deploy.py)
 
 
 _SCHEMAS: dict[str, type] = {
@@ -353,6 +354,14 @@ def validate(cfg: DictConfig) -> None:
     if cfg.num_samples <= 0:
         raise ConfigError(f"num_samples={cfg.num_samples} must be a positive integer")
     check_choice("eval_split", cfg.eval_split, ("test", "val"))
+    if cfg.get("export") is not None:
+        check_choice("export", cfg.export, ("onnx",))
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as err:
+            raise ConfigError(f"export={cfg.export} needs onnx and onnxruntime ({err}); install the "
+                              f"extra: pip install 'calibbench[export]'") from None
     diag = cfg.get("diagnostics")
     if diag is not None and diag.enabled:
         if diag.eval_images <= 0:

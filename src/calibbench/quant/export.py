@@ -259,8 +259,10 @@ class QDQLayer(nn.Module):
 def _check_supported(model: nn.Module) -> None:
     from calibbench.quant.quantize import FEATURE_ACT_NAMES, FEATURE_ACT_TYPES
 
+    inside = {id(sub) for m in model.modules() if isinstance(m, (QuantConv2d, QuantLinear, QuantAct))
+              for sub in m.modules()}  # quantizers, observers, learned rounding: handled by their owner
     for path, m in model.named_modules():
-        if isinstance(m, (QuantConv2d, QuantLinear, QuantAct, UniformQuantizer)):
+        if id(m) in inside:
             continue
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose2d)):
             raise ExportError(f"unsupported layer {path or '<model>'} ({type(m).__name__}): a "
