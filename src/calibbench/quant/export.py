@@ -27,8 +27,10 @@ What the ONNX graph holds (``to_qdq`` builds a torch module that traces to it):
 
 A channel whose codes cannot sit in uint8 with a zero point in ``[0, 255]`` (a ``dfq_legacy``
 weight grid without 0, e.g. a depthwise channel whose weights all have one sign, at 8 bits) makes
-its layer's weights an int32 ``DequantizeLinear`` (exact, but a float Conv at run time; counted
-in ``float_conv_nodes``).
+its layer's weights a float initializer holding exactly the dequantized values (a float Conv at
+run time, counted in ``float_conv_nodes``). An int32 ``DequantizeLinear`` would be the standard
+spelling, but onnxruntime 1.32's QDQ fusion then builds a QLinearConv with int32 weights and
+rejects its own graph (INVALID_GRAPH), so the values are stored in float.
 
 Why custom ``autograd.Function.symbolic`` instead of ``torch.fake_quantize_per_*_affine``: the
 TorchScript exporter's symbolic for those ops only accepts the ranges (0, 255), (-128, 127) and
@@ -188,8 +190,8 @@ def weight_codes(layer: nn.Module, where: str) -> tuple[Tensor, Tensor]:
     return v, scale
 
 
-def encode_weight(v: Tensor, scale: Tensor) -> _Const:
-    """Per-channel uint8 codes with a zero point per channel in [0, 255]; int32 when a channel's
+def encode_weight(v: Tensor, scale: Tensor) -> Optional[_Const]:
+    """Per-channel uint8 codes with a zero point per channel in [0, 255]; None when a channel's
     values together with 0 span more than 256 levels (see the module docstring)."""
     flat = v.reshape(v.shape[0], -1)
     lo = flat.min(dim=1).values.clamp(max=0)
@@ -200,8 +202,7 @@ def encode_weight(v: Tensor, scale: Tensor) -> _Const:
         # is -lo; any valid one dequantizes to the same values.
         codes = (v + zp.view(-1, *[1] * (v.dim() - 1))).round().to(torch.uint8)
         return _Const(codes, scale.float().contiguous(), zp.to(torch.uint8))
-    return _Const(v.round().to(torch.int32), scale.float().contiguous(),
-                  torch.zeros(v.shape[0], dtype=torch.int32))
+    return None
 
 
 class QDQLayer(nn.Module):
