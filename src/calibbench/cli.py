@@ -1,6 +1,8 @@
 """``python -m calibbench [overrides]``: a thin Hydra wrapper around :func:`calibbench.pipeline.run`.
 
-``python -m calibbench report <sweep dir>`` rebuilds a sweep's tables and plots.
+``python -m calibbench report <sweep dir>`` rebuilds a sweep's tables and plots;
+``python -m calibbench export RUN_DIR [--format onnx] [--out PATH]`` exports a finished run's
+quantized model and checks it under onnxruntime (deploy.py).
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ def _task(cfg: DictConfig) -> Optional[float]:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(1)
     _print_table(pipeline.summary_rows(record))
+    for fmt, entry in record.get("export", {}).items():
+        print(f"  export {fmt}: {entry['path']}  agreement {entry['agreement']:.2f}%  onnxruntime top-1 "
+              f"{entry['top1']:.2f}  integer/float conv nodes {entry['qlinear_nodes']}/{entry['float_conv_nodes']}")
     print(Path(record["run_dir"]) / pipeline.RESULT_FILE)
     return float(record["metrics"]["quant"]["top1"])
 
@@ -89,7 +94,37 @@ def _alias(arg: str) -> str:
     return f"{prefix}{_ALIASES[key[len(prefix):]]}={value}" if sep and key[len(prefix):] in _ALIASES else arg
 
 
+def export_main(argv: list[str]) -> int:
+    """``calibbench export RUN_DIR [--format onnx] [--out PATH]``: exit 0, or 2 with one error line."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m calibbench export",
+                                     description="Export a finished run's quantized model and check "
+                                                 "it under onnxruntime on the run's evaluation split.")
+    parser.add_argument("run_dir")
+    parser.add_argument("--format", default="onnx", choices=["onnx"])
+    parser.add_argument("--out", default=None, help="output file (default: RUN_DIR/model.onnx)")
+    args = parser.parse_args(argv)
+    from calibbench import deploy
+    from calibbench.quant.export import ExportError
+
+    try:
+        entry = deploy.export_run(args.run_dir, args.format, args.out)
+    except (ExportError, ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    _print_table([("file", entry["path"]), ("onnxruntime top-1", f"{entry['top1']:.2f}"),
+                  ("fake-quant top-1", f"{entry['top1_fake_quant']:.2f}"),
+                  ("agreement (%)", f"{entry['agreement']:.2f}"),
+                  ("max |logit diff|", f"{entry['max_abs_logit_diff']:.4g}"),
+                  ("integer / float conv nodes", f"{entry['qlinear_nodes']} / {entry['float_conv_nodes']}"),
+                  ("seconds", f"{entry['seconds']:.2f}")])
+    return 0
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "export":
+        sys.exit(export_main(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "report":
         from calibbench import report
 

@@ -291,6 +291,7 @@ class RunConfig:
     # torch intra-op threads: an integer >= 1, or auto / null (torch's default; in a joblib sweep
     # cores / n_jobs). A string so that ``threads=auto`` composes; :func:`resolve_threads` reads it.
     threads: Optional[str] = None
+    export: Optional[str] = None  # onnx: write model.onnx and check it under onnxruntime (deploy.py)
 
 
 _SCHEMAS: dict[str, type] = {
@@ -436,6 +437,14 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"guard.factor={guard.factor} / guard.unit_factor={guard.unit_factor}: a bound "
                               f"relative to the start must be > 1 (or 0 = off)")
     check_choice("eval_split", cfg.eval_split, ("test", "val"))
+    if cfg.get("export") is not None:
+        check_choice("export", cfg.export, ("onnx",))
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as err:
+            raise ConfigError(f"export={cfg.export} needs onnx and onnxruntime ({err}); install the "
+                              f"extra: pip install 'calibbench[export]'") from None
     diag = cfg.get("diagnostics")
     if diag is not None and diag.enabled:
         if diag.eval_images <= 0:

@@ -26,11 +26,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from calibbench import __version__, datasets, models, quant, refine, strategies
+from calibbench import __version__, datasets, deploy, models, quant, refine, strategies
 from calibbench.cache import Cache, atomic_write_bytes, content_key, source_digest
 from calibbench.config import ConfigError, effective_bits, resolve_threads, to_container
 from calibbench.evaluate import evaluate
 from calibbench.preflight import preflight
+from calibbench.quant.export import snap_bias
 from calibbench.tracking import tracker
 
 log = logging.getLogger(__name__)
@@ -276,6 +277,10 @@ def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[s
                 quant.calibrate(qmodel, (x for x, _ in shuffled.batches(cfg.budget.calib_batch_size)), device)
             with timings.stage("refine"):
                 refine_info = refine.run(qmodel, model, strategy, ctx, calib, cfg.refine, track)
+            snapped = None
+            if cfg.export:  # the kernel's int32 bias grid, before evaluating (quant/export.py)
+                with timings.stage("snap_bias"):
+                    snapped = snap_bias(qmodel, calib.images[:1].to(device))
             with timings.stage("quant_eval"):
                 q = evaluate(qmodel, data, device, cfg.budget.eval_batch_size, eval_idx, cfg.progress,
                              f"W{w_bits}A{a_bits} eval", eval_set)
@@ -308,6 +313,15 @@ def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[s
                     "info": info},
                 "refine": {"name": cfg.refine.name, **refine_info},
             })
+            record["quant"]["int32_bias_layers"] = snapped
+            with timings.stage("save_state"):
+                record["quant_state"] = deploy.save_state(
+                    qmodel, run_dir / deploy.STATE_FILE, deploy.state_meta(cfg, built.weights_id))
+            if cfg.export:
+                with timings.stage("export"):
+                    batches = deploy.eval_batches(data, eval_set, eval_idx, cfg.budget.eval_batch_size)
+                    record["export"] = {cfg.export: deploy.export_and_check(
+                        qmodel, run_dir / deploy.ONNX_FILE, batches, cfg.export, cfg.threads)}
             # Every image the run looked at: selection or synthesis, plus refinement batches.
             record["images_seen"] = record["calibration"]["images_seen"] + refine_info["images_seen"]
             track.log({"fp/top1": fp["top1"], "quant/top1": q["top1"], "quant/top5": q["top5"]})
@@ -320,6 +334,8 @@ def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[s
         record["status"] = "ok"
     except BaseException as err:
         record["status"] = "failed"
+        for name in (deploy.STATE_FILE, deploy.ONNX_FILE):  # nothing that looks like a shipped model
+            (run_dir / name).unlink(missing_ok=True)
         record["error"] = f"{type(err).__name__}: {err}"
         record["traceback"] = traceback.format_exc()
         raise

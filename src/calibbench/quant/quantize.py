@@ -112,8 +112,10 @@ def _example_input(model: nn.Module) -> Optional[Tensor]:
 
 
 # -- BN folding ----------------------------------------------------------------------------------
-def _conv_bn_candidates(model: nn.Module) -> list[tuple[str, nn.Conv2d, str, nn.BatchNorm2d]]:
-    """Conv2d immediately followed by a matching BatchNorm2d among the same parent's children.
+def _conv_bn_candidates(model: nn.Module, conv_types: tuple[type, ...] = (nn.Conv2d,)
+                        ) -> list[tuple[str, nn.Conv2d, str, nn.BatchNorm2d]]:
+    """A conv (exactly one of ``conv_types``) immediately followed by a matching BatchNorm2d among
+    the same parent's children (quant/export.py passes QuantConv2d).
 
     pytorchcv's ConvBlock registers ``conv`` then ``bn``; torchvision registers ``conv1, bn1``
     and ``Sequential(conv, bn, act)``. Registration order is only a hint; fold_bn verifies it.
@@ -122,7 +124,7 @@ def _conv_bn_candidates(model: nn.Module) -> list[tuple[str, nn.Conv2d, str, nn.
     for parent_path, parent in model.named_modules():
         children = list(parent.named_children())
         for (cname, conv), (bname, bn) in zip(children, children[1:]):
-            if (type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d)
+            if (type(conv) in conv_types and isinstance(bn, nn.BatchNorm2d)
                     and bn.num_features == conv.out_channels and bn.track_running_stats
                     and bn.running_mean is not None):
                 prefix = f"{parent_path}." if parent_path else ""
