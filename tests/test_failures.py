@@ -160,10 +160,12 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path):
     args = (f"paths.output_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}", "strategy=zeroq",
             "budget=smoke", "num_samples=16", "budget.synth_iterations=100000", "budget.eval_limit=32")
     proc = _cli(tmp_path, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not (tmp_path / "run" / ".hydra").is_dir() and time.time() < deadline:
+    # Interrupt once the run is inside pipeline.run (its job log names the dataset, built after the
+    # record exists): waiting a fixed time is not enough on a loaded machine.
+    deadline, log = time.time() + 240, tmp_path / "run" / "calibbench.log"
+    while time.time() < deadline and not (log.is_file() and "dataset cifar10_jpeg" in log.read_text()):
         time.sleep(0.2)
-    time.sleep(4)  # well inside the (endless) synthesis
+    time.sleep(2)  # inside the FP evaluation or the (endless) synthesis
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
