@@ -621,3 +621,19 @@ def test_bad_issue21_options_fail(compose, override, message):
 def test_two_stage_rejects_dropping(compose):
     with pytest.raises(ConfigError, match="needs refine.procedure=joint"):
         refine.validate(compose("refine=brecq", *SMOKE, "refine.drop_prob=0.5"))
+
+
+def test_reference_preset_is_8bit_ends_and_an_unquantized_image(compose):
+    from pytorchcv.model_provider import get_model
+
+    model = get_model("resnet20_cifar10", pretrained=False).eval()
+    cfg = compose("quant=reference").quant
+    qmodel = quantize(model, cfg, 3, 3)
+    rows = quant.quantizers(qmodel)
+    weights = [q.bits for _, kind, q in quant.quantizers(qmodel) if kind == "weight"]
+    inputs = [(path, q.bits) for path, kind, q in rows if kind == "input"]
+    assert weights[0] == weights[-1] == 8 and set(weights[1:-1]) == {3}
+    first = next(m for m in qmodel.modules() if isinstance(m, QuantConv2d))
+    assert first.input_quantizer is None  # the image is not quantized
+    assert inputs[-1][1] == 8 and {b for _, b in inputs[:-1]} == {3}
+    assert quant.describe(qmodel)["preset"] == "reference"

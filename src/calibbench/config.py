@@ -76,7 +76,7 @@ class DatasetConfig:
 class QuantConfig:
     """Fake-quantization preset. ``w_bits``/``a_bits`` override the top-level ``bits``."""
 
-    name: str = MISSING  # dfq_legacy | academic
+    name: str = MISSING  # dfq_legacy | academic | reference (academic, image unquantized)
     w_bits: Optional[int] = None
     a_bits: Optional[int] = None
     weight_observer: str = "minmax"
@@ -413,7 +413,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"dataset.val_size={cfg.dataset.val_size} must be >= 0")
     if cfg.eval_split == "val" and cfg.dataset.val_size == 0:
         raise ConfigError("eval_split=val needs a validation split: dataset.val_size=0; set it > 0")
-    check_choice("quant preset", cfg.quant.name, ("dfq_legacy", "academic"))
+    check_choice("quant preset", cfg.quant.name, ("dfq_legacy", "academic", "reference"))
     check_choice("quant.act_observer", cfg.quant.act_observer, ("minmax", "ema", "percentile", "mse", "aciq"))
     check_choice("quant.weight_observer", cfg.quant.weight_observer, ("minmax", "mse"))
     validate_estimator(cfg.quant)

@@ -11,6 +11,10 @@ activation ranges contain 0 (ZeroQ's running min/max starts from zero-initialise
 ``academic`` (BRECQ/MQBench): BN folded into the preceding conv; a quantizer on the *input* of
 every conv/linear (``act_placement=layer_input``), the image included when ``quantize_input``;
 first and last layer weights and input activations at ``first_last_bits``; all ranges contain 0.
+
+``reference`` (BRECQ's ``set_first_last_layer_to_8bit`` + ``disable_network_output_quantization``,
+QDrop's configs): ``academic`` with the first layer's input (the image) unquantized: first and
+last layer weights at 8 bits, the last layer's input at 8 bits, everything else at the run's bits.
 A tensor read by two layers (a ResNet unit's input feeds the body and the 1x1 shortcut) gets one
 quantizer per reading layer; with the same observer both learn the same range.
 
@@ -50,7 +54,7 @@ from calibbench.quant.quantizer import UniformQuantizer
 
 log = logging.getLogger(__name__)
 
-PRESETS = ("dfq_legacy", "academic")
+PRESETS = ("dfq_legacy", "academic", "reference")
 PLACEMENTS = ("after_relu", "layer_input")
 ACT_MODULE_CHOICES = ("all", "relu")
 
@@ -59,6 +63,8 @@ ACT_MODULE_CHOICES = ("all", "relu")
 PRESET_OPTIONS: dict[str, dict[str, Any]] = {
     "dfq_legacy": {"weight_include_zero": False, "act_include_zero": True, "act_modules": "all"},
     "academic": {"weight_include_zero": True, "act_include_zero": True, "act_modules": "all"},
+    # BRECQ's / QDrop's precision setting: academic with the image unquantized (conf/quant/reference.yaml)
+    "reference": {"weight_include_zero": True, "act_include_zero": True, "act_modules": "all"},
 }
 
 RELU_TYPES: tuple[type, ...] = (nn.ReLU, nn.ReLU6)
