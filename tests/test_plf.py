@@ -213,7 +213,7 @@ def test_family_defaults_follow_the_dataset(compose):
     (("strategy=plf", "strategy.tau=-1"), "strategy.tau=-1"),
     (("strategy=plf", "strategy.gamma=-1"), "strategy.gamma=-1"),
     (("strategy=zeroq", "refine=plf", "refine.plf.t_low=0.9"), "refine.plf.t_low=0.9 > refine.plf.t_high"),
-    (("strategy=zeroq", "refine=plf", "refine.plf.features=layers"), "valid choices: stages, units, bn, list"),
+    (("strategy=zeroq", "refine=plf", "refine.plf.features=layers"), "valid choices: stages, units, hast, bn, list"),
     (("strategy=zeroq", "refine=plf", "refine.plf.feature_map=gram"), "valid choices: attention, raw"),
     (("strategy=plf", "strategy.lr_schedule=step"), "valid choices: plateau, cosine"),
 ])

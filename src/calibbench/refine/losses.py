@@ -93,8 +93,10 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
     over classes, mean over the batch) or ``mean`` (element-wise mean, i.e. batchmean / classes:
     GDFQ's ``nn.KLDivLoss()``)."""
     t = float(temperature)
-    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
-                    reduction=reduction, log_target=True) * (t * t)
+    kl = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                  reduction="batchmean", log_target=True) * (t * t)
+    # "mean" written out (torch warns that its reduction="mean" will become batchmean)
+    return kl if reduction == "batchmean" else kl / student_logits.shape[1]
 
 
 @term("kd")
