@@ -13,7 +13,7 @@ from calibbench import refine, strategies
 from calibbench.bnstats import BNStatsRecorder, BNTargets, find_bn_layers
 from calibbench.config import ConfigError, validate
 from calibbench.generator import GenStepOutputs, build_gen_terms, build_generator
-from calibbench.strategies.clusterq import AlignTerm, DiversityTerm, ema_update
+from calibbench.strategies.clusterq import AlignTerm, ClusterQConfig, DiversityTerm, ema_update
 from calibbench.strategies.generative import class_stats, deep_start
 
 from conftest import run_twice
@@ -124,11 +124,13 @@ def test_diversity_targets_are_the_centroids_plus_noise_with_the_configured_vari
     cfg = strategy.cfg
     cfg.div_var_mean, cfg.div_var_std = 0.0, 0.0
     base = ((m - 0.5).pow(2).mean() + (s - 1.5).pow(2).mean())
-    assert float(DiversityTerm(cfg)(out)) == pytest.approx(float(base))
+    # image level: an image's spread about the centroid mean, sqrt(s^2 + (m - c)^2) (issue 21)
+    image = ((m - 0.5).pow(2).mean() + (torch.sqrt(s.pow(2) + (m - 0.5).pow(2)) - 1.5).pow(2).mean())
+    assert float(DiversityTerm(cfg)(out)) == pytest.approx(float(image))
     cfg.div_var_mean, cfg.div_var_std = 0.5, 1.0
     torch.manual_seed(0)
     draws = torch.stack([DiversityTerm(cfg)(out) for _ in range(4000)])
-    assert float(draws.mean()) == pytest.approx(float(base) + 1.5, rel=0.03)
+    assert float(draws.mean()) == pytest.approx(float(image) + 1.5, rel=0.03)
     cfg.div_level = "class"
     cfg.div_var_mean, cfg.div_var_std = 0.0, 0.0
     assert float(DiversityTerm(cfg)(out)) == pytest.approx(float(base))  # one image per class
@@ -174,7 +176,20 @@ def test_centroids_start_at_the_bn_statistics_of_the_deep_layers(compose, make_c
 
 
 # -- the strategy and its stage ------------------------------------------------------------------
-def test_clusterq_smoke_trains_the_quantized_model_and_records_the_centroids(compose, make_ctx):
+def test_clusterq_smoke_trains_the_quantized_model_and_records_the_centroids(compose, make_ctx, monkeypatch):
+    import dataclasses
+
+    from calibbench.strategies import clusterq
+
+    # Every synthetic image counts as correctly classified, so the EMA runs at every step after
+    # its warm-up and the assertions below cannot pass on an EMA that never ran.
+    original = clusterq.ema_update
+
+    def always_correct(state, out, decay):  # noqa: ANN001, ANN202
+        logits = torch.nn.functional.one_hot(out.labels, out.logits.shape[1]).float()
+        return original(state, dataclasses.replace(out, logits=logits), decay)
+
+    monkeypatch.setattr(clusterq, "ema_update", always_correct)
     cfg, strategy = _clusterq(compose, "refine.lr=0.05", "strategy.ema_warmup_steps=1")
     assert cfg.refine.name == "clusterq" and cfg.refine.temperature == 20.0
     teacher, ctx = _tiny(make_ctx, warmup=2, steps=3)
@@ -184,14 +199,15 @@ def test_clusterq_smoke_trains_the_quantized_model_and_records_the_centroids(com
     assert info["warmup_steps"] == 2 and info["ema_warmup_steps"] == 1
     assert info["images_generated"] == 2 * 8 + 16 == sum(info["per_class_counts"])
     assert {"generator/align", "generator/diversity", "generator/ce", "generator/bns"} <= set(info["warmup_curve"])
-    assert info["centroid_shift"]["step"] in ([2], [])  # one EMA update (if any image was correct)
+    assert info["centroid_shift"]["step"] == [2]  # one EMA update: step 2, after the warm-up step
+    assert info["centroid_shift"]["classes_updated"][0] > 0 and info["centroid_shift"]["shift"][0] > 0
     rec = refine_w4a4(teacher, strategy, ctx, calib, cfg, before)
     assert _same(before, _state(teacher))
     assert rec["steps"] == 3 and rec["curve"]["step"] == [3, 4, 5]
     assert {"generator/align", "generator/diversity", "kd", "ce", "loss"} <= set(rec["curve"])
     shift = rec["centroid_shift"]
-    assert set(shift) == {"step", "classes_updated", "shift"} and set(shift["step"]) <= {3, 4, 5}
-    assert all(math.isfinite(v) and v >= 0 for v in shift["shift"])
+    assert set(shift) == {"step", "classes_updated", "shift"} and shift["step"] == [3, 4, 5]
+    assert all(math.isfinite(v) and v > 0 for v in shift["shift"]) and all(shift["classes_updated"])
     assert sum(rec["ema_updates_per_class"]) == sum(shift["classes_updated"]) + sum(
         info["centroid_shift"]["classes_updated"])
 
@@ -252,3 +268,33 @@ def test_cli_clusterq_end_to_end_changes_the_quantized_model(tmp_path):
     assert {"generator/align", "generator/diversity", "kd"} <= set(curve) and record["refine"]["images_seen"] == 48
     assert curve["loss"][0] != curve["loss"][-1]  # the quantized model trained (its loss moved)
     assert record["refine"]["centroid_shift"]["step"] and record["calibration"]["info"]["deep_start"] == 9
+
+
+@pytest.mark.parametrize("moment", ["var", "std"])
+def test_diversity_target_is_unbiased_for_the_moment(moment):
+    """E[target] is the centroid for the compared moment: the default (var) used to add N(0, 1) to
+    the std and square it, E = sigma^2 + 1."""
+    from calibbench.strategies.clusterq import ClusterQConfig, diversity_targets
+
+    assert ClusterQConfig().bns_moment == "var"
+    t_mean, t_std = torch.full((200_000, 1), 0.3), torch.full((200_000, 1), 0.5)
+    d_mean, d_spread = diversity_targets(t_mean, t_std, 0.5, 1.0, moment, torch.Generator().manual_seed(0))
+    assert float(d_mean.mean()) == pytest.approx(0.3, abs=0.01)
+    want = 0.25 if moment == "var" else 0.5
+    assert float(d_spread.mean()) == pytest.approx(want, abs=0.01)
+    assert float(d_spread.var()) == pytest.approx(1.0, rel=0.02)
+
+
+def test_image_level_diversity_compares_the_spread_about_the_class_mean():
+    """At div_level=image the image's spread about the centroid mean is compared with the
+    centroid's pooled std: images whose means differ but whose own std is 0 are not 'too narrow'."""
+    from calibbench.strategies.clusterq import DiversityTerm
+
+    cfg = ClusterQConfig(div_var_mean=1e-12, div_var_std=1e-12, div_level="image", bns_moment="std")
+    means = torch.tensor([[-1.0], [1.0]])
+    stds = torch.zeros(2, 1)
+    state = {"centroid_mean": torch.zeros(1, 1), "centroid_std": torch.ones(1, 1), "deep_channels": [1],
+             "deep_start": 0}
+    out = _outputs(means, stds, torch.tensor([0, 0]), torch.zeros(2, 1), state)
+    # the means' term (m - 0)^2 = 1; the spread term sqrt(0 + 1) vs 1 is 0 (it was (0 - 1)^2 = 1)
+    assert float(DiversityTerm(cfg)(out)) == pytest.approx(1.0, abs=1e-5)

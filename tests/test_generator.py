@@ -130,6 +130,16 @@ def test_gdfq_smoke_step_trains_the_quantized_model_and_leaves_the_fp_model_bit_
     assert sum(info["per_class_counts"]) == info["images_generated"]
     assert set(info["warmup_curve"]) == {"step", "generator/ce", "generator/bns", "generator/loss", "generator/lr"}
     assert "generator" in calib.state and calib.state["optimizer"]["state"]  # Adam moments after warm-up
+    # spy on the refinement's generator optimizer: the generator it trains and the Adam moments
+    seen: list[tuple[dict, torch.optim.Optimizer]] = []
+    build = strategy.optimizer
+
+    def spy(generator):  # noqa: ANN001, ANN202
+        opt = build(generator)
+        seen.append(({k: v.detach().clone() for k, v in generator.state_dict().items()}, opt))
+        return opt
+
+    strategy.optimizer = spy
     rec = refine_w4a4(teacher, strategy, ctx, calib, cfg, before)
     assert _same(before, _state(teacher)) and not teacher.training
     assert all(p.requires_grad for p in teacher.parameters())  # flags restored
@@ -137,7 +147,11 @@ def test_gdfq_smoke_step_trains_the_quantized_model_and_leaves_the_fp_model_bit_
     assert rec["curve"]["step"] == [3, 4] and math.isfinite(rec["loss_last"])
     assert {"loss", "kd", "ce", "lr", "generator/ce", "generator/bns", "generator/loss"} <= set(rec["curve"])
     assert rec["images_generated_total"] == info["images_generated"] + 16 == sum(rec["per_class_counts"])
-    # the generator kept training: its refinement starts from the warmed-up state, not from scratch
+    # the generator kept training: its refinement starts from the warmed-up weights and Adam
+    # moments (2 warm-up + 2 refinement steps), not from scratch
+    (weights, opt), = seen
+    assert all(torch.equal(weights[k], v) for k, v in calib.state["generator"].items())
+    assert {int(st["step"]) for st in opt.state.values()} == {4}
     assert rec["curve"]["generator/lr"] == [1e-3, 1e-3]
 
 

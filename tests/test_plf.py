@@ -213,7 +213,7 @@ def test_family_defaults_follow_the_dataset(compose):
     (("strategy=plf", "strategy.tau=-1"), "strategy.tau=-1"),
     (("strategy=plf", "strategy.gamma=-1"), "strategy.gamma=-1"),
     (("strategy=zeroq", "refine=plf", "refine.plf.t_low=0.9"), "refine.plf.t_low=0.9 > refine.plf.t_high"),
-    (("strategy=zeroq", "refine=plf", "refine.plf.features=layers"), "valid choices: stages, units, bn, list"),
+    (("strategy=zeroq", "refine=plf", "refine.plf.features=layers"), "valid choices: stages, units, hast, bn, list"),
     (("strategy=zeroq", "refine=plf", "refine.plf.feature_map=gram"), "valid choices: attention, raw"),
     (("strategy=plf", "strategy.lr_schedule=step"), "valid choices: plateau, cosine"),
 ])
@@ -316,3 +316,29 @@ def test_calibration_budget_view_has_the_plf_fields(compose):
 def test_pseudo_label_terms_compose_with_plain_kd(compose):
     cfg = compose("strategy=random", "refine=kd", "+refine.losses.plf_high=1.0", "+refine.losses.plf_low=0.3").refine
     assert {n for n, _, _ in refine.build(cfg).terms()} == {"kd", "plf_high", "plf_low"}
+
+
+def test_low_term_is_eq9_on_hand_made_logits(compose):
+    """eq. 8-10 by hand: a low-reliable sample (normalized entropy 0.76 > T_u = 0.5) with teacher
+    probabilities (0.3, 0.25, 0.15, ...) has primary 0, secondary 1, lambda_p = 0.3/0.55,
+    lambda_s = 0.25/0.55; a confident sample is left out."""
+    cfg = _refine_cfg(compose)
+    term = LowReliableCE(cfg)
+    term.setup(RefinePlan(steps=1, batch_size=2, num_images=2, student=None, teacher=None))
+    probs = torch.tensor([[0.3, 0.25, 0.15, 0.1, 0.1, 0.05, 0.05, 0.0, 0.0, 0.0], [1.0 - 9e-6] + [1e-6] * 9])
+    t_logits = torch.log(probs.clamp(min=1e-12))
+    s_logits = torch.tensor([[0.2, 1.0, -0.5, 0.1, 0.0, 0.3, -1.0, 0.4, 0.0, 0.2], [3.0] + [0.0] * 9])
+    out = StepOutputs(s_logits, t_logits, step=1)
+    log_q = torch.log_softmax(s_logits[0], 0)
+    want = -(0.3 / 0.55) * log_q[0] - (0.25 / 0.55) * log_q[1]
+    assert float(term(out)) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_hast_features_are_the_unit_bodies():
+    from pytorchcv.model_provider import get_model
+
+    from calibbench.refine.plf import hast_modules
+
+    names = hast_modules(get_model("resnet20_cifar10", pretrained=False))
+    assert len(names) == 9 and all(n.endswith(".body") for n in names)
+    assert names[0] == "features.stage1.unit1.body"

@@ -14,6 +14,7 @@ from calibbench import quant, refine
 from calibbench.config import ConfigError, QuantConfig, validate
 from calibbench.quant import QuantConv2d, QuantLinear, quantize
 from calibbench.quant.adaround import AdaRound, attach, rectified_sigmoid
+from calibbench.refine import recon
 from calibbench.refine.recon import reconstruct, reconstruct_unit, quantization_off
 from calibbench.refine.units import build_units
 
@@ -414,3 +415,225 @@ def test_mix_picks_exactly_and_in_place():
     want = torch.where(quantized.bool(), a, b)
     out = mix_(a.clone(), b, quantized.clone())
     assert torch.equal(out, want)  # bit for bit: products with 0 and 1 only
+
+
+# -- issue 21: the references' procedures ---------------------------------------------------------
+def _act_quantizers(model: nn.Module) -> list:
+    return [q for _, kind, q in quant.quantizers(model) if kind != "weight"]
+
+
+def test_brecq_is_two_stages_weights_without_activation_quantization(compose, make_ctx, tiny_data,
+                                                                     monkeypatch):
+    """Stage "weights" runs with every activation quantizer of the model off (the unit's input is
+    the weight-only quantized model's), stage "activations" with them on and the rounding fixed."""
+    from calibbench.refine import recon
+
+    seen: list[tuple[str, bool]] = []
+    original = recon.reconstruct_unit
+
+    def spy(model, unit, *args, **kwargs):  # noqa: ANN001, ANN202
+        stage = kwargs.get("stage", args[7] if len(args) > 7 else None)
+        seen.append((stage.name, any(q.quant_enabled for q in _act_quantizers(model))))
+        if stage.name == "activations":  # the rounding is hard already and stays as it is
+            assert all(m.weight_rounding is not None and m.weight_rounding.hard for m in _layers(model))
+        return original(model, unit, *args, **kwargs)
+
+    monkeypatch.setattr(recon, "reconstruct_unit", spy)
+    images = torch.randn(24, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    qmodel = _calibrated(Toy().eval(), DFQ, 3, images)
+    ctx = make_ctx(Toy(), tiny_data, refine_unit_steps=6, refine_unit_batch_size=8, refine_act_steps=5,
+                   refine_act_lr=0.01)
+    record = reconstruct(qmodel, images, ctx, _recon_cfg(compose, "brecq"), "brecq")
+    assert [s["name"] for s in record["stages"]] == ["weights", "activations"]
+    assert {name for name, on in seen if name == "weights" and on} == set()  # acts off in stage 1
+    assert all(on for name, on in seen if name == "activations") and len(seen) == 2 * 4
+    assert all(q.quant_enabled for q in _act_quantizers(qmodel))  # on again afterwards
+    weights, acts = record["stages"]
+    assert weights["iterations"] == 6 and acts["iterations"] == 5 and acts["p"] == 2.4
+    assert weights["learns"] == ["rounding"] and acts["learns"] == ["act_steps"]
+    assert set(weights) >= {"name", "iterations", "seconds", "loss_first", "loss_last"}
+    assert any(v[0] != v[1] for v in record["act_steps"].values())  # stage 2 moved the steps
+
+
+def test_one_stage_refiners_record_one_stage(compose, make_ctx, tiny_data):
+    record, _, _ = _toy_run(compose, make_ctx, tiny_data, "qdrop")
+    assert [s["name"] for s in record["stages"]] == ["weights"]
+    assert record["stages"][0]["learns"] == ["rounding", "act_steps"] and record["stages"][0]["p"] == 2.0
+
+
+def test_learned_steps_move_at_the_cpu_budget_lr(compose, make_ctx, tiny_data):
+    """At budget=cpu's act lr the learned steps really move (the old range ends at 4e-5 did not)."""
+    lr = compose("refine=qdrop", "budget=cpu").refine.act_lr
+    assert lr >= 1e-3
+    images = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    qmodel = _calibrated(Toy().eval(), DFQ, 3, images)
+    cfg = _recon_cfg(compose, "qdrop", f"refine.act_lr={lr}", "refine.init=calibrated")
+    ctx = make_ctx(Toy(), tiny_data, refine_unit_steps=60, refine_unit_batch_size=8)
+    record = reconstruct(qmodel, images, ctx, cfg, "qdrop")
+    moves = sorted(abs(b - a) / a for a, b in record["act_steps"].values())
+    assert moves[len(moves) // 2] > 0.01, moves  # the median step moved by more than 1 %
+    for path, (_, final) in record["act_steps"].items():  # the learned step is the installed one
+        assert float(qmodel.get_submodule(path.rsplit(".", 1)[0]).get_submodule(
+            path.rsplit(".", 1)[1]).scale) == pytest.approx(final)
+
+
+def test_learned_zero_point_is_a_parameter_only_when_asked():
+    from calibbench.refine.ranges import LearnedStepQuantizer
+
+    base = quant.UniformQuantizer(3, False, None, True)
+    base.set_range(torch.tensor(-1.0), torch.tensor(3.0))
+    x = torch.linspace(-2, 4, 50)
+    for learn, grads in ((False, 1), (True, 2)):
+        q = LearnedStepQuantizer(base, learn_zero_point=learn)
+        assert len(q.parameters_to_learn()) == grads
+        out = q(x)
+        assert torch.allclose(out, base.fake_quantize(x), atol=1e-6)  # starts on the base grid
+        out.pow(2).sum().backward()
+        assert q.step.grad is not None and (q.zp.grad is not None) == learn
+
+
+def test_mse_init_gives_the_mse_observer_grids(compose, make_ctx, tiny_data):
+    """refine.init=mse: weights per channel and activations per tensor by quant/observers.py's
+    MSEObserver (p = quant.mse_p); init=calibrated keeps the calibration grid (min/max here)."""
+    from calibbench.quant.observers import MSEObserver
+
+    images = torch.randn(24, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    ctx = make_ctx(Toy(), tiny_data, refine_unit_steps=0, refine_unit_batch_size=8)
+    for init in ("mse", "calibrated"):
+        qmodel = _calibrated(Toy().eval(), DFQ, 3, images)
+        before = {n: q.scale.clone() for n, _, q in quant.quantizers(qmodel)}
+        record = reconstruct(qmodel, images, ctx, _recon_cfg(compose, "qdrop", f"refine.init={init}"), "qdrop")
+        assert record["init"]["name"] == init
+        for layer in _layers(qmodel):
+            wq = layer.weight_quantizer
+            obs = MSEObserver(wq.bits, wq.symmetric, 0, wq.include_zero, steps=100, p=2.4)
+            obs(layer.weight.detach())
+            want = obs.calculate_qparams()[0] if init == "mse" else before[_name(qmodel, wq)]
+            assert torch.allclose(wq.scale, want), init
+        acts = {n: q for n, kind, q in quant.quantizers(qmodel) if kind != "weight"}
+        changed = [n for n, q in acts.items() if not torch.equal(q.scale, before[n])]
+        assert (len(changed) == len(acts)) if init == "mse" else not changed
+
+
+def _name(model: nn.Module, q: nn.Module) -> str:
+    return next(n for n, _, other in quant.quantizers(model) if other is q)
+
+
+@pytest.mark.parametrize("cfg", [DFQ, ACADEMIC], ids=["dfq_legacy", "academic"])
+def test_adaround_layer_unit_ends_after_bn_and_activation(cfg):
+    images = torch.randn(8, 3, 8, 8)
+    qmodel = _calibrated(Toy().eval(), cfg, 4, images)
+    with torch.no_grad(), quantization_off(qmodel):
+        units, used = build_units(qmodel, "layer", images[:1])
+    paths = {u.name: u.paths for u in units}
+    assert paths["features.0"] == ["features.0", "features.1", "features.2"]  # conv, bn (Identity), relu
+    assert paths["features.3.body.0"] == ["features.3.body.0", "features.3.body.1", "features.3.body.2"]
+    assert paths["features.3.body.3"] == ["features.3.body.3", "features.3.body.4"]  # the add follows
+    assert paths["features.3.shortcut"] == ["features.3.shortcut"] and paths["fc"] == ["fc"]
+    # the unit runs as the model does: its output is what the activation returned
+    with torch.no_grad(), quantization_off(qmodel):
+        unit = units[0]
+        want = recon._capture_output(qmodel, qmodel.get_submodule(unit.paths[-1]), images)
+        assert torch.allclose(unit.run(unit.modules(qmodel), images), want)
+        assert float(want.min()) >= 0  # after the ReLU
+
+
+def test_adaround_records_the_units_modules(compose, make_ctx, tiny_data):
+    record, _, _ = _toy_run(compose, make_ctx, tiny_data, "adaround")
+    assert record["units"][0]["modules"] == ["features.0", "features.1", "features.2"]
+
+
+def test_beta_schedule_and_regulariser_warm_up(compose, monkeypatch):
+    from calibbench.refine.recon import Stage, UnitTrainer, beta_at, unit_data
+
+    assert beta_at(0, 100, 20, (20.0, 2.0)) == 20.0 and beta_at(20, 100, 20, (20.0, 2.0)) == 20.0
+    assert beta_at(60, 100, 20, (20.0, 2.0)) == pytest.approx(11.0)
+    assert beta_at(100, 100, 20, (20.0, 2.0)) == pytest.approx(2.0)
+    images = torch.randn(16, 3, 8, 8)
+    qmodel = _calibrated(Toy().eval(), DFQ, 3, images).requires_grad_(False)
+    unit = build_units(qmodel, "block", images[:1])[0][0]
+    cfg = _recon_cfg(compose, "adaround")
+    stage = Stage("weights", 10, True, False, 1e-3, 0.0)
+    calls: list[float] = []
+    monkeypatch.setattr(AdaRound, "regularizer", lambda self, b: calls.append(b) or self.V.sum() * 0)
+    data = unit_data(qmodel, unit, images, cfg, 8, torch.device("cpu"), stage)
+    with UnitTrainer(qmodel, unit, data, cfg, stage, 8, torch.Generator().manual_seed(0), "t") as trainer:
+        assert trainer.warm == 2
+        for it in range(10):
+            trainer.step(it)
+    per_step = len(trainer.roundings)
+    assert calls[:per_step] == [20.0] * per_step and len(calls) == 8 * per_step  # none before it=2
+    assert calls[-1] == pytest.approx(beta_at(9, 10, 2, (20.0, 2.0)))
+
+
+def test_qdrop_mixes_in_the_float_input(compose):
+    """drop_prob=1: every element of the unit's input is the FP model's input, not the quantized."""
+    from calibbench.refine.recon import Stage, UnitTrainer, _capture_input, unit_data
+
+    images = torch.randn(16, 3, 8, 8)
+    qmodel = _calibrated(Toy().eval(), DFQ, 3, images).requires_grad_(False)
+    unit = build_units(qmodel, "block", images[:1])[0][1]  # the first residual unit: input quantized
+    cfg = _recon_cfg(compose, "qdrop", "refine.drop_prob=1.0")
+    stage = Stage("weights", 1, True, True, 1e-3, 1.0)
+    first = qmodel.get_submodule(unit.paths[0])
+    with torch.no_grad():
+        q_in = _capture_input(qmodel, first, images)
+        with quantization_off(qmodel):
+            fp_in = _capture_input(qmodel, first, images)
+    assert not torch.equal(q_in, fp_in)
+    got: list[torch.Tensor] = []
+    data = unit_data(qmodel, unit, images, cfg, 16, torch.device("cpu"), stage)
+    with UnitTrainer(qmodel, unit, data, cfg, stage, 16, torch.Generator().manual_seed(0), "t") as trainer:
+        run = unit.run
+        unit.run = lambda modules, x: got.append(x.detach().clone()) or run(modules, x)
+        trainer.step(0)
+        idx = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got[0], fp_in[idx])
+
+
+def test_fresh_generator_batches_per_iteration(compose, make_ctx, tiny_data):
+    images = torch.randn(24, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    qmodel = _calibrated(Toy().eval(), DFQ, 3, images)
+    drawn: list[int] = []
+
+    def sampler(n: int) -> torch.Tensor:
+        drawn.append(n)
+        return torch.randn(n, 3, 8, 8)
+
+    ctx = make_ctx(Toy(), tiny_data, refine_unit_steps=3, refine_unit_batch_size=8)
+    record = reconstruct(qmodel, images, ctx, _recon_cfg(compose, "qdrop"), "qdrop", sampler=sampler)
+    assert record["source"] == "generator" and drawn == [8] * (3 * len(record["units"]))
+    assert not any(u["cached"] for u in record["units"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("refine.init=minmax", r"unknown refine.init 'minmax'"),
+    ("refine.procedure=three", r"unknown refine.procedure 'three'"),
+    ("refine.p=0", r"refine.p=0.0 must be > 0"),
+    ("refine.source=pool", r"unknown refine.source 'pool'"),
+])
+def test_bad_issue21_options_fail(compose, override, message):
+    cfg = compose("refine=brecq", *SMOKE, override)
+    with pytest.raises(ConfigError, match=message):
+        refine.validate(cfg)
+
+
+def test_two_stage_rejects_dropping(compose):
+    with pytest.raises(ConfigError, match="needs refine.procedure=joint"):
+        refine.validate(compose("refine=brecq", *SMOKE, "refine.drop_prob=0.5"))
+
+
+def test_reference_preset_is_8bit_ends_and_an_unquantized_image(compose):
+    from pytorchcv.model_provider import get_model
+
+    model = get_model("resnet20_cifar10", pretrained=False).eval()
+    cfg = compose("quant=reference").quant
+    qmodel = quantize(model, cfg, 3, 3)
+    rows = quant.quantizers(qmodel)
+    weights = [q.bits for _, kind, q in quant.quantizers(qmodel) if kind == "weight"]
+    inputs = [(path, q.bits) for path, kind, q in rows if kind == "input"]
+    assert weights[0] == weights[-1] == 8 and set(weights[1:-1]) == {3}
+    first = next(m for m in qmodel.modules() if isinstance(m, QuantConv2d))
+    assert first.input_quantizer is None  # the image is not quantized
+    assert inputs[-1][1] == 8 and {b for _, b in inputs[:-1]} == {3}
+    assert quant.describe(qmodel)["preset"] == "reference"

@@ -306,3 +306,18 @@ def test_refine_composes_with_every_strategy(compose, make_ctx, name):
     rec = refine.run(student, teacher, strategy, ctx, calib, cfg.refine)
     assert rec["steps"] == 2 and rec["images_seen"] == 16 and math.isfinite(rec["loss_last"])
     assert _same(before, _state(teacher))
+
+
+def test_kd_reduction_mean_is_gdfqs_elementwise_kl(compose):
+    """refine.kd_reduction=mean is nn.KLDivLoss()'s element-wise mean: batchmean / classes; GDFQ's
+    refiner defaults to it, ClusterQ's (and kd) to batchmean, as their public code."""
+    from calibbench.refine.losses import kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g)
+    ref = torch.nn.KLDivLoss()(torch.log_softmax(s / 4, 1), torch.softmax(t / 4, 1)) * 16
+    assert float(kd_loss(s, t, 4.0, "mean")) == pytest.approx(float(ref), rel=1e-5)
+    assert float(kd_loss(s, t, 4.0, "batchmean")) == pytest.approx(10 * float(ref), rel=1e-5)
+    assert compose("refine=gdfq").refine.kd_reduction == "mean"
+    assert compose("refine=clusterq").refine.kd_reduction == "batchmean"
+    assert compose("refine=kd").refine.kd_reduction == "batchmean"

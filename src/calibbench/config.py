@@ -82,7 +82,7 @@ class DatasetConfig:
 class QuantConfig:
     """Fake-quantization preset. ``w_bits``/``a_bits`` override the top-level ``bits``."""
 
-    name: str = MISSING  # dfq_legacy | academic
+    name: str = MISSING  # dfq_legacy | academic | reference (academic, image unquantized)
     w_bits: Optional[int] = None
     a_bits: Optional[int] = None
     weight_observer: str = "minmax"
@@ -177,6 +177,9 @@ class RefineConfig:
     batch_size: Optional[int] = None  # null: budget.refine_batch_size
     act_ranges: str = "frozen"  # frozen (the calibrated grid) | learned (per-tensor range trains)
     bn: str = "frozen"  # frozen (eval mode: running stats used, untouched) | train (batch stats)
+    # kd term: batchmean (KL summed over classes, mean over the batch: ClusterQ / the PyTorch docs'
+    # KL) | mean (element-wise mean, 1/num_classes of it: GDFQ's nn.KLDivLoss())
+    kd_reduction: str = "batchmean"
     plf: PLFRefineConfig = field(default_factory=PLFRefineConfig)  # refine=plf only
     # Reconstruction refiners (adaround | brecq | qdrop, refine/recon.py); null for the others, so
     # kd/none records never split on them. Steps per unit: budget.refine_unit_steps (iterations
@@ -185,7 +188,23 @@ class RefineConfig:
     drop_prob: Optional[float] = None  # QDrop: P(an activation stays float), element-wise, in [0, 1]
     fisher: Optional[bool] = None  # BRECQ's Fisher-diagonal weighting of the output error
     learn_act: Optional[bool] = None  # activation step sizes learned with the rounding (LSQ-style)
-    act_lr: Optional[float] = None  # their learning rate (cosine to 0)
+    act_lr: Optional[float] = None  # their learning rate (cosine to 0); a budget field per refiner
+    # Learned activation quantization as BRECQ/QDrop parameterize it: the step size (LSQ gradient
+    # scale), and with learn_zero_point also the zero point of asymmetric grids (QDrop's LSQ+).
+    learn_zero_point: Optional[bool] = None
+    # Scales the rounding starts from: mse (the references: MSE search, weights per channel,
+    # activations per tensor, quant.mse_p, quant/observers.py) | calibrated (the calibration grid)
+    init: Optional[str] = None
+    # joint (one stage: rounding and activation steps together, AdaRound / QDrop) | two_stage
+    # (BRECQ: rounding with activation quantization off, then activation steps alone)
+    procedure: Optional[str] = None
+    p: Optional[float] = None  # Lp exponent of the activation stage's loss (BRECQ: 2.4)
+    act_iterations: Optional[int] = None  # per unit in the activation stage; null: budget.refine_act_steps
+    # The activation stage's unit input: float (BRECQ's code: the FP model's) | quantized
+    act_input: Optional[str] = None
+    # Images the units are reconstructed on: calibration (the calibration set) | generator (fresh
+    # batches of a generator strategy's warmed-up generator at every iteration)
+    source: Optional[str] = None
     round_lambda: Optional[float] = None  # lambda of the rounding regulariser, >= 0
     beta: Optional[list[float]] = None  # [start, end] of the annealed regulariser exponent
     warmup: Optional[float] = None  # share of a unit's iterations without the regulariser
@@ -226,6 +245,11 @@ class BudgetConfig:
     refine_unit_steps: int = 0
     refine_unit_batch_size: int = 32
     refine_unit_lr: float = 1e-3
+    # Learned activation steps: lr of the joint stage (QDrop's 4e-5 over 20k iterations), and
+    # iterations per unit and lr of BRECQ's activation stage (iters_a 5,000, lr 4e-4)
+    refine_unit_act_lr: float = 4e-5
+    refine_act_steps: int = 0
+    refine_act_lr: float = 4e-4
 
 
 @dataclass
@@ -459,7 +483,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"dataset.val_size={cfg.dataset.val_size} must be >= 0")
     if cfg.eval_split == "val" and cfg.dataset.val_size == 0:
         raise ConfigError("eval_split=val needs a validation split: dataset.val_size=0; set it > 0")
-    check_choice("quant preset", cfg.quant.name, ("dfq_legacy", "academic"))
+    check_choice("quant preset", cfg.quant.name, ("dfq_legacy", "academic", "reference"))
     check_choice("quant.act_observer", cfg.quant.act_observer, ("minmax", "ema", "percentile", "mse", "aciq"))
     check_choice("quant.weight_observer", cfg.quant.weight_observer, ("minmax", "mse"))
     validate_estimator(cfg.quant)

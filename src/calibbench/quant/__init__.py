@@ -9,7 +9,8 @@ from calibbench.quant.observers import (ACT_OBSERVERS, WEIGHT_OBSERVERS, ACIQObs
                                         EMAMinMaxObserver, MinMaxObserver, MSEObserver, Observer,
                                         PercentileObserver, build_observer)
 from calibbench.quant.quantize import (PRESETS, calibrate, calibration_mode, describe,
-                                       enable_calibration, fold_bn, freeze, quantize, quantizers)
+                                       enable_calibration, fold_bn, freeze, mse_init, quantize,
+                                       quantizers)
 from calibbench.quant.quantizer import UniformQuantizer, qrange, range_to_qparams
 
 __all__ = [
@@ -19,5 +20,5 @@ __all__ = [
     "ACIQObserver", "build_observer",
     "QuantConv2d", "QuantLinear", "QuantAct",
     "quantize", "calibrate", "calibration_mode", "enable_calibration", "freeze", "fold_bn",
-    "quantizers", "describe",
+    "quantizers", "describe", "mse_init",
 ]

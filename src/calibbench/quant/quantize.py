@@ -11,6 +11,10 @@ activation ranges contain 0 (ZeroQ's running min/max starts from zero-initialise
 ``academic`` (BRECQ/MQBench): BN folded into the preceding conv; a quantizer on the *input* of
 every conv/linear (``act_placement=layer_input``), the image included when ``quantize_input``;
 first and last layer weights and input activations at ``first_last_bits``; all ranges contain 0.
+
+``reference`` (BRECQ's ``set_first_last_layer_to_8bit`` + ``disable_network_output_quantization``,
+QDrop's configs): ``academic`` with the first layer's input (the image) unquantized: first and
+last layer weights at 8 bits, the last layer's input at 8 bits, everything else at the run's bits.
 A tensor read by two layers (a ResNet unit's input feeds the body and the 1x1 shortcut) gets one
 quantizer per reading layer; with the same observer both learn the same range.
 
@@ -50,7 +54,7 @@ from calibbench.quant.quantizer import UniformQuantizer
 
 log = logging.getLogger(__name__)
 
-PRESETS = ("dfq_legacy", "academic")
+PRESETS = ("dfq_legacy", "academic", "reference")
 PLACEMENTS = ("after_relu", "layer_input")
 ACT_MODULE_CHOICES = ("all", "relu")
 
@@ -59,6 +63,8 @@ ACT_MODULE_CHOICES = ("all", "relu")
 PRESET_OPTIONS: dict[str, dict[str, Any]] = {
     "dfq_legacy": {"weight_include_zero": False, "act_include_zero": True, "act_modules": "all"},
     "academic": {"weight_include_zero": True, "act_include_zero": True, "act_modules": "all"},
+    # BRECQ's / QDrop's precision setting: academic with the image unquantized (conf/quant/reference.yaml)
+    "reference": {"weight_include_zero": True, "act_include_zero": True, "act_modules": "all"},
 }
 
 RELU_TYPES: tuple[type, ...] = (nn.ReLU, nn.ReLU6)
@@ -292,7 +298,8 @@ def quantize(model: nn.Module, cfg: Any, w_bits: int, a_bits: int, *,
         "act_placement": str(cfg.act_placement), "act_observer": str(cfg.act_observer),
         "weight_observer": str(cfg.weight_observer), "act_modules": opts["act_modules"],
         "observer_reduce": str(_opt(cfg, "observer_reduce", "batch_mean")),
-        "mse_p": float(_opt(cfg, "mse_p", 2.0)),
+        "mse_p": float(_opt(cfg, "mse_p", 2.0)), "mse_steps": int(cfg.mse_steps),
+        "pool_values": int(_opt(cfg, "pool_values", POOL_MAX_VALUES)),
         "weight_include_zero": bool(opts["weight_include_zero"]),
         "act_include_zero": bool(opts["act_include_zero"]),
         "quantize_input": bool(cfg.quantize_input), "fold_bn": bool(cfg.fold_bn),
@@ -375,6 +382,47 @@ def calibrate(qmodel: nn.Module, batches: Iterable[Any], device: Optional[Union[
     finally:
         qmodel.train(was_training)
     log.info("calibrate: %d images in %.2f s", images, time.perf_counter() - start)
+
+
+def mse_init(qmodel: nn.Module, batches: Iterable[Any], device: Optional[Union[str, torch.device]] = None
+             ) -> dict[str, Any]:
+    """Re-initialise the grids by the references' MSE search (reconstruction's ``refine.init=mse``):
+    every weight quantizer per output channel (per tensor when the preset says so), every
+    calibrated activation quantizer per tensor over the images of ``batches`` (one pooled search,
+    as QDrop/BRECQ calibrate). The estimator is :class:`~calibbench.quant.observers.MSEObserver`
+    with the preset's ``mse_p``, ``mse_steps`` and ``pool_values`` (recorded in the model's
+    quant info). Activation observers see the weight-quantized network with float activations
+    upstream, as :func:`calibrate`; they are put back afterwards. Returns what was done."""
+    info = getattr(qmodel, INFO_ATTR, {})
+    p = float(info.get("mse_p", 2.4))
+    steps = int(info.get("mse_steps", 100))
+    pool = int(info.get("pool_values", POOL_MAX_VALUES))
+    n_w = 0
+    for module in qmodel.modules():
+        if not isinstance(module, (QuantConv2d, QuantLinear)):
+            continue
+        wq = module.weight_quantizer
+        wq.observer = build_observer("mse", wq.bits, wq.symmetric, wq.ch_axis, wq.include_zero,
+                                     mse_steps=steps, mse_p=p, valid=WEIGHT_OBSERVERS,
+                                     what="quant.weight_observer")
+        module._range_key = None  # recompute from the (unchanged) weight with the new observer
+        module.sync_weight_range()
+        module.invalidate_cache()
+        n_w += 1
+    originals = []
+    for _, kind, q in quantizers(qmodel):
+        if kind == "weight" or not q.active or q.ch_axis is not None:
+            continue
+        originals.append((q, q.observer))
+        q.observer = build_observer("mse", q.bits, q.symmetric, None, q.include_zero, mse_steps=steps,
+                                    mse_p=p, reduce="pooled", pool_values=pool)
+    try:
+        if originals:  # quantizers that saw no data in calibration see none here either
+            calibrate(qmodel, batches, device)
+    finally:
+        for q, obs in originals:
+            q.observer = obs
+    return {"estimator": "mse", "p": p, "steps": steps, "weights": n_w, "activations": len(originals)}
 
 
 def describe(qmodel: nn.Module) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from calibbench.config import ConfigError, check_choice
-from calibbench.refine.losses import TERMS, available_terms
+from calibbench.refine.losses import KD_REDUCTIONS, TERMS, available_terms
 from calibbench.registry import Registry
 
 OPTIMIZERS = ("sgd", "adam")
@@ -201,6 +201,7 @@ def validate(cfg: Any) -> None:
     if r.optimizer == "sgd" and r.nesterov and float(r.momentum) == 0:
         raise ConfigError("refine.nesterov=true needs refine.momentum > 0")
     check_choice("refine.ce_labels", r.ce_labels, CE_LABELS)
+    check_choice("refine.kd_reduction", r.kd_reduction, KD_REDUCTIONS)
     check_choice("refine.act_ranges", r.act_ranges, ACT_RANGES)
     check_choice("refine.bn", r.bn, BN_MODES)
     _check_strategy(cfg)

@@ -5,9 +5,10 @@ each term is logged on its own every step. Terms register themselves with ``@ter
 method-specific objective (FDDA's CE + 20·KD, PLF's pseudo-label CE) adds a class here, not an
 ``if`` in the training module.
 
-- ``kd``: ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, ``reduction="batchmean"`` (the per-sample KL
-  summed over classes, averaged over the batch), as Hinton et al.; the T² keeps the gradient scale
-  independent of T.
+- ``kd``: ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, ``refine.kd_reduction``: ``batchmean`` (the
+  per-sample KL summed over classes, averaged over the batch, as Hinton et al. and ClusterQ's code)
+  or ``mean`` (element-wise, 1/classes of it: GDFQ's ``nn.KLDivLoss()``); the T² keeps the gradient
+  scale independent of T.
 - ``ce``: cross-entropy of the student's logits to the batch's labels (``ce_labels=batch``: the
   stream's real or assigned labels) or to the teacher's argmax (``ce_labels=teacher``).
 - ``feature``: MSE between the outputs of the named intermediate modules of student and teacher
@@ -83,17 +84,26 @@ def available_terms() -> list[str]:
     return TERMS.available()
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """``T² · KL(teacher ‖ student)`` on temperature-softened distributions, batch-mean."""
+KD_REDUCTIONS = ("batchmean", "mean")
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
+            reduction: str = "batchmean") -> Tensor:
+    """``T² · KL(teacher ‖ student)`` on temperature-softened distributions: ``batchmean`` (summed
+    over classes, mean over the batch) or ``mean`` (element-wise mean, i.e. batchmean / classes:
+    GDFQ's ``nn.KLDivLoss()``)."""
     t = float(temperature)
-    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
-                    reduction="batchmean", log_target=True) * (t * t)
+    kl = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                  reduction="batchmean", log_target=True) * (t * t)
+    # "mean" written out (torch warns that its reduction="mean" will become batchmean)
+    return kl if reduction == "batchmean" else kl / student_logits.shape[1]
 
 
 @term("kd")
 class KDTerm(LossTerm):
     def __call__(self, out: StepOutputs) -> Tensor:
-        return kd_loss(out.student_logits, out.teacher_logits, self.cfg.temperature)
+        return kd_loss(out.student_logits, out.teacher_logits, self.cfg.temperature,
+                       str(getattr(self.cfg, "kd_reduction", "batchmean")))
 
 
 @term("ce")

@@ -52,7 +52,7 @@ from calibbench.refine.losses import LossTerm, RefinePlan, StepOutputs, term
 
 log = logging.getLogger(__name__)
 
-FEATURES = ("stages", "units", "bn", "list")
+FEATURES = ("stages", "units", "hast", "bn", "list")
 FEATURE_MAPS = ("attention", "raw")
 HIST_BINS = 20  # histogram of normalized entropies over [0, 1] in the record
 
@@ -177,6 +177,13 @@ def unit_modules(model: nn.Module) -> list[str]:
             for child, _ in modules[stage].named_children()]
 
 
+def hast_modules(model: nn.Module) -> list[str]:
+    """HAST's layer set: every residual unit's ``body`` output (before the residual add; 9 on
+    resnet20); a unit without a ``body`` child (torchvision's blocks) is taken whole."""
+    modules = dict(model.named_modules())
+    return [f"{u}.body" if f"{u}.body" in modules else u for u in unit_modules(model)]
+
+
 def channel_attention(x: Tensor) -> Tensor:
     """normalize(mean_hw(x^2)) per sample: the channel-energy map the IntraQ/HAST code aligns."""
     energy = x.pow(2).mean(dim=(2, 3)) if x.dim() == 4 else x.pow(2)
@@ -196,6 +203,8 @@ def feature_modules(cfg: Any, student: nn.Module, teacher: nn.Module) -> list[st
         names = stage_modules(teacher)
     elif kind == "units":
         names = unit_modules(teacher)
+    elif kind == "hast":
+        names = hast_modules(teacher)
     else:
         names = bn_modules(teacher)
     student_names = {n for n, _ in student.named_modules()}

@@ -113,3 +113,76 @@ def learned_act_ranges(model: nn.Module) -> Iterator[list[LearnedRangeQuantizer]
         for owner, attr, q, learned in swapped:
             learned.write_back()
             setattr(owner, attr, q)
+
+
+class LearnedStepQuantizer(UniformQuantizer):
+    """A per-tensor quantizer whose *step size* is learned, as BRECQ (``delta``) and QDrop/MQBench
+    (LSQ's ``scale``) parameterize it; with ``learn_zero_point`` the zero point of an asymmetric
+    grid is a parameter too (QDrop's LSQ+), rounded with a straight-through estimator. Starts from
+    the grid of ``base`` (calibrated or MSE-initialised); :meth:`write_back` installs the learned
+    grid there. The forward of the reconstruction units is ``recon._FakeQuantDrop`` (LSQ's
+    gradients, scaled by ``1/sqrt(values per sample · qmax)``); :meth:`fake_quantize` is the same
+    grid through autograd, for use outside a unit."""
+
+    def __init__(self, base: UniformQuantizer, learn_zero_point: bool = False) -> None:
+        if base.ch_axis is not None:
+            raise ValueError("learned activation steps are per-tensor; got a per-channel quantizer")
+        super().__init__(base.bits, base.symmetric, None, base.include_zero, None)
+        self.set_qparams(base.scale, base.zero_point)
+        self._fast = None
+        self.step = nn.Parameter(base.scale.detach().float().reshape(()).clone())
+        zp = base.zero_point.detach().float().reshape(()).clone()
+        self.learn_zero_point = bool(learn_zero_point) and not base.symmetric
+        self.zp = nn.Parameter(zp, requires_grad=self.learn_zero_point)
+        self.base = [base]
+
+    def _refresh(self) -> None:
+        super()._refresh()
+        self._fast = None
+
+    def parameters_to_learn(self) -> list[nn.Parameter]:
+        return [self.step] + ([self.zp] if self.learn_zero_point else [])
+
+    def grid(self, g: float) -> tuple[Tensor, Tensor]:
+        """(scale, zero point) as 0-dim tensors, LSQ's gradient scale ``g`` applied."""
+        scale = _grad_scale(self.step, g).clamp(min=MIN_RANGE)
+        if not self.learn_zero_point:
+            return scale, self.zp.detach()
+        zp = _round_ste(_grad_scale(self.zp, g)).clamp(float(self.qmin), float(self.qmax))
+        return scale, zp
+
+    def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
+        return self.fake_quantize(x)
+
+    def fake_quantize(self, x: Tensor, inplace: bool = False) -> Tensor:
+        scale, zp = self.grid(1.0 / math.sqrt(max(1, x[0].numel()) * self.qmax))
+        codes = torch.clamp(_round_ste(x / scale) + zp, self.qmin, self.qmax)
+        return (codes - zp) * scale
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Install the learned grid in the original quantizer."""
+        zp = torch.round(self.zp.detach()).clamp(self.qmin, self.qmax)
+        self.base[0].set_qparams(self.step.detach().clamp(min=MIN_RANGE).clone(), zp.to(torch.int32))
+
+
+@contextmanager
+def learned_act_steps(model: nn.Module, learn_zero_point: bool = False
+                      ) -> Iterator[list[LearnedStepQuantizer]]:
+    """As :func:`learned_act_ranges`, with the step size (and zero point) as the parameters."""
+    swapped: list[tuple[nn.Module, str, UniformQuantizer, LearnedStepQuantizer]] = []
+    seen: dict[int, LearnedStepQuantizer] = {}
+    for owner, attr, q in list(_slots(model)):
+        if not q.active or q.ch_axis is not None:
+            continue
+        learned = seen.get(id(q))
+        if learned is None:
+            learned = seen[id(q)] = LearnedStepQuantizer(q, learn_zero_point).to(q.scale.device)
+        setattr(owner, attr, learned)
+        swapped.append((owner, attr, q, learned))
+    try:
+        yield list(seen.values())
+    finally:
+        for owner, attr, q, learned in swapped:
+            learned.write_back()
+            setattr(owner, attr, q)

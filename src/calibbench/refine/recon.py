@@ -44,6 +44,7 @@ import logging
 import math
 import time
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
@@ -51,19 +52,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from calibbench.config import ConfigError, check_choice
-from calibbench.quant import QuantAct, QuantConv2d, QuantLinear, UniformQuantizer
+from calibbench.quant import QuantAct, QuantConv2d, QuantLinear, UniformQuantizer, mse_init, quantizers
 from calibbench.quant.adaround import AdaRound, attach
 from calibbench.refine import Refiner, build_optimizer, register
 from calibbench.quant.quantizer import MIN_RANGE
 from calibbench.refine.guard import LossGuard, check_unit, factors
-from calibbench.refine.ranges import LearnedRangeQuantizer, _grad_scale, _round_ste, learned_act_ranges
+from calibbench.refine.ranges import (LearnedRangeQuantizer, LearnedStepQuantizer, _grad_scale, _round_ste,
+                                      learned_act_steps)
 from calibbench.refine.units import GRANULARITIES, Unit, build_units
 from calibbench.strategies.base import stream_seed
 
 log = logging.getLogger(__name__)
 
 REQUIRED = ("granularity", "drop_prob", "fisher", "learn_act", "act_lr", "round_lambda", "beta",
-            "warmup", "cache_mb")
+            "warmup", "cache_mb", "init", "procedure", "learn_zero_point")
+INITS = ("mse", "calibrated")
+PROCEDURES = ("joint", "two_stage")
+ACT_INPUTS = ("float", "quantized")
+SOURCES = ("calibration", "generator")
 
 
 # -- validation ----------------------------------------------------------------------------------
@@ -93,6 +99,21 @@ def check_config(cfg: Any) -> None:
                           f"before the rounding regulariser starts")
     if not float(r.act_lr) > 0:
         raise ConfigError(f"refine.act_lr={r.act_lr} must be > 0")
+    check_choice("refine.init", r.init, INITS)
+    check_choice("refine.procedure", r.procedure, PROCEDURES)
+    check_choice("refine.act_input", r.act_input or "float", ACT_INPUTS)
+    check_choice("refine.source", r.source or "calibration", SOURCES)
+    if r.p is not None and not float(r.p) > 0:
+        raise ConfigError(f"refine.p={r.p} must be > 0 (the Lp exponent of the activation stage)")
+    if r.act_iterations is not None and int(r.act_iterations) < 0:
+        raise ConfigError(f"refine.act_iterations={r.act_iterations} is out of range: must be >= 0 "
+                          f"(or null: budget.refine_act_steps)")
+    if int(cfg.budget.refine_act_steps) < 0:
+        raise ConfigError(f"budget.refine_act_steps={cfg.budget.refine_act_steps} is out of range: must be >= 0")
+    if r.procedure == "two_stage" and float(r.drop_prob) > 0:
+        raise ConfigError(f"refine.procedure=two_stage (BRECQ) reconstructs the rounding with activation "
+                          f"quantization off, so there is nothing to drop; refine.drop_prob={r.drop_prob} "
+                          f"needs refine.procedure=joint (QDrop)")
     if not float(r.cache_mb) > 0:
         raise ConfigError(f"refine.cache_mb={r.cache_mb} must be > 0 (MB of unit data kept in memory)")
     if r.bn != "frozen":
@@ -208,6 +229,8 @@ class UnitActQuantizer(nn.Module):
     def _grid(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(scale, zero point) as 0-dim tensors; learned ones carry LSQ's gradient scale."""
         q = self.inner
+        if isinstance(q, LearnedStepQuantizer):
+            return q.grid(1.0 / math.sqrt(max(1, x[0].numel()) * q.qmax))
         if isinstance(q, LearnedRangeQuantizer):
             g = 1.0 / math.sqrt(max(1, x[0].numel()) * q.qmax)
             lo, hi = q.bounds()
@@ -323,10 +346,13 @@ class UnitData:
     """A unit's quantized inputs, targets, and (QDrop) float inputs / (Fisher) weights, cached."""
 
     def __init__(self, model: nn.Module, first: nn.Module, last: nn.Module, images: Tensor,
-                 device: torch.device, batch: int, float_inputs: bool, fisher: bool) -> None:
+                 device: torch.device, batch: int, float_inputs: bool, fisher: bool,
+                 input_float: bool = False, sampler: Any = None) -> None:
         self.model, self.first, self.last = model, first, last
         self.images, self.device, self.batch = images, device, batch
         self.float_inputs, self.fisher = float_inputs, fisher
+        self.input_float = input_float  # the unit's input from the FP model (BRECQ's act stage)
+        self.sampler = sampler  # n -> fresh images (refine.source=generator); None: the images
         self.fisher_scale = 1.0
         if fisher:  # the mean squared gradient over the unit's data: weights average 1
             total, count = 0.0, 0
@@ -342,7 +368,11 @@ class UnitData:
 
     def compute(self, x: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
         with torch.no_grad():
-            q_in = _capture_input(self.model, self.first, x)
+            if self.input_float:
+                with quantization_off(self.model):
+                    q_in = _capture_input(self.model, self.first, x)
+            else:
+                q_in = _capture_input(self.model, self.first, x)
             with quantization_off(self.model):
                 fp_in = _capture_input(self.model, self.first, x) if self.float_inputs else None
                 target = _capture_output(self.model, self.last, x)
@@ -350,11 +380,18 @@ class UnitData:
         return q_in, fp_in, target, weight
 
     def get(self, idx: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
+        """A training batch: the images ``idx`` (or, with a sampler, as many fresh images)."""
+        if self.sampler is not None:
+            return self.compute(self.sampler(len(idx)).to(self.device))
+        return self.compute(self.images[idx].to(self.device))
+
+    def fixed(self, idx: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
         return self.compute(self.images[idx].to(self.device))
 
     def batches(self) -> Iterator[tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]]:
+        """The unit's whole image set in order (the losses recorded before and after)."""
         for start in range(0, len(self.images), self.batch):
-            yield self.get(torch.arange(start, min(start + self.batch, len(self.images))))
+            yield self.fixed(torch.arange(start, min(start + self.batch, len(self.images))))
 
 
 class CachedUnitData(UnitData):
@@ -370,6 +407,8 @@ class CachedUnitData(UnitData):
     def get(self, idx: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
         idx = idx.to(self.tensors[0].device)
         return tuple(None if t is None else t[idx] for t in self.tensors)  # type: ignore[return-value]
+
+    fixed = get
 
 
 class StreamedUnitData(UnitData):
@@ -387,9 +426,10 @@ def unit_data_bytes(model: nn.Module, unit: Unit, modules: list[nn.Module], exam
 
 
 # -- the loss ------------------------------------------------------------------------------------
-def recon_loss(out: Tensor, target: Tensor, weight: Optional[Tensor] = None) -> Tensor:
-    """``Σ_channels (out − target)²`` (× Fisher weight), mean over batch and positions."""
-    err = (out - target).pow(2)
+def recon_loss(out: Tensor, target: Tensor, weight: Optional[Tensor] = None, p: float = 2.0) -> Tensor:
+    """``Σ_channels |out − target|^p`` (× Fisher weight), mean over batch and positions (the
+    references' ``lp_loss``: p = 2 for the rounding, BRECQ's p = 2.4 for its activation stage)."""
+    err = (out - target).pow(2) if p == 2.0 else (out - target).abs().pow(p)
     if weight is not None:
         err = err * weight
     return err.sum(1).mean() if err.dim() > 1 else err.mean()
@@ -404,55 +444,94 @@ def beta_at(step: int, steps: int, warmup_steps: int, beta: tuple[float, float])
 
 
 @torch.no_grad()
-def unit_loss(unit: Unit, modules: list[nn.Module], data: UnitData) -> float:
+def unit_loss(unit: Unit, modules: list[nn.Module], data: UnitData, p: float = 2.0) -> float:
     """The unit's reconstruction loss on all its calibration data (no dropping, mean over batches
     weighted by their size)."""
     total, n = 0.0, 0
     for q_in, _, target, weight in data.batches():
         out = unit.run(modules, q_in)
-        total += float(recon_loss(out, target, weight)) * q_in.shape[0]
+        total += float(recon_loss(out, target, weight, p)) * q_in.shape[0]
         n += q_in.shape[0]
     return total / max(1, n)
 
 
 # -- one unit ------------------------------------------------------------------------------------
-class UnitTrainer:
-    """The optimisation of one unit: learned rounding attached to its layers, activation
-    quantizers wrapped (QDrop dropping; learned ranges with ``learn_act``), the optimizer pair.
-    :meth:`step` is one iteration; :meth:`close` hardens the rounding and puts the quantizers back
-    (learned ranges written into them). Used as a context manager."""
+@dataclass(frozen=True)
+class Stage:
+    """What one pass over the units learns. ``weights``: the rounding (and, in the joint procedure,
+    the activation steps); ``activations`` (BRECQ's second stage): the activation steps alone."""
 
-    def __init__(self, model: nn.Module, unit: Unit, data: UnitData, cfg: Any, steps: int,
+    name: str  # weights | activations
+    steps: int  # iterations per unit
+    rounding: bool  # learn the weights' rounding (AdaRound's V)
+    learn_act: bool  # learn the activation step sizes inside the unit
+    act_lr: float
+    drop: float  # QDrop's drop probability
+    p: float = 2.0  # Lp exponent of the reconstruction loss
+    input_float: bool = False  # the unit's input from the FP model instead of the quantized one
+    fisher: bool = False
+
+
+def stages_for(cfg: Any, budget: Any, steps: int) -> list[Stage]:
+    """The stages of ``refine.procedure``: joint (AdaRound, QDrop) or two_stage (BRECQ)."""
+    if cfg.procedure == "joint":
+        return [Stage("weights", steps, True, bool(cfg.learn_act), float(cfg.act_lr), float(cfg.drop_prob),
+                      fisher=bool(cfg.fisher))]
+    act_steps = int(cfg.act_iterations if cfg.act_iterations is not None else budget.refine_act_steps)
+    return [Stage("weights", steps, True, False, float(cfg.act_lr), 0.0, fisher=bool(cfg.fisher)),
+            Stage("activations", act_steps if cfg.learn_act else 0, False, bool(cfg.learn_act),
+                  float(cfg.act_lr), 0.0, float(cfg.p if cfg.p is not None else 2.4),
+                  input_float=(cfg.act_input or "float") == "float")]
+
+
+def _joint(cfg: Any, steps: int) -> Stage:
+    return stages_for(cfg, None, steps)[0] if cfg.procedure == "joint" else \
+        Stage("weights", steps, True, False, float(cfg.act_lr), 0.0, fisher=bool(cfg.fisher))
+
+
+class UnitTrainer:
+    """The optimisation of one unit in one stage: learned rounding attached to its layers
+    (``stage.rounding``), activation quantizers wrapped (QDrop dropping; learned step sizes with
+    ``stage.learn_act``), the optimizer. :meth:`step` is one iteration; :meth:`close` hardens the
+    rounding and puts the quantizers back (learned steps written into them). A context manager."""
+
+    def __init__(self, model: nn.Module, unit: Unit, data: UnitData, cfg: Any, stage: Stage,
                  batch_size: int, generator: torch.Generator, name: str, guard_factor: float = 1000.0
                  ) -> None:
         # the reconstruction term only: the rounding regulariser is bounded (<= lambda x #weights)
         # and jumps by design when it switches on after the warm-up
-        self.guard = LossGuard(f"refine={name} unit {unit.name!r} ({unit.kind})", guard_factor, steps,
-                               f"lower refine.lr (now {cfg.lr})")
-        self.unit, self.data, self.steps, self.batch_size = unit, data, int(steps), int(batch_size)
-        self.generator, self.name = generator, name
+        self.guard = LossGuard(f"refine={name} unit {unit.name!r} ({unit.kind}, {stage.name})", guard_factor,
+                               int(stage.steps), f"lower refine.lr (now {cfg.lr})")
+        self.unit, self.data, self.steps, self.batch_size = unit, data, int(stage.steps), int(batch_size)
+        self.stage, self.generator, self.name = stage, generator, name
         self.modules = unit.modules(model)
-        self.drop = float(cfg.drop_prob)
+        self.drop = float(stage.drop)
         self.layers = [m for m in unit.layers(model) if isinstance(m, (QuantConv2d, QuantLinear))
                        and m.weight_quantizer.active]
-        self.roundings: list[AdaRound] = [attach(layer) for layer in self.layers]
+        self.roundings: list[AdaRound] = [attach(layer) for layer in self.layers] if stage.rounding else []
         self.beta = (float(cfg.beta[0]), float(cfg.beta[1]))
         self.warm = int(float(cfg.warmup) * self.steps)
         self.lam = float(cfg.round_lambda)
         self._stack = ExitStack()
         holder = nn.ModuleList(self.modules)  # a view: the modules stay where they are in the model
-        learned = self._stack.enter_context(learned_act_ranges(holder)) if cfg.learn_act else []
+        self.learned: list[LearnedStepQuantizer] = (
+            self._stack.enter_context(learned_act_steps(holder, bool(cfg.learn_zero_point)))
+            if stage.learn_act else [])
         self._stack.callback(_unwrap_acts, _wrap_acts(self.modules, self.drop))
-        act_params = [p for q in learned for p in (q.lo, q.hi)]
-        groups = [{"params": [r.V for r in self.roundings], "lr": float(cfg.lr)}]
+        act_params = [p for q in self.learned for p in q.parameters_to_learn()]
+        groups = [{"params": [r.V for r in self.roundings], "lr": float(cfg.lr)}] if self.roundings else []
         if act_params:
-            groups.append({"params": act_params, "lr": float(cfg.act_lr)})
-        self.opt = build_optimizer(groups, cfg)
-        # V at a constant rate (the reference code's Adam); activation grids cosine-annealed to 0.
+            groups.append({"params": act_params, "lr": float(stage.act_lr)})
+        self.opt = build_optimizer(groups, cfg) if groups else None
+        # V at a constant rate (the reference code's Adam); activation steps cosine-annealed to 0.
         total = max(1, self.steps)
-        lambdas = [lambda s: 1.0] + ([lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))]
-                                     if act_params else [])
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambdas)
+        cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))  # noqa: E731
+        lambdas = ([lambda s: 1.0] if self.roundings else []) + ([cosine] if act_params else [])
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambdas) if self.opt is not None else None
+
+    @property
+    def trains(self) -> bool:
+        return self.opt is not None
 
     def __enter__(self) -> "UnitTrainer":
         return self
@@ -467,7 +546,7 @@ class UnitTrainer:
         if fp_in is not None:  # QDrop: the input the previous quantizer produced, dropped too
             q_in = mix_(q_in.clone(), fp_in, bernoulli_mask(q_in, 1.0 - self.drop))
         out = self.unit.run(self.modules, q_in)
-        total = recon_loss(out, target, weight)
+        total = recon_loss(out, target, weight, self.stage.p)
         recon = float(total.detach())
         if it >= self.warm and self.lam > 0 and self.roundings:
             b = beta_at(it, self.steps, self.warm, self.beta)
@@ -491,40 +570,49 @@ class UnitTrainer:
 
 def reconstruct_unit(model: nn.Module, unit: Unit, images: Tensor, cfg: Any, steps: int,
                      batch_size: int, device: torch.device, generator: torch.Generator,
-                     name: str, guard: Any = None) -> dict[str, Any]:
-    """Learn the rounding (and activation grids) of one unit in place; its record."""
+                     name: str, stage: Optional[Stage] = None, sampler: Any = None,
+                     guard: Any = None) -> dict[str, Any]:
+    """Learn the rounding (and/or activation steps) of one unit in place; its record. ``stage``
+    defaults to the first stage of ``refine.procedure`` with ``steps`` iterations."""
     start = time.perf_counter()
-    data = unit_data(model, unit, images, cfg, batch_size, device)
+    stage = stage if stage is not None else _joint(cfg, steps)
+    data = unit_data(model, unit, images, cfg, batch_size, device, stage, sampler)
     modules = unit.modules(model)
-    loss_start = unit_loss(unit, modules, data)
+    loss_start = unit_loss(unit, modules, data, stage.p)
     losses = []
     factor, unit_factor = factors(guard)
-    with UnitTrainer(model, unit, data, cfg, steps, batch_size, generator, name, factor) as trainer:
-        for it in range(steps):
-            losses.append(trainer.step(it))
-    # hard rounding; dropping wrappers removed, learned ranges written back into the quantizers
+    with UnitTrainer(model, unit, data, cfg, stage, batch_size, generator, name, factor) as trainer:
+        if trainer.trains:
+            for it in range(stage.steps):
+                losses.append(trainer.step(it))
+    # hard rounding; dropping wrappers removed, learned steps written back into the quantizers
     changed = [r.changed() for r in trainer.roundings]
-    loss_end = unit_loss(unit, modules, data)
-    if steps > 0:
+    loss_end = unit_loss(unit, modules, data, stage.p)
+    if losses:
         check_unit(f"refine={name}", unit.name, loss_start, loss_end, unit_factor,
                    f"lower refine.lr (now {cfg.lr})")
-    flipped, total_w = sum(c[0] for c in changed), sum(c[1] for c in changed)
-    return {"unit": unit.name, "kind": unit.kind, "modules": list(unit.paths),
-            "layers": len(trainer.layers), "weights": total_w, "iterations": steps,
+    flipped = sum(c[0] for c in changed)
+    total_w = sum(m.weight.numel() for m in trainer.layers)
+    return {"unit": unit.name, "kind": unit.kind, "modules": list(unit.paths), "stage": stage.name,
+            "layers": len(trainer.layers), "weights": total_w, "iterations": len(losses),
             "cached": isinstance(data, CachedUnitData), "loss_start": loss_start, "loss_end": loss_end,
             "loss_first_step": losses[0] if losses else None, "loss_last_step": losses[-1] if losses else None,
-            "changed_share": flipped / total_w if total_w else 0.0, "changed": flipped,
-            "seconds": round(time.perf_counter() - start, 3)}
+            "changed_share": flipped / total_w if total_w and stage.rounding else 0.0, "changed": flipped,
+            "act_quantizers": len(trainer.learned), "seconds": round(time.perf_counter() - start, 3)}
 
 
 def unit_data(model: nn.Module, unit: Unit, images: Tensor, cfg: Any, batch_size: int,
-              device: torch.device) -> UnitData:
-    """The unit's data: cached when it fits in ``cache_mb``, else streamed."""
+              device: torch.device, stage: Optional[Stage] = None, sampler: Any = None) -> UnitData:
+    """The unit's data: cached when it fits in ``cache_mb`` (and no fresh batches are drawn),
+    else streamed."""
+    stage = stage if stage is not None else _joint(cfg, 0)
     modules = unit.modules(model)
-    drop, fisher = float(cfg.drop_prob) > 0, bool(cfg.fisher)
+    drop, fisher = stage.drop > 0, stage.fisher
     need = unit_data_bytes(model, unit, modules, images[:1].to(device), len(images), drop, fisher)
-    cls = CachedUnitData if need <= float(cfg.cache_mb) * 2**20 else StreamedUnitData
-    return cls(model, modules[0], modules[-1], images, device, max(batch_size, 64), drop, fisher)
+    cached = sampler is None and need <= float(cfg.cache_mb) * 2**20
+    cls = CachedUnitData if cached else StreamedUnitData
+    return cls(model, modules[0], modules[-1], images, device, max(batch_size, 64), drop, fisher,
+               input_float=stage.input_float, sampler=sampler)
 
 
 def _wrap_acts(modules: list[nn.Module], drop: float) -> list[tuple[nn.Module, str, UnitActQuantizer]]:
@@ -547,10 +635,31 @@ def _unwrap_acts(wrapped: list[tuple[nn.Module, str, UnitActQuantizer]]) -> None
         setattr(owner, attr, wrapper.inner)
 
 
+@contextmanager
+def activations_off(model: nn.Module) -> Iterator[None]:
+    """Every activation quantizer of ``model`` off (weights stay quantized): BRECQ's weight stage,
+    where a unit's input comes from the weight-only quantized model; then as it was."""
+    states = [(q, q.quant_enabled) for _, kind, q in quantizers(model) if kind != "weight"]
+    for q, _ in states:
+        q.enable_quant(False)
+    try:
+        yield
+    finally:
+        for q, flag in states:
+            q.enable_quant(flag)
+
+
+def act_steps(model: nn.Module) -> dict[str, float]:
+    """``{quantizer path: step size}`` of every active per-tensor activation quantizer."""
+    return {path: float(q.scale.reshape(-1)[0]) for path, kind, q in quantizers(model)
+            if kind != "weight" and q.active and q.ch_axis is None}
+
+
 # -- the refiner ---------------------------------------------------------------------------------
-def reconstruct(qmodel: nn.Module, images: Tensor, ctx: Any, cfg: Any, name: str, track: Any = None
-                ) -> dict[str, Any]:
-    """Reconstruct every unit of ``qmodel`` (calibrated fake-quant model) on ``images``; the record."""
+def reconstruct(qmodel: nn.Module, images: Tensor, ctx: Any, cfg: Any, name: str, track: Any = None,
+                sampler: Any = None) -> dict[str, Any]:
+    """Reconstruct every unit of ``qmodel`` (calibrated fake-quant model) on ``images`` (or, with
+    ``sampler``, on fresh images drawn per iteration), stage after stage; the record."""
     steps = int(cfg.iterations if cfg.iterations is not None else ctx.budget.refine_unit_steps)
     batch_size = int(cfg.batch_size or ctx.budget.refine_unit_batch_size)
     device = torch.device(ctx.device)
@@ -558,47 +667,82 @@ def reconstruct(qmodel: nn.Module, images: Tensor, ctx: Any, cfg: Any, name: str
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     flags = [p.requires_grad for p in qmodel.parameters()]
     was_training = qmodel.training
-    records: list[dict[str, Any]] = []
+    stages = stages_for(cfg, ctx.budget, steps)
+    records: dict[str, list[dict[str, Any]]] = {stage.name: [] for stage in stages}
+    stage_records: list[dict[str, Any]] = []
+    init: dict[str, Any] = {"name": str(cfg.init)}
     try:
         with torch.inference_mode(False), torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(stream_seed(ctx.seed, "refine/recon"))  # QDrop's masks
             order = torch.Generator().manual_seed(stream_seed(ctx.seed, "refine/recon/order"))
+            if cfg.init == "mse":  # the references' grids: MSE search (quant/observers.py)
+                t0 = time.perf_counter()
+                init.update(mse_init(qmodel, images.split(int(ctx.budget.calib_batch_size)), device))
+                init["seconds"] = round(time.perf_counter() - t0, 3)
+            initial_steps = act_steps(qmodel)
             qmodel.eval()  # BN in eval mode (folded or frozen), as calibrated
-            qmodel.requires_grad_(False)  # only the rounding and (learn_act) the grids train
+            qmodel.requires_grad_(False)  # only the rounding and (learn_act) the steps train
             example = images[:1].to(device)
             with torch.no_grad(), quantization_off(qmodel):
                 units, used = build_units(qmodel, str(cfg.granularity), example)
-            log.info("refine=%s: %d %s units x %d iterations, batch %d", name, len(units), used, steps,
-                     batch_size)
-            bar = _progress(units, ctx.progress, name)
-            for k, unit in enumerate(bar):
-                rec = reconstruct_unit(qmodel, unit, images, cfg, steps, batch_size, device, order, name,
-                                       getattr(ctx, "guard", None))
-                records.append(rec)
-                if track is not None:
-                    track.log({"refine/unit": k, "refine/loss_start": rec["loss_start"],
-                               "refine/loss_end": rec["loss_end"], "refine/changed_share": rec["changed_share"]})
-                log.debug("unit %s: loss %.4g -> %.4g, %.1f%% changed, %.1f s", unit.name,
-                          rec["loss_start"], rec["loss_end"], 100 * rec["changed_share"], rec["seconds"])
+            log.info("refine=%s: %d %s units; stages %s", name, len(units), used,
+                     ", ".join(f"{s.name} x {s.steps}" for s in stages))
+            for stage in stages:
+                t0 = time.perf_counter()
+                with ExitStack() as scope:
+                    if stage.name == "weights" and len(stages) > 1:
+                        scope.enter_context(activations_off(qmodel))  # BRECQ: act_quant=False
+                    for k, unit in enumerate(_progress(units, ctx.progress, f"{name}/{stage.name}")):
+                        rec = reconstruct_unit(qmodel, unit, images, cfg, stage.steps, batch_size, device,
+                                               order, name, stage, sampler,
+                                               getattr(ctx, "guard", None))
+                        records[stage.name].append(rec)
+                        if track is not None:
+                            track.log({"refine/unit": k, f"refine/{stage.name}/loss_start": rec["loss_start"],
+                                       f"refine/{stage.name}/loss_end": rec["loss_end"],
+                                       "refine/changed_share": rec["changed_share"]})
+                        log.debug("%s unit %s: loss %.4g -> %.4g, %.1f%% changed, %.1f s", stage.name,
+                                  unit.name, rec["loss_start"], rec["loss_end"], 100 * rec["changed_share"],
+                                  rec["seconds"])
+                recs = records[stage.name]
+                stage_records.append({
+                    "name": stage.name, "iterations": stage.steps,
+                    "seconds": round(time.perf_counter() - t0, 3),
+                    "loss_first": sum(r["loss_start"] for r in recs), "loss_last": sum(r["loss_end"] for r in recs),
+                    "p": stage.p, "learns": (["rounding"] if stage.rounding else [])
+                    + (["act_steps"] if stage.learn_act else []),
+                    "act_lr": stage.act_lr if stage.learn_act else None, "drop_prob": stage.drop,
+                    "act_quant": not (stage.name == "weights" and len(stages) > 1),
+                    "input": "float" if stage.input_float else "quantized"})
+            final_steps = act_steps(qmodel)
     finally:
         for p, flag in zip(qmodel.parameters(), flags):
             p.requires_grad_(flag)
         qmodel.train(was_training)
     seconds = time.perf_counter() - start
-    weights = sum(r["weights"] for r in records)
-    changed = sum(r["changed"] for r in records)
-    loss_start = sum(r["loss_start"] for r in records)
-    loss_end = sum(r["loss_end"] for r in records)
+    weight_recs = records["weights"]
+    weights = sum(r["weights"] for r in weight_recs)
+    changed = sum(r["changed"] for r in weight_recs)
+    loss_start = stage_records[0]["loss_first"]
+    loss_end = stage_records[-1]["loss_last"]
     log.info("refine=%s: %d units in %.1f s, summed unit loss %.4g -> %.4g, %.2f%% of weights rounded "
-             "away from nearest", name, len(records), seconds, loss_start, loss_end,
+             "away from nearest", name, len(weight_recs), seconds, loss_start, loss_end,
              100 * changed / max(1, weights))
-    return {"steps": steps * len(records), "batch_size": batch_size,
-            "images_seen": steps * len(records) * min(batch_size, len(images)),
-            "seconds": round(seconds, 3), "loss_first": loss_start, "loss_last": loss_end,
-            "terms": {"recon": 1.0, "round": float(cfg.round_lambda)},
-            "granularity": used, "units": records, "iterations_per_unit": steps,
-            "weights": weights, "changed": changed, "changed_share": changed / weights if weights else 0.0,
-            "curve": {key: [r[key] for r in records] for key in ("loss_start", "loss_end", "changed_share")}}
+    total_steps = sum(s.steps * len(units) for s in stages)
+    record = {"steps": total_steps, "batch_size": batch_size,
+              "images_seen": total_steps * min(batch_size, len(images)),
+              "seconds": round(seconds, 3), "loss_first": loss_start, "loss_last": loss_end,
+              "terms": {"recon": 1.0, "round": float(cfg.round_lambda)},
+              "granularity": used, "units": weight_recs, "iterations_per_unit": steps,
+              "stages": stage_records, "init": init,
+              "act_steps": {k: [v, final_steps.get(k, v)] for k, v in initial_steps.items()},
+              "source": "generator" if sampler is not None else "calibration",
+              "weights": weights, "changed": changed, "changed_share": changed / weights if weights else 0.0,
+              "curve": {key: [r[key] for r in weight_recs] for key in ("loss_start", "loss_end", "changed_share")}}
+    if "activations" in records:
+        record["act_units"] = records["activations"]
+    return record
+
 
 
 def _progress(units: list[Unit], enabled: bool, name: str):  # noqa: ANN202
@@ -622,19 +766,45 @@ class ReconRefiner(Refiner):
         if int(steps) == 0:
             return {"steps": 0, "batch_size": None, "images_seen": 0, "seconds": 0.0, "loss_first": None,
                     "loss_last": None, "terms": {}, "curve": {}, "units": []}
-        return reconstruct(qmodel, calib.images, ctx, self.cfg, self.cfg.name, track)
+        sampler = generator_sampler(strategy, ctx, calib) if self.cfg.source == "generator" else None
+        return reconstruct(qmodel, calib.images, ctx, self.cfg, self.cfg.name, track, sampler)
+
+
+def generator_sampler(strategy: Any, ctx: Any, calib: Any) -> Any:
+    """``n -> n fresh images`` from a generator strategy's warmed-up generator (the state it
+    handed on with its calibration set), seeded by the run (``refine.source=generator``: Genie's
+    data-free reconstruction on a generator's stream). The generator is not trained further."""
+    from calibbench.strategies.generative import GeneratorStrategy
+
+    if not isinstance(strategy, GeneratorStrategy) or "generator" not in calib.state:
+        raise ConfigError(f"refine.source=generator reconstructs on a generator strategy's images; "
+                          f"strategy {getattr(strategy, 'name', strategy)!r} has no generator "
+                          f"(use gdfq, fdda or clusterq, or refine.source=calibration)")
+    gen = strategy.build_generator(ctx)
+    gen.load_state_dict(calib.state["generator"])
+    gen.requires_grad_(False)
+    rng = torch.Generator().manual_seed(stream_seed(ctx.seed, "refine/recon/generator"))
+
+    def sample(n: int) -> Tensor:
+        images, _ = strategy.sample(gen, int(n), int(n), rng)
+        return images
+
+    return sample
 
 
 @register("adaround")
 class AdaRoundRefiner(ReconRefiner):
-    """AdaRound: layer by layer (``conf/refine/adaround.yaml``)."""
+    """AdaRound: layer by layer, through each layer's BN and activation (``conf/refine/adaround.yaml``)."""
 
 
 @register("brecq")
 class BRECQRefiner(ReconRefiner):
-    """BRECQ: block by block, activation grids learned (``conf/refine/brecq.yaml``)."""
+    """BRECQ: block by block in two stages, the rounding with activation quantization off, then the
+    activation step sizes alone (``conf/refine/brecq.yaml``)."""
 
 
 @register("qdrop")
 class QDropRefiner(ReconRefiner):
-    """QDrop: BRECQ's blocks with activation quantization dropped at 0.5 (``conf/refine/qdrop.yaml``)."""
+    """QDrop: BRECQ's blocks, rounding and activation steps in one stage, activation quantization
+    dropped at 0.5 (``conf/refine/qdrop.yaml``); ``refine.drop_prob=0`` is the joint procedure
+    without dropping (what ``refine=brecq`` ran before issue 21)."""

@@ -1,6 +1,10 @@
 """Reconstruction units: which modules are reconstructed together (``refine.granularity``).
 
-``layer`` (AdaRound): every conv/linear on its own, in execution order.
+``layer`` (AdaRound): every conv/linear in execution order, with the BN and activation that follow
+it (``conv → bn → relu``, confirmed by a forward pass; :func:`layer_units`): AdaRound's target is
+the layer's output after its activation, f_a(W x), and with BN kept (``dfq_legacy``) the
+per-channel errors are weighted by the BN's γ/σ as they are downstream. A layer whose output feeds
+a residual add (a unit body's last conv) ends after its BN.
 
 ``block`` (BRECQ, QDrop): the units the BRECQ paper reconstructs jointly — the stem, each residual
 unit with its shortcut, each inverted-residual block, the head — found by ONE structural rule
@@ -161,10 +165,76 @@ def execution_order(model: nn.Module, example: Tensor) -> list[str]:
     return list(dict.fromkeys(order))
 
 
-def layer_units(model: nn.Module, example: Tensor) -> list[Unit]:
-    """One unit per conv/linear, in execution order (a layer never run is left out)."""
-    return [Unit(name=path, kind="layer", paths=[path], shapes=[None])
-            for path in execution_order(model, example)]
+def _is_follower(module: nn.Module, which: str) -> bool:
+    """A BN (or the Identity a folded BN became) / an activation that may end a layer unit."""
+    from calibbench.quant.modules import QuantAct
+    from calibbench.quant.quantize import _is_activation
+
+    if which == "bn":
+        return isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d, nn.Identity))
+    return isinstance(module, QuantAct) or _is_activation(module, "all")
+
+
+def _candidate_followers(model: nn.Module, path: str) -> list[str]:
+    """The siblings registered right after the layer ``path``: a BN (or folded Identity) and/or an
+    activation, in that order (pytorchcv's ConvBlock ``conv, bn, activ``; torchvision's
+    ``conv1, bn1, relu``). The forward pass confirms them (:func:`_confirm_followers`)."""
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    children = list(parent.named_children())
+    names = [n for n, _ in children]
+    if name not in names:
+        return []
+    out, k = [], names.index(name) + 1
+    for which in ("bn", "act"):
+        if k < len(children) and _is_follower(children[k][1], which):
+            out.append(f"{parent_path}.{children[k][0]}" if parent_path else children[k][0])
+            k += 1
+    return out
+
+
+def _confirm_followers(model: nn.Module, chains: dict[str, list[str]], example: Tensor
+                       ) -> dict[str, list[str]]:
+    """Keep, for every layer, the longest prefix of its candidate followers that one forward pass
+    runs as a chain: each follower called exactly once, on exactly what the element before it
+    returned (a ReLU module reused after a residual add, as torchvision's, is dropped)."""
+    calls: dict[str, list[Tensor]] = {}
+    outs: dict[str, list[Tensor]] = {}
+    handles = []
+    paths = {p for path, chain in chains.items() for p in [path, *chain]}
+    for p in paths:
+        m = model.get_submodule(p)
+        handles.append(m.register_forward_pre_hook(
+            lambda mod, args, p=p: calls.setdefault(p, []).append(args[0] if args else None)))
+        handles.append(m.register_forward_hook(
+            lambda mod, args, out, p=p: outs.setdefault(p, []).append(out)))
+    probe_forward(model, example, handles)
+    confirmed = {}
+    for path, chain in chains.items():
+        keep, prev = [], path
+        for p in chain:
+            ins, prev_out = calls.get(p, []), outs.get(prev, [])
+            if len(ins) != 1 or len(prev_out) != 1 or ins[0] is None or \
+                    ins[0].shape != prev_out[0].shape or not torch.equal(ins[0], prev_out[0]):
+                break
+            keep.append(p)
+            prev = p
+        confirmed[path] = keep
+    return confirmed
+
+
+def layer_units(model: nn.Module, example: Tensor, through: bool = True) -> list[Unit]:
+    """One unit per conv/linear, in execution order (a layer never run is left out). With
+    ``through`` (AdaRound's target f_a(W x)), a layer's unit also holds the BN (or the Identity
+    of a folded BN) and the activation that directly follow it, when the forward pass runs them
+    on the layer's output and nothing else; its target is taken after them."""
+    order = execution_order(model, example)
+    chains = {p: _candidate_followers(model, p) for p in order} if through else {}
+    if chains:
+        chains = _confirm_followers(model, chains, example)
+    return [Unit(name=path, kind="layer", paths=[path, *chains.get(path, [])],
+                 shapes=[None] * (1 + len(chains.get(path, []))))
+            for path in order]
 
 
 def block_units(model: nn.Module, example: Tensor) -> Optional[list[Unit]]:
@@ -201,8 +271,10 @@ def block_units(model: nn.Module, example: Tensor) -> Optional[list[Unit]]:
     return units
 
 
-def build_units(model: nn.Module, granularity: str, example: Tensor) -> tuple[list[Unit], str]:
-    """``(units, granularity actually used)``; ``block`` falls back to ``layer`` with a warning."""
+def build_units(model: nn.Module, granularity: str, example: Tensor, through: bool = True
+                ) -> tuple[list[Unit], str]:
+    """``(units, granularity actually used)``; ``block`` falls back to ``layer`` with a warning;
+    ``through``: layer units end after their BN and activation (:func:`layer_units`)."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r}; valid choices: {', '.join(GRANULARITIES)}")
     if granularity == "block":
@@ -211,4 +283,4 @@ def build_units(model: nn.Module, granularity: str, example: Tensor) -> tuple[li
             return units, "block"
         log.warning("refine: %s cannot be split into blocks by the structural rule; "
                     "reconstructing layer by layer instead", type(model).__name__)
-    return layer_units(model, example), "layer"
+    return layer_units(model, example, through), "layer"

@@ -44,11 +44,15 @@ new terms average per-layer MSEs over the deep layers and compare the std or the
 
 - ``align``: every class present in the batch, its class statistics (mean_c, std_c) to its centroid.
 - ``diversity``: the same pull toward a *perturbed* centroid: target = centroid + ε with
-  ε ~ N(0, ``div_var_mean``) on the mean and N(0, ``div_var_std``) on the std, drawn afresh every
-  step; ``div_level=image`` (default) gives every image its own ε and compares that image's own
-  statistics (distinct targets within a class are what counters class-wise mode collapse; FDDA's
-  D-BNS reading); ``div_level=class`` perturbs the class statistics of ``align`` instead. The
-  gradient is real: 2(stat − centroid − ε) reaches the generator.
+  ε ~ N(0, ``div_var_mean``) on the mean and N(0, ``div_var_std``) on the compared moment (the
+  variance under ``bns_moment=var``, as FDDA perturbs the variance; the std under ``std``), drawn
+  afresh every step, so the expected target is the centroid itself (issue 21: the noise used to be
+  added to the std and squared, E = σ² + 1); ``div_level=image`` (default) gives every image its
+  own ε and compares that image's statistics -- its mean, and its spread about the class centroid's
+  mean, whose expectation is the class-pooled variance the centroid holds (distinct targets within
+  a class are what counters class-wise mode collapse; FDDA's D-BNS reading); ``div_level=class``
+  perturbs the class statistics of ``align`` instead. The gradient is real: 2(stat − centroid − ε)
+  reaches the generator.
 
 **Quantized model**: KD fine-tuning on the generated batches, alternating with the generator
 (``refine=clusterq``: the ClusterQ code's KD at T = 20 plus CE to the generator's labels, SGD
@@ -102,13 +106,26 @@ def layer_mse(pred: Tensor, target: Tensor, channels: list[int]) -> Tensor:
 
 
 def stats_loss(mean: Tensor, std: Tensor, t_mean: Tensor, t_std: Tensor, channels: list[int],
-               moment: str) -> Tensor:
-    """layer_mse of the means + of the moment (std² vs target std², or std vs std)."""
+               moment: str, t_var: Optional[Tensor] = None) -> Tensor:
+    """layer_mse of the means + of the moment (std² vs target std² -- or ``t_var`` when given --,
+    or std vs std)."""
     if moment == "var":
-        spread = layer_mse(std.pow(2), t_std.pow(2), channels)
+        spread = layer_mse(std.pow(2), t_std.pow(2) if t_var is None else t_var, channels)
     else:
         spread = layer_mse(std, t_std, channels)
     return layer_mse(mean, t_mean, channels) + spread
+
+
+def diversity_targets(t_mean: Tensor, t_std: Tensor, var_mean: float, var_spread: float, moment: str,
+                      generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    """The perturbed centroid: ``(mean + ε_μ, spread + ε_σ)`` with ε_μ ~ N(0, var_mean) and
+    ε_σ ~ N(0, var_spread), where the spread is the moment compared (``var``: the variance σ², as
+    FDDA adds its noise to the variance; ``std``: σ). Unbiased: E[target] = centroid, for either
+    moment (adding the noise to σ and squaring would give E = σ² + var_spread)."""
+    noise_mean = torch.randn(t_mean.shape, generator=generator).to(t_mean.device) * math.sqrt(var_mean)
+    noise = torch.randn(t_std.shape, generator=generator).to(t_std.device) * math.sqrt(var_spread)
+    spread = t_std.pow(2) if moment == "var" else t_std
+    return t_mean + noise_mean, spread + noise
 
 
 @gen_term("align")
@@ -129,21 +146,28 @@ class AlignTerm(GenLossTerm):
 @gen_term("diversity")
 class DiversityTerm(GenLossTerm):
     """Statistics to a Gaussian-perturbed centroid, ε drawn afresh each step (per image or per
-    class, ``div_level``); variances ``div_var_mean`` / ``div_var_std``."""
+    class, ``div_level``); variances ``div_var_mean`` / ``div_var_std``. At ``div_level=image``
+    an image's spread is taken about its class centroid's mean, ``sqrt(s_i² + (m_i − μ_c)²)``:
+    by the law of total variance its expectation is the class's pooled variance, which is what the
+    centroid holds (an image's own variance alone lacks the spread of the image means)."""
 
     per_image_stats = True
 
     def __call__(self, out: GenStepOutputs) -> Tensor:
         mean, std = deep_image_stats(out)
         labels = out.labels
+        state = out.state
         if getattr(self.cfg, "div_level", "image") == "class":
             labels, mean, std = class_stats(mean, std, labels)
-        state = out.state
+        else:
+            std = torch.sqrt(std.pow(2) + (mean - state["centroid_mean"][labels]).pow(2))
+        moment = getattr(self.cfg, "bns_moment", "var")
         t_mean, t_std = state["centroid_mean"][labels], state["centroid_std"][labels]
-        noise_mean = torch.randn(t_mean.shape, device=t_mean.device) * math.sqrt(float(self.cfg.div_var_mean))
-        noise_std = torch.randn(t_std.shape, device=t_std.device) * math.sqrt(float(self.cfg.div_var_std))
-        return stats_loss(mean, std, t_mean + noise_mean, t_std + noise_std, state["deep_channels"],
-                          getattr(self.cfg, "bns_moment", "var"))
+        d_mean, d_spread = diversity_targets(t_mean, t_std, float(self.cfg.div_var_mean),
+                                             float(self.cfg.div_var_std), moment)
+        if moment == "var":
+            return stats_loss(mean, std, d_mean, t_std, state["deep_channels"], moment, t_var=d_spread)
+        return stats_loss(mean, std, d_mean, d_spread, state["deep_channels"], moment)
 
 
 @dataclass
