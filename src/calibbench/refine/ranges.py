@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -93,18 +93,18 @@ def _slots(model: nn.Module) -> Iterator[tuple[nn.Module, str, UniformQuantizer]
 
 
 @contextmanager
-def learned_act_ranges(model: nn.Module) -> Iterator[list[LearnedRangeQuantizer]]:
-    """Swap the calibrated per-tensor activation quantizers for learnable ones; on exit (also on
-    an error) write the learned ranges back and restore the original quantizer objects."""
-    swapped: list[tuple[nn.Module, str, UniformQuantizer, LearnedRangeQuantizer]] = []
-    seen: dict[int, LearnedRangeQuantizer] = {}
+def _swapped_act_quantizers(model: nn.Module, make: Callable[[UniformQuantizer], Any]) -> Iterator[list]:
+    """Swap every calibrated per-tensor activation quantizer for ``make(q)`` (one learner per
+    quantizer object, shared where two layers read one); on exit (also on an error) write the
+    learned values back and restore the original quantizer objects."""
+    swapped: list[tuple[nn.Module, str, UniformQuantizer, Any]] = []
+    seen: dict[int, Any] = {}
     for owner, attr, q in list(_slots(model)):
         if not q.active or q.ch_axis is not None:
             continue  # uncalibrated (stays full precision) or per-channel: left as it is
         learned = seen.get(id(q))
         if learned is None:
-            device = q.scale.device
-            learned = seen[id(q)] = LearnedRangeQuantizer(q).to(device)
+            learned = seen[id(q)] = make(q).to(q.scale.device)
         setattr(owner, attr, learned)
         swapped.append((owner, attr, q, learned))
     try:
@@ -113,6 +113,11 @@ def learned_act_ranges(model: nn.Module) -> Iterator[list[LearnedRangeQuantizer]
         for owner, attr, q, learned in swapped:
             learned.write_back()
             setattr(owner, attr, q)
+
+
+def learned_act_ranges(model: nn.Module) -> Any:
+    """Swap the calibrated per-tensor activation quantizers for learnable ranges (a context)."""
+    return _swapped_act_quantizers(model, LearnedRangeQuantizer)
 
 
 class LearnedStepQuantizer(UniformQuantizer):
@@ -166,23 +171,6 @@ class LearnedStepQuantizer(UniformQuantizer):
         self.base[0].set_qparams(self.step.detach().clamp(min=MIN_RANGE).clone(), zp.to(torch.int32))
 
 
-@contextmanager
-def learned_act_steps(model: nn.Module, learn_zero_point: bool = False
-                      ) -> Iterator[list[LearnedStepQuantizer]]:
+def learned_act_steps(model: nn.Module, learn_zero_point: bool = False) -> Any:
     """As :func:`learned_act_ranges`, with the step size (and zero point) as the parameters."""
-    swapped: list[tuple[nn.Module, str, UniformQuantizer, LearnedStepQuantizer]] = []
-    seen: dict[int, LearnedStepQuantizer] = {}
-    for owner, attr, q in list(_slots(model)):
-        if not q.active or q.ch_axis is not None:
-            continue
-        learned = seen.get(id(q))
-        if learned is None:
-            learned = seen[id(q)] = LearnedStepQuantizer(q, learn_zero_point).to(q.scale.device)
-        setattr(owner, attr, learned)
-        swapped.append((owner, attr, q, learned))
-    try:
-        yield list(seen.values())
-    finally:
-        for owner, attr, q, learned in swapped:
-            learned.write_back()
-            setattr(owner, attr, q)
+    return _swapped_act_quantizers(model, lambda q: LearnedStepQuantizer(q, learn_zero_point))
