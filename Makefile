@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # torch/torchvision pinned to the builds this machine has on disk (pip takes them from there).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# pytest-xdist processes for `make test` (one per core here; each test file stays in one process,
+# so module fixtures and a file's order hold). TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
 
 # The offline data and weights beside the repository (../shared), unless already set.
 SHARED := $(abspath ../shared)
@@ -28,7 +31,7 @@ run: $(STAMP)
 	$(PY) -m calibbench $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest --durations=20 $(PYTEST_ARGS)  # one line per test file as it runs, the 20 slowest at the end
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)  # the 20 slowest at the end
 
 sweep: $(STAMP)
 	$(PY) -m calibbench -m sweep=compare $(ARGS)
