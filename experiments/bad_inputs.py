@@ -1,4 +1,6 @@
-"""Run every bad input of the README's table and print the table (input, exit code, last stderr line).
+"""Run every bad input of the README's table and print the table (input, exit code, message).
+
+The message is stderr's last line (Hydra's own composition errors: their first two lines).
 
     python experiments/bad_inputs.py > /tmp/bad_inputs.md      # ~20 CLI runs at budget=smoke
 
@@ -30,9 +32,10 @@ def run(tmp: Path, *args: str) -> tuple[int, str]:
     cmd = [sys.executable, "-m", "calibbench", *multirun, "budget=smoke", "progress=false",
            "logger.mode=disabled", *paths, *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=env, timeout=900)
-    # Hydra's own errors end with a hint about HYDRA_FULL_ERROR: the line before it says what is wrong
-    lines = [ln for ln in proc.stderr.strip().splitlines()
-             if ln.strip() and not ln.startswith("Set the environment variable HYDRA_FULL_ERROR")]
+    lines = [ln.strip() for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    if lines and not lines[-1].startswith("error:") and lines[-1].startswith("Set the environment"):
+        # Hydra's own composition errors: what is wrong is in their first two lines
+        return proc.returncode, " / ".join(lines[:2])
     return proc.returncode, (lines[-1] if lines else "")
 
 
@@ -59,7 +62,7 @@ def main() -> int:
             (f"paths.output_dir={tmp / 'afile' / 'out'}",), (f"paths.cache_dir={tmp / 'afile' / 'c'}",),
             ("export=tflite",),
         ]
-        print("| input | exit | message (last line of stderr) |")
+        print("| input | exit | message |")
         print("|---|---|---|")
         for args in rows:
             code, line = run(tmp, *args)

@@ -26,12 +26,12 @@ FAST = ("budget=smoke", "num_samples=16", "budget.eval_limit=32", "dataset.num_w
 SUBDIR = "budget.eval_limit=32,budget=smoke,dataset.num_workers=0,num_samples=16"  # sorted overrides
 
 
-def sweep(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def sweep(tmp_path: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "calibbench", "-m", "logger.mode=disabled",
            f"paths.output_dir={tmp_path}", *args]
     env = dict(os.environ, HYDRA_FULL_ERROR="1")
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.returncode == expect, (proc.stdout[-3000:], proc.stderr[-3000:])
     return proc
 
 
@@ -197,13 +197,15 @@ def test_failing_job_does_not_stop_a_joblib_sweep(tmp_path):
     # 60000 > the 50000-image train split: that job fails, the other must still run.
     # DataLoader workers (num_workers=1) inside joblib's loky workers: the loader's explicit
     # "fork" context is what makes this work (loky's default context cannot start them).
-    sweep(tmp_path, "strategy=random", "budget=smoke", "budget.eval_limit=32", "dataset.num_workers=1",
-          "num_samples=16,60000", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    # Every job runs and the summary is written; then the multirun exits 1 naming failures.csv.
+    proc = sweep(tmp_path, "strategy=random", "budget=smoke", "budget.eval_limit=32", "dataset.num_workers=1",
+                 "num_samples=16,60000", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", expect=1)
     sweep_dir = the_sweep_dir(tmp_path)
+    assert f"1 of 2 jobs failed; see {sweep_dir / 'failures.csv'}" in proc.stderr
     by_n = {r["config"]["num_samples"]: r for r in results(sweep_dir).values()}
     assert by_n[16]["status"] == "ok" and by_n[60000]["status"] == "failed"
     assert "num_samples=60000" in by_n[60000]["error"]
-    assert by_n[16]["config"]["threads"] == max(1, (os.cpu_count() or 1) // 2)  # 2 jobs share the cores
+    assert int(by_n[16]["config"]["threads"]) == max(1, (os.cpu_count() or 1) // 2)  # 2 jobs share the cores
     rows = {r["num_samples"]: r for r in summary_rows(sweep_dir)}
     assert (rows["16"]["n"], rows["60000"]["n"], rows["60000"]["n_failed"]) == ("1", "0", "1")
     with (sweep_dir / "failures.csv").open() as f:

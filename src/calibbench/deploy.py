@@ -32,6 +32,7 @@ from calibbench import datasets, models, quant
 from calibbench.cache import atomic_write_bytes
 from calibbench.config import effective_bits
 from calibbench.quant.adaround import attach
+from calibbench.quant.modules import QuantConv2d, QuantLinear
 from calibbench.quant.export import ExportError, compare, count_kernels, export_onnx, ort_session, snap_bias
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,12 @@ def _sha256(body: bytes) -> str:
 def save_state(qmodel: nn.Module, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """Write the fake-quant model's state to ``path`` (atomic); returns ``{file, sha256, bytes}``.
 
-    Learned rounding is stored as its ``up`` bits only: its grid, floor and bounds are recomputed
-    from the weight and the weight quantizer, which the state also holds, exactly as when it was
-    attached.
+    Learned rounding is stored hardened: its ``up`` bits with the grid, floor and code bounds it
+    was attached with (a few buffers per layer), so a rebuilt model rounds exactly as the run's did
+    even when the weight quantizer's grid was re-initialised after the rounding was attached.
     """
     state = {k: v.detach().cpu() for k, v in qmodel.state_dict().items()
-             if _ROUNDING not in k or k.endswith(_ROUNDING + "up")}
+             if not k.endswith(_ROUNDING + "V")}
     payload = {"format": STATE_FORMAT, "meta": meta, "info": quant.describe(qmodel),
                "state_dict": state}
     buf = io.BytesIO()
@@ -81,12 +82,24 @@ def load_state(qmodel: nn.Module, payload: dict) -> None:
     if missing or unexpected:
         raise ExportError(f"saved state does not fit the model built from the run's config: "
                           f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    # The saved weight grids are the run's (e.g. reconstruction's MSE init, whose observer the
+    # fresh model does not have): freeze them, so no weight observer recomputes them from the loaded
+    # (or, in the exporter, copied) weights.
+    for module in qmodel.modules():
+        if isinstance(module, (QuantConv2d, QuantLinear)):
+            module.weight_quantizer.observer = None
+            module._range_key = module._weight_key()
+            module.invalidate_cache()
     for key, up in state.items():
         if not key.endswith(_ROUNDING + "up"):
             continue
         layer = qmodel.get_submodule(key[: -len(_ROUNDING + "up")])
         rounding = attach(layer)
+        prefix = key[: -len("up")]
         with torch.no_grad():
+            for name in ("scale", "lo", "hi", "floor", "nearest"):
+                if prefix + name in state:  # states saved before these were kept: recomputed
+                    setattr(rounding, name, state[prefix + name].to(rounding.floor.device))
             rounding.up = up.to(rounding.floor.device).bool()
             rounding.V = None
         rounding.version += 1
