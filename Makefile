@@ -16,7 +16,7 @@ export CALIBBENCH_DATA_DIR ?= $(SHARED)/data
 export CALIBBENCH_WEIGHTS_DIR ?= $(SHARED)/weights
 endif
 
-.PHONY: setup run test sweep bench clean
+.PHONY: setup run test lint sweep bench clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)  # the 20 slowest at the end
+
+# ruff (rules and pin in pyproject.toml): pyflakes, pycodestyle, bugbear over the code, tests, benchmarks.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks experiments
 
 sweep: $(STAMP)
 	$(PY) -m calibbench -m sweep=compare $(ARGS)

@@ -19,10 +19,7 @@ import time
 from typing import Callable
 
 import torch
-
 from _common import compose, fp_data_calib, offline_env
-
-
 
 
 def _timed_pass(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:

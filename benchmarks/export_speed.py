@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from calibbench import models, quant
-from calibbench.config import register_configs
 from calibbench.quant.export import count_kernels, export_onnx, ort_session, snap_bias
+from calibbench.store import register_configs
 
 
 def vnni() -> str:
@@ -35,7 +35,8 @@ def vnni() -> str:
 
 
 def compose(model: str):
-    from hydra import compose as hc, initialize_config_module
+    from hydra import compose as hc
+    from hydra import initialize_config_module
 
     with initialize_config_module("calibbench.conf", version_base="1.3"):
         return hc("config", [f"model={model}", "model.weights=none", "logger.mode=disabled"])
@@ -97,7 +98,8 @@ def main() -> None:
                   f"{med['torch_fp32'] / med['ort_int8']:.2f}x  | {bs / med['ort_int8']:.0f} img/s int8  "
                   f"({kernels['qlinear_nodes']} QLinear / {kernels['float_conv_nodes']} float conv nodes)",
                   flush=True)
-    print("\n| model | batch | ORT int8 ms | ORT fp32 ms | torch fp32 ms | int8 img/s | speed-up vs ORT fp32 | vs torch fp32 |")
+    print("\n| model | batch | ORT int8 ms | ORT fp32 ms | torch fp32 ms | int8 img/s "
+          "| speed-up vs ORT fp32 | vs torch fp32 |")
     print("|---|---|---|---|---|---|---|---|")
     for name, bs, med, _, _ in rows:
         print(f"| {name} | {bs} | {1e3 * med['ort_int8']:.2f} | {1e3 * med['ort_fp32']:.2f} | "

@@ -35,9 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-
 from _common import compose, fp_pass, offline_env
+from PIL import Image
 
 offline_env()
 
@@ -148,7 +147,8 @@ def main() -> None:
             print(f"\n{name}: seconds per 1,000 images")
             print("  rounds: " + "; ".join(f"{k} " + ", ".join(f"{v:.1f}" for v in vs) for k, vs in r["runs"].items()))
             print(f"  FP evaluation        {r['fp_eval']:8.1f}")
-            print(f"  fake-quant W6A6 eval {r['fq_eval']:8.1f}  ratio fake-quant / FP {r['fq_eval'] / r['fp_eval']:.2f}")
+            print(f"  fake-quant W6A6 eval {r['fq_eval']:8.1f}  "
+                  f"ratio fake-quant / FP {r['fq_eval'] / r['fp_eval']:.2f}")
             print(f"  SelectQ statistics   {r['selectq']:8.1f}  plain FP pass {r['fp_pass']:.1f}, "
                   f"ratio SelectQ / FP pass {r['selectq'] / r['fp_pass']:.2f}")
             print(f"  ZeroQ iteration      {r['zeroq_iter']:8.3f}  s per iteration at batch {ZEROQ_BATCH}")

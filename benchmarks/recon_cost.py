@@ -22,7 +22,6 @@ import sys
 import time
 
 import torch
-
 from _common import compose, fp_data_calib, offline_env
 
 GOAL = 2.0
@@ -95,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         times["recon"].append(recon_steps(args.steps))
     trainer.close()
     for key, values in times.items():
-        print(f"{key:6s} best {1000 * min(values):8.2f} ms/step   median {1000 * statistics.median(values):8.2f} ms/step")
+        print(f"{key:6s} best {1000 * min(values):8.2f} ms/step   "
+              f"median {1000 * statistics.median(values):8.2f} ms/step")
     ratio = min(times["recon"]) / min(times["fp"])
     median = statistics.median(times["recon"]) / statistics.median(times["fp"])
     print(f"goal <= {GOAL}; median ratio {median:.2f}; machine shared with other sessions "

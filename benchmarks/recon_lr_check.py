@@ -16,7 +16,6 @@ import copy
 import sys
 
 import torch
-
 from _common import compose, fp_data_calib, offline_env
 
 

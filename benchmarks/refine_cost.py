@@ -21,7 +21,6 @@ import sys
 import time
 
 import torch
-
 from _common import compose, fp_data_calib, offline_env
 
 GOAL = 1.5
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
           f"calibrated on {len(calib_x)} train images; threads={args.threads}")
 
     times: dict[str, list[float]] = {k: [] for k in runs}
-    for key, module in runs.items():  # warm-up
+    for module in runs.values():  # warm-up
         _timed_steps(module, x, 1)
     for _ in range(args.repeats):
         for key, module in runs.items():

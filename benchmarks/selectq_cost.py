@@ -19,7 +19,6 @@ import statistics
 import time
 
 import torch
-
 from _common import compose, fp_pass, offline_env
 
 offline_env()

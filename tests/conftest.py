@@ -93,7 +93,7 @@ def compose() -> Callable:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from calibbench.config import register_configs
+    from calibbench.store import register_configs
 
     register_configs()
 

@@ -8,6 +8,10 @@ import re
 
 import pytest
 import torch
+from conftest import run_twice
+from test_cli import cli, results
+from test_generator import SMOKE, build_strategy, refine_w4a4, tiny_gen_ctx
+from test_refine import _qweights, _same, _state
 
 from calibbench import refine, strategies
 from calibbench.bnstats import BNStatsRecorder, BNTargets, find_bn_layers
@@ -15,11 +19,6 @@ from calibbench.config import ConfigError, validate
 from calibbench.generator import GenStepOutputs, build_gen_terms, build_generator
 from calibbench.strategies.clusterq import AlignTerm, ClusterQConfig, DiversityTerm, ema_update
 from calibbench.strategies.generative import class_stats, deep_start
-
-from conftest import run_twice
-from test_cli import cli, results
-from test_generator import SMOKE, build_strategy, refine_w4a4, tiny_gen_ctx
-from test_refine import _qweights, _same, _state
 
 TERMS = ("ce", "bns", "align", "diversity")
 

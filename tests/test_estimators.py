@@ -5,18 +5,19 @@ estimators apart (row labels, paired differences and random's spread within one 
 from __future__ import annotations
 
 import copy
+
 import pytest
 import torch
 from omegaconf import OmegaConf
+from test_report import config as result_config
+from test_report import read_csv, row, summary_md
+from test_report import write as write_result
+from test_sweeps import grid_union_sweeper, hydra_loader_ctx
 
 from calibbench import report
 from calibbench.config import ConfigError, validate
 from calibbench.quant.observers import build_observer
 from calibbench.quant.quantizer import qrange, range_to_qparams
-from test_report import config as result_config
-from test_report import read_csv, row, summary_md
-from test_report import write as write_result
-from test_sweeps import grid_union_sweeper, hydra_loader_ctx
 
 
 # -- observers ---------------------------------------------------------------------------------
@@ -164,6 +165,25 @@ def test_variance_and_compare_take_the_estimator_as_a_swept_key(compose):
     assert (one.quant.act_observer, one.quant.observer_reduce) == ("mse", "batch_mean")
 
 
+# -- the default estimator (decided on val) and the papers' preset ------------------------------
+@pytest.mark.parametrize("preset", ["dfq_legacy", "academic", "reference"])
+def test_presets_default_to_the_mse_search_decided_on_val(compose, preset):
+    cfg = compose(f"quant={preset}")
+    q = cfg.quant
+    assert (q.act_observer, q.observer_reduce, q.mse_p, q.weight_observer) == ("mse", "pooled", 2.4, "minmax")
+
+
+def test_papers_minmax_preset_is_dfq_legacy_with_minmax_and_reuses_earlier_run_keys(compose):
+    from calibbench.pipeline import run_key
+
+    paper = compose("quant=dfq_paper")
+    explicit = compose("quant=dfq_legacy", "quant.act_observer=minmax")
+    assert (paper.quant.name, paper.quant.act_observer) == ("dfq_legacy", "minmax")
+    # Same resolved config → same run key: resume and the cache find the runs made before the flip.
+    assert run_key(paper) == run_key(explicit) != run_key(compose("quant=dfq_legacy"))
+    assert compose("quant=dfq_paper", "bits=3").quant.fold_bn is False
+
+
 # -- the report keeps estimators apart -----------------------------------------------------------
 def write(root, sub: str, cfg: dict, top1: float):  # noqa: ANN001, ANN201
     return write_result(root, sub, cfg, top1, 90.0)
@@ -194,11 +214,12 @@ def test_report_never_averages_estimators_and_pairs_within_one(tmp_path):
     assert float(sel_mse["diff_random_mean"]) == -1.0 and float(sel_mm["diff_random_mean"]) == 3.0
     md = summary_md(tmp_path)
     # One table (the estimator is part of the row, not of the panel), rows labelled where the
-    # estimator differs from the preset's (dfq_legacy: minmax).
+    # estimator differs from the preset's (dfq_legacy: mse since issue 20; the papers' minmax is named).
     assert md.count("## Top-1:") == 1
-    assert "| selectq · act_observer=mse |" in md and "| selectq |" in md
+    assert "| selectq · act_observer=minmax |" in md and "| selectq |" in md
+    assert "| selectq · act_observer=mse |" not in md
     assert "### Strategy × range estimator" in md
-    assert "act_observer=mse · W3A3" in md and "preset default · W3A3" in md
+    assert "act_observer=minmax · W3A3" in md and "preset default · W3A3" in md
 
 
 def test_estimator_named_even_when_it_does_not_vary_and_spread_is_per_estimator(tmp_path):
@@ -206,14 +227,14 @@ def test_estimator_named_even_when_it_does_not_vary_and_spread_is_per_estimator(
 
     n = VARIANCE_MIN_SEEDS
     for seed in range(n):
-        write(tmp_path, f"r/{seed}", _cfg("random", seed, "mse", observer_reduce="batch_mean"), 60.0 + seed)
-    write(tmp_path, "s/0", _cfg("selectq", 0, "mse", observer_reduce="batch_mean"), 60.0 + n)
+        write(tmp_path, f"r/{seed}", _cfg("random", seed, "percentile", observer_reduce="batch_mean"), 60.0 + seed)
+    write(tmp_path, "s/0", _cfg("selectq", 0, "percentile", observer_reduce="batch_mean"), 60.0 + n)
     report.build(tmp_path)
     md = summary_md(tmp_path)
-    # The folder is all MSE: still named, in the table and the spread's heading.
-    assert "| random · act_observer=mse, observer_reduce=batch_mean |" in md
-    assert "### Random-calibration spread, W3A3 · act_observer=mse, observer_reduce=batch_mean" in md
-    assert "| selectq · act_observer=mse, observer_reduce=batch_mean | 1 | 60.00 + 0 | 100.0 |".replace(
+    # The folder is all percentile (not the preset's mse): still named, in the table and the spread's heading.
+    assert "| random · act_observer=percentile, observer_reduce=batch_mean |" in md
+    assert "### Random-calibration spread, W3A3 · act_observer=percentile, observer_reduce=batch_mean" in md
+    assert "| selectq · act_observer=percentile, observer_reduce=batch_mean | 1 | 60.00 + 0 | 100.0 |".replace(
         "60.00 + 0", f"{60.0 + n:.2f}") in md
 
 
@@ -235,3 +256,32 @@ def test_unused_estimator_fields_never_split_identical_runs(tmp_path):
     assert len(rows) == 2, rows
     assert row(rows, **{"quant.act_observer": "minmax"})["n"] == "2"
     assert row(rows, **{"quant.act_observer": "mse"})["n"] == "2"
+
+
+def test_activation_diagnostics_are_tabled_per_estimator(tmp_path):
+    """Does the calibration set still change the ranges once the estimator clips? The report
+    answers with one row per estimator, bits and strategy: mean ± std over seeds."""
+    import json
+
+    def diag(inflation: float, clip: float) -> dict:
+        layer = {"kind": "activation", "range_inflation": inflation, "clip_rate": clip, "act_quant_snr_db": 10.0,
+                 "bits": 3, "calib_lo": 0.0, "calib_hi": 4.0, "eval_min": 0.0, "eval_max": 5.0, "eval_p001": 0.0,
+                 "eval_p999": 3.0, "snr_db": 9.0}
+        return {"layers": [dict(layer, name="a"), dict(layer, name="b", range_inflation=inflation + 1.0),
+                           dict(layer, name="c", range_inflation=inflation + 2.0),
+                           dict(layer, name="w", kind="weight", range_inflation=99.0)]}
+
+    for seed in range(2):
+        for strategy, act, inflation in (("random", "minmax", 2.0), ("selectq", "minmax", 1.5),
+                                         ("random", "mse", 1.0), ("selectq", "mse", 1.0)):
+            path = write(tmp_path, f"{strategy}/{act}/{seed}", _cfg(strategy, seed, act), 50.0)
+            (path.parent / "diagnostics.json").write_text(json.dumps(diag(inflation + seed, 0.01)))
+    report.build(tmp_path)
+    md = summary_md(tmp_path)
+    assert "### Activation diagnostics per estimator" in md
+    # median over the three activation layers (the weight row ignored), then mean ± std over 2 seeds
+    assert "| act_observer=minmax | W3A3 | random | 2 | 3.50 ± 0.71 | 1.00 ± 0.00 | 10.00 ± 0.00 |" in md
+    assert "| act_observer=minmax | W3A3 | selectq | 2 | 3.00 ± 0.71 |" in md
+    assert "| preset default | W3A3 | random | 2 | 2.50 ± 0.71 |" in md
+    # the preset's estimator first
+    assert md.index("| preset default | W3A3 | random") < md.index("| act_observer=minmax | W3A3 | random")

@@ -9,6 +9,10 @@ import re
 
 import pytest
 import torch
+from conftest import run_twice
+from test_cli import cli, results
+from test_generator import SMOKE, build_strategy, refine_w4a4, tiny_gen_ctx
+from test_refine import _same, _state
 
 from calibbench import strategies
 from calibbench.bnstats import BNStatsRecorder, BNTargets, find_bn_layers
@@ -16,13 +20,6 @@ from calibbench.config import ConfigError
 from calibbench.generator import GenStepOutputs, build_gen_terms, build_generator
 from calibbench.strategies.fdda import CBNSTerm, DBNSTerm
 from calibbench.strategies.generative import class_stats, deep_start
-
-from conftest import run_twice
-from test_cli import cli, results
-from test_generator import SMOKE, build_strategy, refine_w4a4, tiny_gen_ctx
-from test_refine import _same, _state
-
-
 
 
 def _fdda(compose, *overrides):

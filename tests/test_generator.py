@@ -10,19 +10,24 @@ import re
 
 import pytest
 import torch
+from conftest import run_twice, tiny_datamodule
+from test_cli import cli, results
+from test_refine import TinyNet, _qweights, _same, _state
 from torch import nn
 
 from calibbench import quant, refine, strategies
 from calibbench.bnstats import BNStatsRecorder, find_bn_layers
 from calibbench.config import ConfigError, validate
-from calibbench.generator import (ConditionalBatchNorm2d, GenBNSTerm, GenStepOutputs, Generator,
-                                  build_gen_terms, build_generator)
+from calibbench.generator import (
+    ConditionalBatchNorm2d,
+    GenBNSTerm,
+    Generator,
+    GenStepOutputs,
+    build_gen_terms,
+    build_generator,
+)
 from calibbench.pipeline import run
 from calibbench.refine.losses import KDTerm
-
-from conftest import run_twice, tiny_datamodule
-from test_cli import cli, results
-from test_refine import TinyNet, _qweights, _same, _state
 
 SMOKE = ("budget=smoke", "num_samples=16")
 
@@ -124,7 +129,8 @@ def test_gdfq_smoke_step_trains_the_quantized_model_and_leaves_the_fp_model_bit_
     teacher, ctx = _tiny(make_ctx, warmup=2, steps=2)
     before = _state(teacher)
     calib = strategy.calibration_set(ctx)
-    assert calib.images.shape == (16, 3, 8, 8) and torch.equal(torch.bincount(calib.labels), torch.full((10,), 1) + (torch.arange(10) < 6))
+    assert calib.images.shape == (16, 3, 8, 8)
+    assert torch.equal(torch.bincount(calib.labels), torch.full((10,), 1) + (torch.arange(10) < 6))
     info = calib.info
     assert info["warmup_steps"] == 2 and info["images_generated"] == 2 * 8 + 16
     assert sum(info["per_class_counts"]) == info["images_generated"]
@@ -225,7 +231,8 @@ def test_model_without_batchnorm_names_the_strategy(compose, make_ctx, name):
 def test_generator_num_classes_mismatch_with_the_model(compose, make_ctx):
     _, strategy = _gdfq(compose, "strategy.num_classes=100")
     teacher, ctx = _tiny(make_ctx)
-    with pytest.raises(ConfigError, match=r"strategy gdfq: the generator has num_classes=100 but the model predicts 10"):
+    with pytest.raises(ConfigError,
+                       match=r"strategy gdfq: the generator has num_classes=100 but the model predicts 10"):
         strategy.calibration_set(ctx)
 
 

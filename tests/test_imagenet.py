@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from imagenet_fixture import corrupt, wnids, write_imagenet_tree
 
 from calibbench import datasets, strategies
 from calibbench.config import ConfigError
 from calibbench.datasets import CorruptImageError, holdout_indices
-from imagenet_fixture import corrupt, wnids, write_imagenet_tree
 
 TRAIN, VAL, CLASSES, VAL_SIZE = 3000, 1000, 1000, 200
 # Sizes that keep one run at 224x224 to seconds; everything else is budget=smoke.

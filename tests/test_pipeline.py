@@ -66,7 +66,8 @@ def test_complete_run_is_skipped_on_rerun(smoke_cfg, tmp_path):
 
 
 def test_failure_is_recorded_not_presented_as_success(smoke_cfg, tmp_path):
-    with pytest.raises(ConfigError, match="num_samples=60000 does not fit in the calibration pool.*val_size=5000.*leaving 45000"):
+    with pytest.raises(ConfigError,
+                       match="num_samples=60000 does not fit in the calibration pool.*val_size=5000.*leaving 45000"):
         run(smoke_cfg("num_samples=60000"), tmp_path / "bad")
     record = json.loads((tmp_path / "bad" / "result.json").read_text())
     assert record["status"] == "failed" and "num_samples=60000" in record["error"]

@@ -9,17 +9,28 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_twice
 from torch import nn
 
 from calibbench import quant, refine, strategies
 from calibbench.config import ConfigError, QuantConfig, validate
 from calibbench.pipeline import calibration_budget
 from calibbench.refine.losses import RefinePlan, StepOutputs
-from calibbench.refine.plf import (FeatureMSE, HighReliableCE, LowReliableCE, ReliabilitySchedule,
-                                   auxiliary_labels, channel_attention, high_reliable, major_labels,
-                                   plf_weights, self_entropy, stage_modules, threshold, unit_modules)
-
-from conftest import run_twice
+from calibbench.refine.plf import (
+    FeatureMSE,
+    HighReliableCE,
+    LowReliableCE,
+    ReliabilitySchedule,
+    auxiliary_labels,
+    channel_attention,
+    high_reliable,
+    major_labels,
+    plf_weights,
+    self_entropy,
+    stage_modules,
+    threshold,
+    unit_modules,
+)
 
 SMOKE = ("strategy=plf", "budget=smoke", "budget.plf_samples=16", "budget.plf_iterations=2")
 

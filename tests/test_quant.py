@@ -10,8 +10,19 @@ import torch
 from torch import nn
 
 from calibbench.config import ConfigError, QuantConfig
-from calibbench.quant import (QuantAct, QuantConv2d, QuantLinear, UniformQuantizer, build_observer,
-                              calibrate, calibration_mode, describe, fold_bn, quantize, quantizers)
+from calibbench.quant import (
+    QuantAct,
+    QuantConv2d,
+    QuantLinear,
+    UniformQuantizer,
+    build_observer,
+    calibrate,
+    calibration_mode,
+    describe,
+    fold_bn,
+    quantize,
+    quantizers,
+)
 
 DFQ = QuantConfig(name="dfq_legacy")
 ACADEMIC = QuantConfig(name="academic", act_placement="layer_input", fold_bn=True,

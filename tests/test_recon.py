@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from conftest import run_twice
 from torch import nn
 
 from calibbench import quant, refine
@@ -15,10 +16,8 @@ from calibbench.config import ConfigError, QuantConfig, validate
 from calibbench.quant import QuantConv2d, QuantLinear, quantize
 from calibbench.quant.adaround import AdaRound, attach, rectified_sigmoid
 from calibbench.refine import recon
-from calibbench.refine.recon import reconstruct, reconstruct_unit, quantization_off
+from calibbench.refine.recon import quantization_off, reconstruct, reconstruct_unit
 from calibbench.refine.units import build_units
-
-from conftest import run_twice
 
 DFQ = QuantConfig(name="dfq_legacy")
 ACADEMIC = QuantConfig(name="academic", act_placement="layer_input", fold_bn=True,

@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+from conftest import run_twice, tiny_datamodule
 from torch import nn
 
 from calibbench import quant, refine, strategies
@@ -19,8 +20,6 @@ from calibbench.refine.distill import CurveRecorder, DistillModule, trainer_kwar
 from calibbench.refine.losses import build_terms
 from calibbench.refine.ranges import LearnedRangeQuantizer
 from calibbench.strategies.base import CalibrationSet, Strategy
-
-from conftest import run_twice, tiny_datamodule
 
 SMOKE = ("budget=smoke", "num_samples=16")
 FEATURE = "body.5"  # TinyNet's second ReLU (a QuantAct in the student), after both convs

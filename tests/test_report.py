@@ -21,7 +21,8 @@ def config(strategy: str = "random", bits: int = 4, seed: int = 0, quant: str = 
            num_samples: int = 16, w_bits: Optional[int] = None, **strategy_fields: Any) -> dict:
     """The shape of a resolved config as the pipeline records it (only the fields that matter here)."""
     return {"model": {"name": model, "arch": f"{model}_arch"}, "dataset": {"name": dataset, "num_classes": 10},
-            "quant": {"name": quant, "w_bits": w_bits, "a_bits": None, "act_observer": "minmax"},
+            "quant": {"name": quant, "w_bits": w_bits, "a_bits": None, "act_observer": "mse",
+                      "observer_reduce": "pooled", "mse_p": 2.4, "mse_steps": 100, "pool_values": 65536},
             "budget": {"name": budget, "pool_size": 256}, "refine": {"name": "none"},
             "strategy": {"name": strategy, **strategy_fields},
             "logger": {"mode": "disabled"}, "paths": {"output_dir": f"/tmp/out{seed}"},

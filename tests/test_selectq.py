@@ -18,10 +18,22 @@ from torch import nn
 from calibbench.config import ConfigError
 from calibbench.strategies import build
 from calibbench.strategies.random import RandomConfig
-from calibbench.strategies.selectq import (ActivationStats, CentroidUpdater, SelectQ, SelectQConfig,
-                                           StatsLayout, knowledge_distance, lambda_schedule,
-                                           pool_and_order, rank, residual_summary, score,
-                                           score_pool, update_centroids, validate)
+from calibbench.strategies.selectq import (
+    ActivationStats,
+    CentroidUpdater,
+    SelectQ,
+    SelectQConfig,
+    StatsLayout,
+    knowledge_distance,
+    lambda_schedule,
+    pool_and_order,
+    rank,
+    residual_summary,
+    score,
+    score_pool,
+    update_centroids,
+    validate,
+)
 
 CIFAR_DIR = SHARED / "data" / "cifar10-jpeg"
 
@@ -41,8 +53,8 @@ def flat(*layers: list[tuple[float, float]], dtype: torch.dtype = torch.float32)
     """Layer-mode stats/centroids in the flat layout: rows are images/centroids,
     columns [μ of each layer…, σ of each layer…]; ``layers[l][row] = (μ, σ)``."""
     rows = len(layers[0])
-    mu = [[layers[l][r][0] for l in range(len(layers))] for r in range(rows)]
-    sigma = [[layers[l][r][1] for l in range(len(layers))] for r in range(rows)]
+    mu = [[layers[i][r][0] for i in range(len(layers))] for r in range(rows)]
+    sigma = [[layers[i][r][1] for i in range(len(layers))] for r in range(rows)]
     return torch.tensor([m + s for m, s in zip(mu, sigma)], dtype=dtype)
 
 
@@ -104,11 +116,11 @@ def literal_per_image_loop(centroids: list[list[tuple[float, float]]],
     ``images[i][l]`` are (μ, σ) pairs; returns the final centroids."""
     cents = [[list(c) for c in layer] for layer in centroids]
     for image, lam in zip(images, lambdas):
-        for l, (mu, sigma) in enumerate(image):
-            d = [(c[0] - mu) ** 2 + gamma * (c[1] - sigma) ** 2 for c in cents[l]]
+        for j, (mu, sigma) in enumerate(image):
+            d = [(c[0] - mu) ** 2 + gamma * (c[1] - sigma) ** 2 for c in cents[j]]
             k = d.index(min(d))
-            cents[l][k] = [cents[l][k][0] + lam * (mu - cents[l][k][0]),
-                           cents[l][k][1] + lam * (sigma - cents[l][k][1])]
+            cents[j][k] = [cents[j][k][0] + lam * (mu - cents[j][k][0]),
+                           cents[j][k][1] + lam * (sigma - cents[j][k][1])]
     return [[tuple(c) for c in layer] for layer in cents]
 
 

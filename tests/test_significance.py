@@ -7,8 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from calibbench.report.significance import (NEEDS_PAIRS, paired_bootstrap, paired_to_reference,
-                                            percentile_within)
+from calibbench.report.significance import NEEDS_PAIRS, paired_bootstrap, paired_to_reference, percentile_within
 
 
 def test_a_constant_difference_gives_a_zero_width_interval_at_that_value():

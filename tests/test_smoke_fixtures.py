@@ -1,4 +1,5 @@
 import torch
+
 from calibbench.strategies import build
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -60,7 +60,7 @@ def hydra_loader_ctx() -> Iterator:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from calibbench.config import register_configs
+    from calibbench.store import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

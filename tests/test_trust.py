@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+
 import pytest
 import torch
 from omegaconf.errors import ConfigAttributeError
@@ -13,7 +14,7 @@ from calibbench import cache as cache_mod
 from calibbench import pipeline, strategies
 from calibbench.cache import content_key, source_digest
 from calibbench.config import ConfigError
-from calibbench.strategies.base import stream_seed
+from calibbench.seeding import stream_seed
 
 
 class _Built:
@@ -35,7 +36,8 @@ def _key(compose, tiny_data, *overrides: str) -> str:
     ("strategy=selectq", "strategy.pool_size=32"),
     ("strategy=selectq", "strategy.gamma=2"),
     ("dataset.resize=40",), ("dataset.root=/elsewhere",), ("dataset.val_size=10",),
-    ("dataset.val_seed=1",), ("dataset.train_per_class=5",), ("seed=1",), ("num_samples=17",), ("budget.calib_batch_size=7",),
+    ("dataset.val_seed=1",), ("dataset.train_per_class=5",), ("seed=1",), ("num_samples=17",),
+    ("budget.calib_batch_size=7",),
     ("model=resnet56_cifar10",),  # the weights enter through the built model's weights_id
 ])
 def test_any_input_of_the_set_misses_the_cache(compose, tiny_data, change):

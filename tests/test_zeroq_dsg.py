@@ -10,17 +10,21 @@ import pytest
 import torch
 from torch import nn
 
-from calibbench.bnstats import (BNStatsRecorder, channel_stats, find_bn_layers, frozen,
-                                spatial_moments)
+from calibbench.bnstats import BNStatsRecorder, channel_stats, find_bn_layers, frozen, spatial_moments
 from calibbench.config import ConfigError
+from calibbench.seeding import stream_seed
 from calibbench.strategies import build
 from calibbench.strategies import zeroq as zeroq_module
-from calibbench.strategies.base import stream_seed
-from calibbench.strategies.dsg import (DSG, DSGConfig, DSGObjective, enhancement_weights, quantile,
-                                       slack_hinge)
-from calibbench.strategies.zeroq import (ZEROQ_CODE_DIVISOR, SynthesisError, ZeroQ, ZeroQConfig,
-                                         ZeroQObjective, init_images, initial_images)
-
+from calibbench.strategies.dsg import DSG, DSGConfig, DSGObjective, enhancement_weights, quantile, slack_hinge
+from calibbench.strategies.zeroq import (
+    ZEROQ_CODE_DIVISOR,
+    SynthesisError,
+    ZeroQ,
+    ZeroQConfig,
+    ZeroQObjective,
+    init_images,
+    initial_images,
+)
 
 
 class TwoBranch(nn.Module):
@@ -439,5 +443,7 @@ def test_yaml_configs_compose_and_validate(compose):
         build(compose("strategy=zeroq", "strategy.init=bogus").strategy)
     with pytest.raises(ConfigError, match="epsilon"):
         build(compose("strategy=dsg", "strategy.epsilon=1.5").strategy)
-    with pytest.raises(Exception):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="no_such_field"):
         compose("strategy=zeroq", "strategy.no_such_field=1")

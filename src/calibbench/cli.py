@@ -18,7 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from calibbench.config import ConfigError, register_configs
+from calibbench.config import ConfigError
+from calibbench.store import register_configs
 
 log = logging.getLogger("calibbench")
 

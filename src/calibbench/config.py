@@ -1,4 +1,4 @@
-"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+"""Typed schemas for every config group (registered in Hydra's ConfigStore by ``store.py``).
 
 Each YAML in ``conf/<group>/`` lists ``base_<group>`` (or ``base_<strategy>``) first in its
 defaults, so Hydra validates the YAML against the dataclass at compose time: an unknown key or a
@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 # numpy's legacy seeding (np.random.seed) takes 0 <= seed < 2**32; torch and Python take more.
@@ -88,7 +87,7 @@ class QuantConfig:
     weight_observer: str = "minmax"
     weight_per_channel: bool = True
     weight_symmetric: bool = False
-    act_observer: str = "minmax"  # minmax | ema | percentile | mse | aciq
+    act_observer: str = "mse"  # minmax | ema | percentile | mse | aciq (mse: issue 20, on val)
     act_symmetric: bool = False
     act_placement: str = "after_relu"  # after_relu | layer_input
     # Which modules get an output quantizer under after_relu: all feature activations (ReLU,
@@ -327,19 +326,6 @@ _SCHEMAS: dict[str, type] = {
     "logger": LoggerConfig,
     "paths": PathsConfig,
 }
-
-
-def register_configs() -> None:
-    """Store the schemas; strategies store theirs via ``@register`` (strategies/base.py)."""
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=RunConfig)
-    for group, schema in _SCHEMAS.items():
-        # Under schema/<group>, not <group>: the schemas are not options a user picks, so they
-        # stay out of Hydra's "Available options in 'strategy'" list. YAMLs extend them with
-        # `- /schema/<group>/base_<name>@_here_`.
-        cs.store(group=f"schema/{group}", name=f"base_{group}", node=schema)
-    # Importing the package registers every strategy and its schema.
-    import calibbench.strategies  # noqa: F401
 
 
 class ConfigError(ValueError):

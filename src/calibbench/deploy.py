@@ -32,8 +32,8 @@ from calibbench import datasets, models, quant
 from calibbench.cache import atomic_write_bytes
 from calibbench.config import effective_bits
 from calibbench.quant.adaround import attach
-from calibbench.quant.modules import QuantConv2d, QuantLinear
 from calibbench.quant.export import ExportError, compare, count_kernels, export_onnx, ort_session, snap_bias
+from calibbench.quant.modules import QuantConv2d, QuantLinear
 
 log = logging.getLogger(__name__)
 

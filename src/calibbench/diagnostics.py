@@ -283,13 +283,13 @@ def run(fp_model: nn.Module, qmodel: nn.Module, data: Any, dataset: Any, indices
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / DIAGNOSTICS_FILE, json.dumps(result, indent=2).encode())
-    from calibbench.report.plots import layer_figure  # matplotlib only when asked for
+    from calibbench.figures import layer_figure  # matplotlib only when asked for
 
     layer_figure({title: result["layers"]}, f"Diagnostics: {title} ({len(indices)} eval images)",
                  run_dir / FIGURE_FILE)
     layers = result["layers"]
-    worst = max(layers, key=lambda l: l["clip_rate"])
+    worst = max(layers, key=lambda layer: layer["clip_rate"])
     return {"file": DIAGNOSTICS_FILE, "figure": FIGURE_FILE, "eval_images": len(indices),
             "top1_fp": result["top1_fp"], "top1_quant": result["top1_quant"],
-            "mean_clip_rate": sum(l["clip_rate"] for l in layers) / len(layers),
+            "mean_clip_rate": sum(layer["clip_rate"] for layer in layers) / len(layers),
             "max_clip_rate": {"layer": worst["name"], "rate": worst["clip_rate"]}}

@@ -59,7 +59,7 @@ def _read_state_dict(path: Path, cfg: ModelConfig) -> dict:
     unsafe for a file nobody vouched for) never reach the user."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # zip/pickle/unpickler errors come in many types
+    except Exception:  # zip/pickle/unpickler errors come in many types
         size = path.stat().st_size
         what = ("is empty" if size == 0 else "is truncated or not a PyTorch file (no complete zip archive)"
                 if not zipfile.is_zipfile(path) else "is damaged or holds objects other than tensors")

@@ -5,12 +5,29 @@ batches, device)`` -> activation ranges, frozen; ``describe(qmodel)`` -> JSON su
 """
 
 from calibbench.quant.modules import QuantAct, QuantConv2d, QuantLinear
-from calibbench.quant.observers import (ACT_OBSERVERS, WEIGHT_OBSERVERS, ACIQObserver,
-                                        EMAMinMaxObserver, MinMaxObserver, MSEObserver, Observer,
-                                        PercentileObserver, build_observer)
-from calibbench.quant.quantize import (PRESETS, calibrate, calibration_mode, describe,
-                                       enable_calibration, fold_bn, freeze, mse_init, quantize,
-                                       quantizers)
+from calibbench.quant.observers import (
+                                        ACT_OBSERVERS,
+                                        WEIGHT_OBSERVERS,
+                                        ACIQObserver,
+                                        EMAMinMaxObserver,
+                                        MinMaxObserver,
+                                        MSEObserver,
+                                        Observer,
+                                        PercentileObserver,
+                                        build_observer,
+)
+from calibbench.quant.quantize import (
+                                        PRESETS,
+                                        calibrate,
+                                        calibration_mode,
+                                        describe,
+                                        enable_calibration,
+                                        fold_bn,
+                                        freeze,
+                                        mse_init,
+                                        quantize,
+                                        quantizers,
+)
 from calibbench.quant.quantizer import UniformQuantizer, qrange, range_to_qparams
 
 __all__ = [

@@ -20,9 +20,8 @@ input ``mse_steps`` times. Observers keep no persistent state: after calibration
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import logging
+from abc import ABC, abstractmethod
 from typing import Any, Optional
 
 import torch
@@ -229,7 +228,7 @@ class _EstimatingObserver(Observer):
         if self._pool is None:
             self._pool, self._seen = _subsample(rows, m, self._gen).clone(), n
             return
-        seen, total = self._seen, self._seen + n
+        total = self._seen + n
         self._seen = total
         if self._pool.shape[1] + n <= m:  # everything seen still fits: keep it all
             self._pool = torch.cat([self._pool, rows], dim=1)

@@ -48,8 +48,7 @@ from torch import Tensor, nn
 
 from calibbench.config import MAX_BITS, MIN_BITS, ConfigError, check_choice
 from calibbench.quant.modules import QuantAct, QuantConv2d, QuantLinear
-from calibbench.quant.observers import (ACT_OBSERVERS, POOL_MAX_VALUES, WEIGHT_OBSERVERS,
-                                        build_observer)
+from calibbench.quant.observers import ACT_OBSERVERS, POOL_MAX_VALUES, WEIGHT_OBSERVERS, build_observer
 from calibbench.quant.quantizer import UniformQuantizer
 
 log = logging.getLogger(__name__)

@@ -37,10 +37,10 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from calibbench.bnstats import BNStatsRecorder, BNTargets
-from calibbench.generator import GenLossTerm, GenStepOutputs, Generator
+from calibbench.generator import Generator, GenLossTerm, GenStepOutputs
 from calibbench.refine import stream
-from calibbench.refine.guard import factors
 from calibbench.refine.distill import CurveRecorder, StudentModule, check_length, fit, training
+from calibbench.refine.guard import factors
 from calibbench.refine.losses import LossTerm, build_terms
 
 log = logging.getLogger(__name__)

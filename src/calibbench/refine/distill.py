@@ -3,10 +3,11 @@
 :class:`StudentModule` holds what every refinement module shares (``alternating.py``'s
 generator/student module extends it too); :class:`DistillModule` is ``refine=kd``'s. It owns the
 student (the calibrated fake-quant model; its weights train through the straight-through
-estimator of ``quant/``), the frozen FP teacher and a list of weighted loss terms (``losses.py``). Lightning runs the loop: optimizer and cosine schedule
-stepping, device placement, progress bar. :class:`CurveRecorder` (a Callback) keeps every step's
-loss terms and learning rate for ``result.json`` and sends them to calibbench's own tracker (not
-Lightning's WandbLogger: DESIGN.md pitfall 8).
+estimator of ``quant/``), the frozen FP teacher and a list of weighted loss terms (``losses.py``).
+Lightning runs the loop: optimizer and cosine schedule stepping, device placement, progress bar.
+:class:`CurveRecorder` (a Callback) keeps every step's loss terms and learning rate for
+``result.json`` and sends them to calibbench's own tracker (not Lightning's WandbLogger: DESIGN.md
+pitfall 8).
 
 What trains and what does not:
 - student weights and biases (and BN affine parameters) always; the weight grid follows the
@@ -43,7 +44,7 @@ from calibbench.refine import build_optimizer, stream
 from calibbench.refine.guard import LossGuard, factors
 from calibbench.refine.losses import LossTerm, RefinePlan, StepOutputs, build_terms
 from calibbench.refine.ranges import learned_act_ranges
-from calibbench.strategies.base import stream_seed
+from calibbench.seeding import stream_seed
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from calibbench.config import ConfigError
-from calibbench.refine import Refiner, _REGISTRY, _empty, check_feature_modules, register
+from calibbench.refine import _REGISTRY, Refiner, _empty, check_feature_modules, register
 
 
 class GeneratorRefiner(Refiner):

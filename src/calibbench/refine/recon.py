@@ -54,13 +54,18 @@ from torch import Tensor, nn
 from calibbench.config import ConfigError, check_choice
 from calibbench.quant import QuantAct, QuantConv2d, QuantLinear, UniformQuantizer, mse_init, quantizers
 from calibbench.quant.adaround import AdaRound, attach
-from calibbench.refine import Refiner, build_optimizer, register
 from calibbench.quant.quantizer import MIN_RANGE
+from calibbench.refine import Refiner, build_optimizer, register
 from calibbench.refine.guard import LossGuard, check_unit, factors
-from calibbench.refine.ranges import (LearnedRangeQuantizer, LearnedStepQuantizer, _grad_scale, _round_ste,
-                                      learned_act_steps)
+from calibbench.refine.ranges import (
+    LearnedRangeQuantizer,
+    LearnedStepQuantizer,
+    _grad_scale,
+    _round_ste,
+    learned_act_steps,
+)
 from calibbench.refine.units import GRANULARITIES, Unit, build_units
-from calibbench.strategies.base import stream_seed
+from calibbench.seeding import stream_seed
 
 log = logging.getLogger(__name__)
 

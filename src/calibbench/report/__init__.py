@@ -67,7 +67,6 @@ class AggregateCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from calibbench.report.cli import build
         from calibbench.report.wandb_upload import log_aggregate
-
         from calibbench.tracking import resolve_mode
 
         sweep_dir = Path(config.hydra.sweep.dir)

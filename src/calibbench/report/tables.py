@@ -11,7 +11,7 @@ import pandas as pd
 
 from calibbench.report import significance as sig
 from calibbench.report import views as v
-from calibbench.report.load import MISSING, STAGES, Cell, Summary
+from calibbench.report.load import MISSING, STAGES, Cell, Summary, load_diagnostics
 
 FAILURE_HEADER = ["job", "status", "strategy", "model", "w_bits", "a_bits", "seed", "error"]
 PAIRED_COLUMNS = ["diff_random_mean", "diff_random_low", "diff_random_high", "diff_random_n"]
@@ -148,6 +148,47 @@ def _estimator_section(summary: Summary, cells: list[Cell], diffs: dict[int, sig
             "(mean [95% bootstrap CI]; * = excludes 0).", "", *md_table(frame), ""]
 
 
+def diagnostic_numbers(run: dict) -> Optional[tuple[float, float, float]]:
+    """One job's activation quantizers in three numbers: median range inflation (calibrated range ÷
+    the evaluation data's 0.1–99.9th percentile range), mean clipping rate (%) and mean
+    activation-quantization SNR (dB). None when the file holds no activation layer."""
+    acts = [layer for layer in run.get("layers", []) if layer.get("kind") == "activation"]
+    if not acts:
+        return None
+    col = lambda key: pd.Series([layer.get(key) for layer in acts], dtype=float)  # noqa: E731
+    return (float(col("range_inflation").median()), float(col("clip_rate").mean() * 100),
+            float(col("act_quant_snr_db").mean()))
+
+
+def _diagnostics_section(summary: Summary, cells: list[Cell]) -> list[str]:
+    """Where jobs wrote diagnostics.json: how the estimator and the calibration set interact —
+    per estimator, bits and strategy, the activation diagnostics as mean ± std over seeds (the
+    per-layer curves are in diagnostics_*.png)."""
+    rows = []
+    for c in cells:
+        per_seed = [n for run in load_diagnostics(summary.root, c) if (n := diagnostic_numbers(run))]
+        if not per_seed:
+            continue
+        frame = pd.DataFrame(per_seed, columns=["ri", "clip", "snr"])
+        std = {k: None if len(frame) < 2 else float(frame[k].std()) for k in frame.columns}
+        order = v.row_order(summary, c)
+        rows.append(((order[0], v.bits_order(v.bits_of(summary, c)), order[1:]), [
+                     ", ".join(v.estimator_opts(c)) or "preset default",
+                     v.bits_label(*v.bits_of(summary, c)), v.variant(summary, c).split(" · ")[0], len(frame),
+                     fmt(frame["ri"].mean(), std["ri"]), fmt(frame["clip"].mean(), std["clip"]),
+                     fmt(frame["snr"].mean(), std["snr"])]))
+    if not rows:
+        return []
+    rows.sort(key=lambda r: r[0])
+    header = ["estimator", "bits", "strategy", "n", "range inflation (median layer)", "clipped %",
+              "act-quant SNR dB"]
+    return ["### Activation diagnostics per estimator", "",
+            "Per job over the activation quantizers: median range inflation (calibrated range ÷ the "
+            "evaluation images' 0.1–99.9th percentile range; > 1 = wasted levels), mean share of "
+            "evaluation values clipped, mean SNR of activation quantization; mean ± std over seeds.",
+            "", *md_table(pd.DataFrame([r[1] for r in rows], columns=header)), ""]
+
+
 def _variance_section(summary: Summary, cells: list[Cell]) -> list[str]:
     lines: list[str] = []
     for b, ref, others in variance_rows(summary, cells):
@@ -205,6 +246,7 @@ def markdown(summary: Summary, plots: Sequence[Path] = (),
         lines += md_table(_pivot(summary, cells, _top1_text)) + [""]
         lines += _paired_section(summary, cells, diffs)
         lines += _estimator_section(summary, cells, diffs)
+        lines += _diagnostics_section(summary, cells)
         lines += _variance_section(summary, cells)
     lines += ["## All configurations", ""]
     refined = any(c.refine_s_mean is not None for c in summary.cells)

@@ -18,8 +18,17 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
-from calibbench.report.load import (BITS, DEVIATIONS, ESTIMATOR_FIELDS, MISSING, REFINE, STRATEGY, Cell,
-                                    Summary, sort_key)
+from calibbench.report.load import (
+    BITS,
+    DEVIATIONS,
+    ESTIMATOR_FIELDS,
+    MISSING,
+    REFINE,
+    STRATEGY,
+    Cell,
+    Summary,
+    sort_key,
+)
 
 REFERENCE = "random"  # the strategy every other one is compared with
 

@@ -7,8 +7,7 @@ every module in this package is imported below, so no central list needs editing
 import importlib
 import pkgutil
 
-from calibbench.strategies.base import (CalibrationSet, Strategy, StrategyContext, available,
-                                        build, get, register)
+from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext, available, build, get, register
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":

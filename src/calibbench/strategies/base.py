@@ -7,7 +7,6 @@ strategy is compared on exactly the same quantize → calibrate → evaluate pat
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -20,6 +19,7 @@ from torch import nn
 
 from calibbench.config import BudgetConfig, StrategyConfig
 from calibbench.registry import Registry
+from calibbench.seeding import stream_seed
 
 if TYPE_CHECKING:
     from calibbench.datasets import DataModule
@@ -164,12 +164,6 @@ class Strategy(ABC):
         so the refinement loop stays generic.
         """
         yield from calib.replay(batch_size, generator)
-
-
-def stream_seed(seed: int, stream: str) -> int:
-    """A 63-bit seed from (run seed, stream name): sha256, so streams are independent."""
-    digest = hashlib.sha256(f"{int(seed)}/{stream}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 _REGISTRY: Registry[type[Strategy]] = Registry("strategy")

@@ -84,8 +84,13 @@ from calibbench.generator import GenLossTerm, GenStepOutputs, gen_term
 from calibbench.refine import register as register_refiner
 from calibbench.refine.generative import GeneratorRefiner
 from calibbench.strategies.base import CalibrationSet, StrategyContext, register
-from calibbench.strategies.generative import (K_INDEXING, GeneratorStrategy, GeneratorStrategyConfig,
-                                              class_stats, deep_start)
+from calibbench.strategies.generative import (
+    K_INDEXING,
+    GeneratorStrategy,
+    GeneratorStrategyConfig,
+    class_stats,
+    deep_start,
+)
 
 DIV_LEVELS = ("image", "class")
 SHIFT_POINTS = 200  # as many points as a loss curve keeps (refine/distill.py CURVE_POINTS)

@@ -36,8 +36,7 @@ from calibbench.bnstats import BNStatsRecorder, BNTargets, find_bn_layers
 from calibbench.config import ConfigError, check_choice
 from calibbench.strategies.base import StrategyContext, register
 from calibbench.strategies.random import check_pool
-from calibbench.strategies.zeroq import (IMAGE_STREAM, ZeroQ, ZeroQConfig, ZeroQObjective,
-                                         init_images, input_loss)
+from calibbench.strategies.zeroq import IMAGE_STREAM, ZeroQ, ZeroQConfig, ZeroQObjective, init_images, input_loss
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,8 @@ STREAM_MARGINS, STREAM_LABELS = "dsg/margins", "dsg/labels"
 @dataclass
 class DSGConfig(ZeroQConfig):
     name: str = "dsg"
-    margin_source: str = "init"  # init: stats of initial (Gaussian) synthetic images, the paper | real: train images | fixed
+    # init: stats of initial (Gaussian) synthetic images, the paper | real: train images | fixed
+    margin_source: str = "init"
     epsilon: float = 0.9  # margins = epsilon-quantile of the observed |deviation| (paper: 0.9)
     margin_granularity: str = "layer"  # layer: one δ, γ per BN layer | channel: one per channel
     margin_samples: int = 256  # images observed to set the margins (init / real)
@@ -249,7 +249,7 @@ class DSG(ZeroQ):
         eps = self.cfg.epsilon
         if self.cfg.margin_granularity == "channel":
             return quantile(dev, eps, dim=0)
-        per_layer = torch.stack([quantile(dev[:, layer_of == l].flatten(), eps) for l in range(num_layers)])
+        per_layer = torch.stack([quantile(dev[:, layer_of == i].flatten(), eps) for i in range(num_layers)])
         return per_layer[layer_of]
 
     def observed_deviations(self, ctx: StrategyContext, recorder: BNStatsRecorder, targets: BNTargets

@@ -58,9 +58,15 @@ from calibbench.config import ConfigError, check_choice
 from calibbench.generator import GenLossTerm, GenStepOutputs, gen_term
 from calibbench.refine import register as register_refiner
 from calibbench.refine.generative import GeneratorRefiner
-from calibbench.strategies.base import CalibrationSet, StrategyContext, register, stream_seed
-from calibbench.strategies.generative import (K_INDEXING, GeneratorStrategy, GeneratorStrategyConfig,
-                                              class_stats, deep_start)
+from calibbench.seeding import stream_seed
+from calibbench.strategies.base import CalibrationSet, StrategyContext, register
+from calibbench.strategies.generative import (
+    K_INDEXING,
+    GeneratorStrategy,
+    GeneratorStrategyConfig,
+    class_stats,
+    deep_start,
+)
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +260,8 @@ class FDDA(GeneratorStrategy):
                 ctx.model(real["images"][begin:begin + chunk].to(ctx.device))
                 parts.append([(m.cpu(), s.cpu()) for m, s in rec.image_stats()])
         ctx.model.train(was)
-        stats = [(torch.cat([p[l][0] for p in parts]), torch.cat([p[l][1] for p in parts]))
-                 for l in range(len(parts[0]))]
+        stats = [(torch.cat([p[j][0] for p in parts]), torch.cat([p[j][1] for p in parts]))
+                 for j in range(len(parts[0]))]
         labels = real["labels"]
         means, stds = [], []
         for mean, std in stats:

@@ -35,9 +35,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from calibbench.bnstats import find_bn_layers
 from calibbench.config import ConfigError, StrategyConfig, check_choice
-from calibbench.generator import (LATENT_DIM, VARIANTS, GenStepOutputs, Generator, build_gen_terms,
-                                  build_generator)
-from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext, stream_seed
+from calibbench.generator import LATENT_DIM, VARIANTS, Generator, GenStepOutputs, build_gen_terms, build_generator
+from calibbench.seeding import stream_seed
+from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext
 
 log = logging.getLogger(__name__)
 

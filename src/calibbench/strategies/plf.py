@@ -17,9 +17,10 @@ cache key: a ``mu`` ablation reuses the synthesized set.
 
 Decisions where the paper is silent (docs/plf.md): the pixel optimizer is ZeroQ's (Adam, lr 0.5)
 with a cosine decay instead of ZeroQ's plateau schedule (with eq. 1 on batch variances, plateau at
-lr 0.5 lets a quarter of the batches blow up in their last steps); sigma in eq. 1 is the variance (the paper's words, "mean and
-variance"); the CE is the batch mean (eq. 2 writes a sum over the N images, which only rescales
-gamma by the batch size); labels are ``i mod N_c`` shuffled by the seeded ``"plf/labels"`` stream.
+lr 0.5 lets a quarter of the batches blow up in their last steps); sigma in eq. 1 is the variance
+(the paper's words, "mean and variance"); the CE is the batch mean (eq. 2 writes a sum over the N
+images, which only rescales gamma by the batch size); labels are ``i mod N_c`` shuffled by the
+seeded ``"plf/labels"`` stream.
 """
 
 from __future__ import annotations

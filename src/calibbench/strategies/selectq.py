@@ -519,14 +519,14 @@ def residual_summary(residual: torch.Tensor, moves: torch.Tensor, sizes: torch.T
     residual, moves = residual.double().cpu(), moves.cpu()
     weights = sizes.t().double()  # (K, L)
     per_layer = []
-    for l, name in enumerate(names):
-        moved = moves[:, l] > 0
-        r = residual[moved, l]
+    for j, name in enumerate(names):
+        moved = moves[:, j] > 0
+        r = residual[moved, j]
         per_layer.append({
             "layer": name,
             "max_moved": float(r.max()) if len(r) else None,
             "mean_moved": float(r.mean()) if len(r) else None,
-            "weighted": float((residual[:, l] * weights[:, l]).sum() / weights[:, l].sum().clamp(min=1)),
+            "weighted": float((residual[:, j] * weights[:, j]).sum() / weights[:, j].sum().clamp(min=1)),
             "never_moved": int((~moved).sum()),
         })
 

@@ -47,7 +47,8 @@ INPUT_EPS = 1e-6  # eps in the input image's std (the ZeroQ code's value; there 
 @dataclass
 class ZeroQConfig(StrategyConfig):
     name: str = "zeroq"
-    init: str = "normal"  # normal: N(0,1) in normalized space | zeroq_code: the code's ~74x smaller init | uniform: U(0,1) pixels
+    # normal: N(0,1) in normalized space | zeroq_code: the code's ~74x smaller init | uniform: U(0,1) pixels
+    init: str = "normal"
     lr: float = 0.5  # Adam on the pixels
     lr_patience: int = 100  # ReduceLROnPlateau on the total loss (factor 0.1)
     min_lr: float = 1e-4
