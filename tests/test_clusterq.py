@@ -9,8 +9,7 @@ import re
 import pytest
 import torch
 from conftest import run_twice
-from test_cli import cli, results
-from test_generator import SMOKE, build_strategy, refine_w4a4, tiny_gen_ctx
+from test_generator import SMOKE, build_strategy, refine_w4a4, smoke_run, tiny_gen_ctx
 from test_refine import _qweights, _same, _state
 
 from calibbench import refine, strategies
@@ -257,10 +256,8 @@ def test_bad_clusterq_config_is_one_clear_error(compose, overrides, message):
 
 # -- the CLI ---------------------------------------------------------------------------------------
 @pytest.mark.needs_shared
-def test_cli_clusterq_end_to_end_changes_the_quantized_model(tmp_path):
-    proc = cli(tmp_path, *SMOKE, "strategy=clusterq", "budget.eval_limit=100")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (record,) = results(tmp_path)
+def test_clusterq_end_to_end_changes_the_quantized_model(compose, tmp_path):
+    record = smoke_run(compose, tmp_path, "strategy=clusterq", "budget.eval_limit=100")
     assert record["status"] == "ok" and record["refine"]["name"] == "clusterq"
     assert record["calibration"]["strategy"] == "clusterq" and record["calibration"]["synthetic"]
     curve = record["refine"]["curve"]

@@ -10,8 +10,7 @@ import re
 import pytest
 import torch
 from conftest import run_twice
-from test_cli import cli, results
-from test_generator import SMOKE, build_strategy, refine_w4a4, tiny_gen_ctx
+from test_generator import SMOKE, build_strategy, refine_w4a4, smoke_run, tiny_gen_ctx
 from test_refine import _same, _state
 
 from calibbench import strategies
@@ -227,10 +226,8 @@ def test_bad_fdda_config_is_one_clear_error(compose, overrides, message):
 
 # -- the CLI ----------------------------------------------------------------------------------------------
 @pytest.mark.needs_shared
-def test_cli_fdda_end_to_end(tmp_path):
-    proc = cli(tmp_path, *SMOKE, "strategy=fdda", "budget.eval_limit=100")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (record,) = results(tmp_path)
+def test_fdda_end_to_end(compose, tmp_path):
+    record = smoke_run(compose, tmp_path, "strategy=fdda", "budget.eval_limit=100")
     assert record["status"] == "ok" and record["refine"]["name"] == "fdda"
     info = record["calibration"]["info"]
     assert record["calibration"]["strategy"] == "fdda" and len(info["real_indices"]) == 10

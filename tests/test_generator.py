@@ -11,7 +11,6 @@ import re
 import pytest
 import torch
 from conftest import run_twice, tiny_datamodule
-from test_cli import cli, results
 from test_refine import TinyNet, _qweights, _same, _state
 from torch import nn
 
@@ -272,13 +271,17 @@ def test_nan_in_the_generator_fails_the_run_naming_player_step_and_term(compose,
 
 # -- the CLI ---------------------------------------------------------------------------------------
 @pytest.mark.needs_shared
-def test_cli_gdfq_end_to_end_and_refine_none_error(tmp_path):
-    proc = cli(tmp_path, *SMOKE, "strategy=gdfq", "budget.eval_limit=100")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (record,) = results(tmp_path)
+def smoke_run(compose, tmp_path, *overrides: str) -> dict:  # noqa: ANN001
+    """One run at budget=smoke, in-process (compose + pipeline.run, what the CLI calls; the CLI's
+    own wrapping is tested in test_cli.py)."""
+    cfg = compose(*SMOKE, *overrides, f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}")
+    return run(cfg, tmp_path / "run")
+
+
+def test_gdfq_end_to_end_and_refine_none_error(compose, tmp_path):
+    record = smoke_run(compose, tmp_path, "strategy=gdfq", "budget.eval_limit=100")
     assert record["status"] == "ok" and record["refine"]["name"] == "gdfq"
     assert record["calibration"]["strategy"] == "gdfq" and record["calibration"]["synthetic"]
     assert "generator/bns" in record["refine"]["curve"] and record["timings"]["refine"] > 0
-    (tmp_path / "bad").mkdir()
-    bad = cli(tmp_path / "bad", *SMOKE, "strategy=gdfq", "refine=none")
-    assert bad.returncode != 0 and "trained together inside the refinement stage" in bad.stderr + bad.stdout
+    with pytest.raises(ConfigError, match="trained together inside the refinement stage"):
+        smoke_run(compose, tmp_path / "bad", "strategy=gdfq", "refine=none")
