@@ -57,10 +57,23 @@ def test_every_refiner_exports_and_agrees(runs, refine, bits):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["selectq", "zeroq"])
-def test_other_strategies_export(runs, strategy):
-    record, _ = runs(strategy=strategy, bits=4)
-    assert record["export"]["onnx"]["agreement"] >= 99.0
+@pytest.mark.parametrize(("strategy", "refine"), [("selectq", "none"), ("zeroq", "none"), ("dsg", "none"),
+                                                  ("plf", "plf"), ("gdfq", "gdfq"), ("fdda", "fdda"),
+                                                  ("clusterq", "clusterq")])
+def test_every_strategy_exports(runs, strategy, refine):
+    """Every registered strategy, with its own refiner where it has one (the generator strategies
+    train inside it; PLF's objective is refine=plf), at W4A4."""
+    record, _ = runs(strategy=strategy, refine=refine, bits=4)
+    entry = record["export"]["onnx"]
+    assert entry["agreement"] >= 99.0, entry
+    assert entry["top1_fake_quant"] == record["metrics"]["quant"]["top1"] and entry["qlinear_nodes"] == 9
+
+
+def test_the_strategy_list_above_is_every_registered_one():
+    from calibbench import strategies
+
+    params = next(m for m in test_every_strategy_exports.pytestmark if m.name == "parametrize").args[1]
+    assert {s for s, _ in params} | {"random"} == set(strategies.available())
 
 
 @pytest.mark.slow
