@@ -24,7 +24,7 @@ def compose(*overrides: str):  # noqa: ANN201 - a DictConfig
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from calibbench.config import register_configs
+    from calibbench.store import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
