@@ -20,19 +20,21 @@ from calibbench.strategies import build
 from calibbench.strategies.random import RandomConfig
 from calibbench.strategies.selectq import (
     ActivationStats,
-    CentroidUpdater,
     SelectQ,
     SelectQConfig,
+    pool_and_order,
+    residual_summary,
+    validate,
+)
+from calibbench.strategies.selectq_clustering import (
+    CentroidUpdater,
     StatsLayout,
     knowledge_distance,
     lambda_schedule,
-    pool_and_order,
     rank,
-    residual_summary,
     score,
     score_pool,
     update_centroids,
-    validate,
 )
 
 CIFAR_DIR = SHARED / "data" / "cifar10-jpeg"
