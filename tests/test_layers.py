@@ -8,7 +8,7 @@ Layers, bottom to top (DESIGN.md "Layers"; docs/architecture.md):
     config, registry                        schemas, validation, errors, the name registry
     quant, datasets, models, bnstats,       building blocks and leaf services
     evaluate, cache, seeding, tracking,
-    generator, figures
+    generator, figures, record
     strategies, refine                      the stages
     diagnostics, deploy, preflight          what runs around the stages
     pipeline                                one run
@@ -28,7 +28,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "calibbench"
 
 LAYERS: list[set[str]] = [
     {"config", "registry"},
-    {"quant", "datasets", "models", "bnstats", "evaluate", "cache", "seeding", "tracking", "generator", "figures"},
+    {"quant", "datasets", "models", "bnstats", "evaluate", "cache", "seeding", "tracking", "generator", "figures",
+     "record"},
     {"strategies", "refine"},
     {"diagnostics", "deploy", "preflight"},
     {"pipeline"},
@@ -59,6 +60,10 @@ def import_graph() -> dict[str, set[str]]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
+            elif (isinstance(node, ast.ImportFrom) and node.module == "calibbench"
+                  and all(a.name.startswith("__") for a in node.names)):
+                continue  # `from calibbench import __version__`: a constant of the package root, which
+                # imports nothing at import time (its `run` reaches the pipeline only when called)
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 # `from calibbench import refine` imports calibbench.refine, not the package root
                 subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules]

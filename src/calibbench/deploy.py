@@ -34,12 +34,11 @@ from calibbench.config import effective_bits
 from calibbench.quant.adaround import attach
 from calibbench.quant.export import ExportError, compare, count_kernels, export_onnx, ort_session, snap_bias
 from calibbench.quant.modules import QuantConv2d, QuantLinear
+from calibbench.record import RESULT_FILE, STATE_FILE
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "quant_state.pt"
 ONNX_FILE = "model.onnx"
-RESULT_FILE = "result.json"
 STATE_FORMAT = "calibbench.quant_state/1"
 FORMATS = ("onnx",)
 _ROUNDING = ".weight_rounding."

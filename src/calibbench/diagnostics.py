@@ -45,11 +45,10 @@ from calibbench import quant
 from calibbench.cache import atomic_write_bytes
 from calibbench.config import ConfigError
 from calibbench.quant.modules import QuantAct
+from calibbench.record import DIAGNOSTICS_FILE, FIGURE_FILE
 
 log = logging.getLogger(__name__)
 
-DIAGNOSTICS_FILE = "diagnostics.json"
-FIGURE_FILE = "diagnostics.png"
 PERCENTILES = (0.001, 0.999)
 
 

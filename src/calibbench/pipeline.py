@@ -6,40 +6,33 @@ it, timed, and failure handling wraps the whole run once (status and error go in
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import platform
-import random
-import subprocess
-import sys
 import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from calibbench import __version__, datasets, deploy, models, quant, refine, strategies
+from calibbench import datasets, deploy, models, quant, refine, strategies
 from calibbench.cache import Cache, atomic_write_bytes, content_key, source_digest
 from calibbench.config import ConfigError, effective_bits, resolve_threads, to_container
 from calibbench.evaluate import evaluate
 from calibbench.preflight import preflight
 from calibbench.quant.export import snap_bias
+from calibbench.record import RESULT_FILE, versions
+from calibbench.seeding import seed_everything
 from calibbench.tracking import tracker
 
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "result.json"
 # Keys that change how a run is executed or logged, not what it computes.
 _NOT_IN_RUN_KEY = ("logger", "progress", "resume", "threads", "paths", "guard")
-_PACKAGES = ("torch", "torchvision", "pytorchcv", "hydra-core", "omegaconf", "lightning", "wandb", "numpy")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -49,50 +42,6 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"device={name!r} requested but CUDA is not available on this machine; "
                           f"valid choices here: auto, cpu")
     return torch.device(name)
-
-
-def _git_commit() -> str:
-    """The checkout's commit (``+dirty`` with uncommitted changes), or ``unknown`` outside git."""
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
-                               cwd=here, capture_output=True, text=True, timeout=10, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{head}+dirty" if dirty.strip() else head
-
-
-@functools.lru_cache(maxsize=8)
-def _loaded_source_digest(modules: tuple[str, ...]) -> str:
-    """Digest of the source of ``modules``; once per process and module set (code that is loaded
-    does not change, and a sweep's jobs would otherwise re-read and re-parse it every run)."""
-    try:
-        return source_digest(modules)
-    except ImportError:  # a module without Python source (e.g. compiled): say so, do not fail the run
-        return "unknown"
-
-
-def versions() -> dict[str, str]:
-    """Package versions plus which code ran: the git commit of the checkout (if any) and a digest
-    of the source of every calibbench module loaded (every strategy and refiner is loaded by
-    then), exact even for an installed wheel or a dirty tree."""
-    loaded = tuple(sorted(m for m in list(sys.modules) if m == "calibbench" or m.startswith("calibbench.")))
-    found = {"python": platform.python_version(), "calibbench": __version__,
-             "calibbench_git": _git_commit(), "calibbench_source": _loaded_source_digest(loaded)}
-    for pkg in _PACKAGES:
-        try:
-            found[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            found[pkg] = "not installed"
-    return found
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def run_key(cfg: DictConfig) -> str:

@@ -23,10 +23,10 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import pandas as pd
 
+from calibbench.record import DIAGNOSTICS_FILE, RESULT_FILE
+
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "result.json"  # pipeline.RESULT_FILE; not imported, the pipeline pulls in torch models
-DIAGNOSTICS_FILE = "diagnostics.json"  # diagnostics.DIAGNOSTICS_FILE, same reason
 MISSING = "<missing>"  # a field a job's config lacks or leaves null (the default): one value
 DEVIATIONS = "paper_deviations"  # flat key: the record's calibration.paper_deviations, joined
 STRATEGY, REFINE = "strategy", "refine"
