@@ -1,4 +1,4 @@
-"""Run every bad input of the README's table and print the table (input, exit code, message).
+"""Run every bad input of the table in docs/usage.md and print the table (input, exit code, message).
 
 The message is stderr's last line (Hydra's own composition errors: their first two lines).
 
