@@ -48,15 +48,22 @@ def _calibbench_imports(name: str, source: str) -> set[str]:
                 continue
             for alias in node.names:  # `from calibbench import datasets` names a submodule
                 sub = f"{base}.{alias.name}"
-                found.add(sub if importlib.util.find_spec(base) and _is_module(sub) else base)
+                found.add(sub if _is_submodule(base, alias.name) else base)
     return found
 
 
-def _is_module(name: str) -> bool:
+def _is_submodule(package: str, name: str) -> bool:
+    """Whether ``package.name`` is a module file, found without importing it: asking
+    ``find_spec`` for ``module.attribute`` would execute ``module`` (for ``refine.alternating``
+    that imports Lightning, ~3 s a process, only to learn that ``warm_up`` is a function)."""
     try:
-        return importlib.util.find_spec(name) is not None
+        spec = importlib.util.find_spec(package)  # imports package's parents, never package itself
     except (ImportError, ValueError):
         return False
+    if spec is None or not spec.submodule_search_locations:  # a plain module: names are attributes
+        return False
+    return any((Path(loc) / f"{name}.py").is_file() or (Path(loc) / name / "__init__.py").is_file()
+               for loc in spec.submodule_search_locations)
 
 
 @lru_cache(maxsize=None)
