@@ -38,6 +38,9 @@ class Refiner(ABC):
     """One refinement method. ``cfg`` is the RefineConfig."""
 
     name: str = ""
+    # What the refiner needs from the calibration stage: "generator" = a strategy that trains one
+    # (``Strategy.trains_generator``); None = any calibration set.
+    requires: Optional[str] = None
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -216,18 +219,16 @@ def validate(cfg: Any) -> None:
 
 
 def _check_strategy(cfg: Any) -> None:
-    """A generator refiner (refine=gdfq, ...) needs a generator strategy to train."""
+    """A refiner that requires a generator (refine=gdfq, ...) needs a strategy that trains one:
+    both sides declare it (``Refiner.requires``, ``Strategy.trains_generator``), so neither
+    imports the other's module."""
     from calibbench import strategies
-    from calibbench.refine.generative import GeneratorRefiner
-    from calibbench.strategies.generative import GeneratorStrategy
 
-    refiner = _REGISTRY.get(cfg.refine.name)
-    if issubclass(refiner, GeneratorRefiner) and cfg.strategy.name in strategies.available():
-        strategy = strategies.build(cfg.strategy)
-        if not isinstance(strategy, GeneratorStrategy):
-            raise ConfigError(f"refine={cfg.refine.name} trains a generator together with the quantized "
-                              f"model and needs a generator strategy; strategy={cfg.strategy.name} has "
-                              f"none. Use refine=kd with it")
+    if (_REGISTRY.get(cfg.refine.name).requires == "generator" and cfg.strategy.name in strategies.available()
+            and not strategies.get(cfg.strategy.name).trains_generator):
+        raise ConfigError(f"refine={cfg.refine.name} trains a generator together with the quantized "
+                          f"model and needs a generator strategy; strategy={cfg.strategy.name} has "
+                          f"none. Use refine=kd with it")
 
 
 def run(qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any, cfg: Any,

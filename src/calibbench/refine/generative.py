@@ -22,14 +22,15 @@ from calibbench.refine import _REGISTRY, Refiner, _empty, check_feature_modules,
 
 
 class GeneratorRefiner(Refiner):
-    """Alternating generator / quantized-model training; needs a GeneratorStrategy."""
+    """Alternating generator / quantized-model training; needs a strategy that trains a generator."""
+
+    requires = "generator"
 
     def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any,
             track: Any = None) -> dict[str, Any]:
         from calibbench.refine.alternating import train_alternating  # Lightning only when training
-        from calibbench.strategies.generative import GeneratorStrategy
 
-        if not isinstance(strategy, GeneratorStrategy):
+        if not getattr(strategy, "trains_generator", False):
             raise ConfigError(f"refine={self.cfg.name} trains a generator and needs a generator strategy "
                               f"(gdfq, ...); strategy {getattr(strategy, 'name', strategy)!r} has none. "
                               f"Use refine=kd with it")

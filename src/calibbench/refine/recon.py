@@ -779,9 +779,7 @@ def generator_sampler(strategy: Any, ctx: Any, calib: Any) -> Any:
     """``n -> n fresh images`` from a generator strategy's warmed-up generator (the state it
     handed on with its calibration set), seeded by the run (``refine.source=generator``: Genie's
     data-free reconstruction on a generator's stream). The generator is not trained further."""
-    from calibbench.strategies.generative import GeneratorStrategy
-
-    if not isinstance(strategy, GeneratorStrategy) or "generator" not in calib.state:
+    if not getattr(strategy, "trains_generator", False) or "generator" not in calib.state:
         raise ConfigError(f"refine.source=generator reconstructs on a generator strategy's images; "
                           f"strategy {getattr(strategy, 'name', strategy)!r} has no generator "
                           f"(use gdfq, fdda or clusterq, or refine.source=calibration)")

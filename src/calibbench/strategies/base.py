@@ -109,6 +109,9 @@ class Strategy(ABC):
 
     name: str = ""
     synthetic: bool = False  # True when images are generated, not selected from the train split
+    # True when the images come from a generator trained inside the refinement stage: what a
+    # refiner declaring ``requires = "generator"`` needs (checked by refine.validate, before work).
+    trains_generator: bool = False
     # The paper's reading of each config field whose calibbench default departs from it (e.g.
     # SelectQ's select: the paper says "highest"). A run that departs is labelled as such.
     paper_reading: dict[str, Any] = {}

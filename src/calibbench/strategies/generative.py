@@ -87,6 +87,7 @@ class GeneratorStrategy(Strategy):
     """A strategy whose images come from a conditional generator trained against the FP model."""
 
     synthetic = True
+    trains_generator = True
     bn_correction = 0  # batch statistics as a BN layer in training mode sees them (biased variance)
 
     # -- hooks for subclasses ---------------------------------------------------------------------
