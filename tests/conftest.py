@@ -87,9 +87,9 @@ def tiny_data():
     return tiny_datamodule()
 
 
-@pytest.fixture(scope="session")
-def compose() -> Callable:
-    """compose(*overrides) -> the real config from conf/, with test-friendly defaults first."""
+def config_composer() -> Callable:
+    """compose(*overrides) -> the real config from conf/, with test-friendly defaults first (also
+    used outside pytest: tests/test_same_numbers.py --write)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -104,6 +104,11 @@ def compose() -> Callable:
                                  return_hydra_config=return_hydra_config)
 
     return _compose
+
+
+@pytest.fixture(scope="session")
+def compose() -> Callable:
+    return config_composer()
 
 
 @pytest.fixture(scope="session")

@@ -102,23 +102,9 @@ if __name__ == "__main__":  # python tests/test_same_numbers.py --write
 
     if sys.argv[1:2] != ["--write"]:
         sys.exit("usage: python tests/test_same_numbers.py --write [case ...]")
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from conftest import config_composer  # its import sets the offline paths and one thread, as in pytest
 
-    from calibbench.store import register_configs
-
-    register_configs()
-    shared = HERE.parent.parent / "shared"
-    for var, sub in (("CALIBBENCH_DATA_DIR", "data"), ("CALIBBENCH_WEIGHTS_DIR", "weights"), ("WANDB_MODE", None)):
-        import os
-
-        os.environ.setdefault(var, str(shared / sub) if sub else "disabled")
-    torch.set_num_threads(1)
-
-    def composer(*overrides: str) -> Any:  # as conftest.compose
-        with initialize_config_dir(config_dir=str(HERE.parent / "conf"), version_base="1.3"):
-            return hydra_compose("config", overrides=["logger.mode=disabled", "progress=false", *overrides])
-
+    composer = config_composer()
     record = json.loads(EXPECTED.read_text()) if EXPECTED.is_file() else {}
     only = sys.argv[2:] or sorted(CASES)  # --write [case ...]: rerecord only those
     for case in only:

@@ -14,6 +14,7 @@ dropped.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -332,12 +333,19 @@ def _isnan(value: Any) -> bool:
     return isinstance(value, float) and np.isnan(value)
 
 
+@functools.lru_cache(maxsize=4096)
+def _read_json(path: str, mtime_ns: int) -> dict:
+    """One parse per file version: the diagnostics table and the figures read the same files.
+    Callers only read the result."""
+    return json.loads(Path(path).read_text())
+
+
 def load_diagnostics(root: Path, cell: Cell) -> Iterator[dict]:
     """The diagnostics.json of each ok job of ``cell`` that wrote one."""
     for rel in cell.job_paths:
         path = Path(root) / rel / DIAGNOSTICS_FILE
         if path.is_file():
             try:
-                yield json.loads(path.read_text())
+                yield _read_json(str(path), path.stat().st_mtime_ns)
             except (OSError, ValueError):
-                log.warning("unreadable %s: left out of the diagnostics plot", path)
+                log.warning("unreadable %s: left out of the diagnostics table and plot", path)

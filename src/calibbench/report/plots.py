@@ -168,7 +168,7 @@ def plot_diagnostics(summary: Summary, out_dir: Path) -> list[Path]:
             runs = list(load_diagnostics(summary.root, c))
             if runs:
                 est = ", ".join(v.estimator_opts(c))
-                name = v.variant(summary, c).split(" · ")[0]
+                name = v.strategy_label(summary, c)
                 groups[(v.bits_of(summary, c), est)][f"{name} (n={len(runs)})"] = average_layers(runs)
         for (b, est), lines in sorted(groups.items(), key=lambda kv: (v.bits_order(kv[0][0]), kv[0][1])):
             title = f"{v.panel_title(summary, panel)} · {v.bits_label(*b)}" + (f" · {est}" if est else "")

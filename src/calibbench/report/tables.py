@@ -137,7 +137,7 @@ def _estimator_section(summary: Summary, cells: list[Cell], diffs: dict[int, sig
         col = f"{est_label[c.key]} · {v.bits_label(*v.bits_of(summary, c))}"
         if col not in cols:
             cols.append(col)
-        name = v.variant(summary, c).split(" · ")[0]
+        name = v.strategy_label(summary, c)
         d = diffs.get(id(c))
         rows[name][col] = _top1_text(c) + (f"<br>Δ {d.text()}" if d else "")
     order = sorted(cols, key=lambda t: (t.rsplit(" · ", 1)[1], cols.index(t)))
@@ -174,7 +174,7 @@ def _diagnostics_section(summary: Summary, cells: list[Cell]) -> list[str]:
         order = v.row_order(summary, c)
         rows.append(((order[0], v.bits_order(v.bits_of(summary, c)), order[1:]), [
                      ", ".join(v.estimator_opts(c)) or "preset default",
-                     v.bits_label(*v.bits_of(summary, c)), v.variant(summary, c).split(" · ")[0], len(frame),
+                     v.bits_label(*v.bits_of(summary, c)), v.strategy_label(summary, c), len(frame),
                      fmt(frame["ri"].mean(), std["ri"]), fmt(frame["clip"].mean(), std["clip"]),
                      fmt(frame["snr"].mean(), std["snr"])]))
     if not rows:

@@ -113,6 +113,12 @@ def is_reference(summary: Summary, cell: Cell) -> bool:
     return all(summary.value(cell, f) == MISSING for f in strategy_labels(summary)[1:])
 
 
+def strategy_label(summary: Summary, cell: Cell) -> str:
+    """The row label without the estimator part: for tables and figures that set estimators apart
+    in columns or titles."""
+    return variant(summary, cell).split(" · ")[0]
+
+
 def bits_of(summary: Summary, cell: Cell) -> tuple[Any, Any]:
     return summary.value(cell, "w_bits"), summary.value(cell, "a_bits")
 
