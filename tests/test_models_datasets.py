@@ -75,3 +75,25 @@ def test_spread_indices_cover_all_classes(cifar):
     idx = datasets.spread_indices(len(cifar.test), 50)
     labels = {cifar.test.targets[i] for i in idx}
     assert len(idx) == 50 and labels == set(range(10))
+
+
+def test_folder_listing_is_read_once_and_follows_added_or_removed_files(tmp_path, monkeypatch):
+    """The listing memo (a sweep builds the same split many times): a second build does not list
+    the folders again; a file added to or removed from a class folder is seen by the next build."""
+    from PIL import Image
+
+    for wnid in ("a", "b"):
+        (tmp_path / wnid).mkdir()
+        for i in range(2):
+            Image.new("RGB", (4, 4)).save(tmp_path / wnid / f"{i}.jpg")
+    first = datasets.SampledImageFolder(str(tmp_path), None)
+    calls = []
+    real = datasets.SampledImageFolder._list
+    monkeypatch.setattr(datasets.SampledImageFolder, "_list",
+                        lambda self, *a: calls.append(a) or real(self, *a))
+    assert datasets.SampledImageFolder(str(tmp_path), None).samples == first.samples and not calls
+    Image.new("RGB", (4, 4)).save(tmp_path / "b" / "new.jpg")
+    assert len(datasets.SampledImageFolder(str(tmp_path), None).samples) == 5 and len(calls) == 1
+    (tmp_path / "a" / "0.jpg").unlink()
+    assert [p for p, _ in datasets.SampledImageFolder(str(tmp_path), None).samples] == \
+        [str(tmp_path / n) for n in ("a/1.jpg", "b/0.jpg", "b/1.jpg", "b/new.jpg")]

@@ -47,7 +47,7 @@ def test_any_input_of_the_set_misses_the_cache(compose, tiny_data, change):
 
 @pytest.mark.parametrize("change", [
     ("logger.mode=offline",), ("progress=true",), ("threads=1",), ("bits=8",), ("quant=academic",),
-    ("budget.eval_limit=10",), ("eval_split=val",), ("dataset.num_workers=0",), ("refine=none",),
+    ("budget.eval_limit=10",), ("eval_split=val",), ("dataset.num_workers=3",), ("refine=none",),
 ])
 def test_how_a_run_is_logged_or_evaluated_hits_the_cache(compose, tiny_data, change):
     assert _key(compose, tiny_data) == _key(compose, tiny_data, *change)
