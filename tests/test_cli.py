@@ -33,16 +33,6 @@ def test_default_experiment_end_to_end(tmp_path):
     assert "FP top-1" in proc.stdout and "quant top-1" in proc.stdout
 
 
-def test_multirun_over_bits_reuses_the_selection(tmp_path):
-    # Two jobs: a bits sweep that reuses one selection (seeds x bits: test_sweeps.py's 2x2 sweep)
-    proc = cli(tmp_path, "budget=smoke", "num_samples=16", "budget.eval_limit=50", "bits=4,8", "seed=0", multirun=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    records = results(tmp_path / "sweeps")
-    assert len(records) == 2 and all(r["status"] == "ok" for r in records)
-    assert sorted((r["config"]["bits"], r["seed"]) for r in records) == [(4, 0), (8, 0)]
-    assert sum(r["calibration"]["cache_hit"] for r in records) == 1  # one selection for both bit-widths
-
-
 BAD = [
     (["strategy=nope"], ["nope", "random"]),
     (["model=nope"], ["nope", "resnet20_cifar10"]),

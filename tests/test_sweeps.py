@@ -172,6 +172,9 @@ def test_two_by_two_sweep_writes_summary_and_resumes(tmp_path):
     found = results(sweep_dir)
     assert sorted(found) == [f"random/resnet20_cifar10/bits{b}/seed{s}/{SUBDIR}" for b in (4, 8) for s in (0, 1)]
     assert all(r["status"] == "ok" for r in found.values())
+    # A bits sweep reuses the selection: one calibration set per seed, found again at the other bits
+    assert sorted((r["seed"], r["calibration"]["cache_hit"]) for r in found.values()) == \
+        [(0, False), (0, True), (1, False), (1, True)]
     rows = summary_rows(sweep_dir)
     assert [(r["strategy"], r["w_bits"], r["n"], r["seeds"]) for r in rows] == \
         [("random", "4", "2", "0 1"), ("random", "8", "2", "0 1")]
