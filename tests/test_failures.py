@@ -240,7 +240,6 @@ def test_smoke_selectq_selects_differently_from_random(compose, tmp_path):
     sel = _run(compose, tmp_path / "s", "strategy=selectq", "budget=smoke")
     assert len(rand["calibration"]["indices"]) == len(sel["calibration"]["indices"]) == cfg.num_samples
     assert set(rand["calibration"]["indices"]) != set(sel["calibration"]["indices"])
-    assert rand["timings"]["total"] < 15 and sel["timings"]["total"] < 15
 
 
 # -- 8. W&B honours the environment ------------------------------------------------------------------
