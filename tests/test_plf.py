@@ -361,11 +361,31 @@ def test_low_term_is_eq9_on_hand_made_logits(compose):
     assert torch.equal(s_logits.grad[2], torch.zeros(10)) and bool((s_logits.grad[:2] != 0).all())
 
 
-def test_hast_features_are_the_unit_bodies():
+def test_hast_features_are_the_unit_bodies(compose):
+    """refine.plf.features=hast hooks HAST's layers: on resnet20 the 9 ResUnit.body outputs
+    (before the residual add), in the FP and the quantized model; the default stays ``stages``."""
     from pytorchcv.model_provider import get_model
 
     from calibbench.refine.plf import hast_modules
 
-    names = hast_modules(get_model("resnet20_cifar10", pretrained=False))
-    assert len(names) == 9 and all(n.endswith(".body") for n in names)
-    assert names[0] == "features.stage1.unit1.body"
+    teacher = get_model("resnet20_cifar10", pretrained=False).eval()
+    bodies = [f"features.stage{s}.unit{u}.body" for s in (1, 2, 3) for u in (1, 2, 3)]
+    assert hast_modules(teacher) == bodies
+    student = quant.quantize(teacher, QuantConfig(name="dfq_legacy"), 4, 4)
+    assert _refine_cfg(compose).plf.features == "stages"
+    cfg = _refine_cfg(compose, "refine.plf.features=hast")
+    term = FeatureMSE(cfg)
+    term.setup(RefinePlan(steps=1, batch_size=2, num_images=2, student=student, teacher=teacher))
+    assert term.feature_modules == tuple(bodies)
+    # a body's output is the residual branch alone: the unit adds the identity and applies ReLU
+    unit = teacher.features.stage1.unit2
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(unit(x), torch.relu(unit.body(x) + x))
+        assert float(unit.body(x).min()) < 0  # before the activation
+    # HAST's other two hooks, and the fallback to the units for blocks HAST does not hook
+    v2 = hast_modules(get_model("mobilenetv2_w1", pretrained=False))
+    assert len(v2) == 17 and all(n.endswith(".conv3") for n in v2)
+    v1 = hast_modules(get_model("mobilenet_w1", pretrained=False))
+    assert len(v1) == 13 and all(n.endswith(".pw_conv.bn") for n in v1)
+    assert hast_modules(Net()) == unit_modules(Net())
