@@ -182,8 +182,10 @@ def test_clusterq_smoke_trains_the_quantized_model_and_records_the_centroids(com
     # Every synthetic image counts as correctly classified, so the EMA runs at every step after
     # its warm-up and the assertions below cannot pass on an EMA that never ran.
     original = clusterq.ema_update
+    calls: list[int] = []
 
     def always_correct(state, out, decay):  # noqa: ANN001, ANN202
+        calls.append(out.step)
         logits = torch.nn.functional.one_hot(out.labels, out.logits.shape[1]).float()
         return original(state, dataclasses.replace(out, logits=logits), decay)
 
@@ -192,6 +194,7 @@ def test_clusterq_smoke_trains_the_quantized_model_and_records_the_centroids(com
     assert cfg.refine.name == "clusterq" and cfg.refine.temperature == 20.0
     teacher, ctx = _tiny(make_ctx, warmup=2, steps=3)
     before = _state(teacher)
+    init = strategy.setup_state(ctx, find_bn_layers(teacher))  # the centroids before any EMA
     calib = strategy.calibration_set(ctx)
     info = calib.info
     assert info["warmup_steps"] == 2 and info["ema_warmup_steps"] == 1
@@ -199,6 +202,15 @@ def test_clusterq_smoke_trains_the_quantized_model_and_records_the_centroids(com
     assert {"generator/align", "generator/diversity", "generator/ce", "generator/bns"} <= set(info["warmup_curve"])
     assert info["centroid_shift"]["step"] == [2]  # one EMA update: step 2, after the warm-up step
     assert info["centroid_shift"]["classes_updated"][0] > 0 and info["centroid_shift"]["shift"][0] > 0
+    # the EMA changed the centroids the strategy carries on (not a copy): the updated classes
+    # moved off their BN-statistics start, the others kept it
+    warm = calib.state["strategy"]
+    updated = warm["ema_updates"] > 0
+    assert calls == [2] and int(updated.sum()) == info["centroid_shift"]["classes_updated"][0] > 0
+    for key in ("centroid_mean", "centroid_std"):
+        assert (warm[key][updated] != init[key][updated]).any(dim=1).all(), key
+        assert torch.equal(warm[key][~updated], init[key][~updated]), key
+    warm = {k: v.clone() for k, v in warm.items() if isinstance(v, torch.Tensor)}
     rec = refine_w4a4(teacher, strategy, ctx, calib, cfg, before)
     assert _same(before, _state(teacher))
     assert rec["steps"] == 3 and rec["curve"]["step"] == [3, 4, 5]
@@ -208,6 +220,14 @@ def test_clusterq_smoke_trains_the_quantized_model_and_records_the_centroids(com
     assert all(math.isfinite(v) and v > 0 for v in shift["shift"]) and all(shift["classes_updated"])
     assert sum(rec["ema_updates_per_class"]) == sum(shift["classes_updated"]) + sum(
         info["centroid_shift"]["classes_updated"])
+    # the refinement's EMA continued from the warmed-up centroids and moved them further
+    final = strategy._state
+    assert calls == [2, 3, 4, 5]
+    again = final["ema_updates"].cpu() > warm["ema_updates"]
+    assert bool(again.any())
+    for key in ("centroid_mean", "centroid_std"):
+        assert (final[key].cpu()[again] != warm[key][again]).any(dim=1).all(), key
+        assert torch.equal(final[key].cpu()[~again], warm[key][~again]), key
 
 
 def test_shift_record_is_thinned(compose):

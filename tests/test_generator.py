@@ -155,7 +155,20 @@ def test_gdfq_smoke_step_trains_the_quantized_model_and_leaves_the_fp_model_bit_
     # the generator kept training: its refinement starts from the warmed-up weights and Adam
     # moments (2 warm-up + 2 refinement steps), not from scratch
     (weights, opt), = seen
-    assert all(torch.equal(weights[k], v) for k, v in calib.state["generator"].items())
+    warmed = calib.state["generator"]
+    assert weights.keys() == warmed.keys()
+    assert all(torch.equal(weights[k], v) for k, v in warmed.items())
+    # ...and the warm-up really moved the generator, so a re-initialised generator (same seeded
+    # init stream) could not pass the equality above: its weights and images differ
+    fresh = strategy.build_generator(ctx)
+    moved = [k for k, v in fresh.state_dict().items() if v.is_floating_point() and not torch.equal(v, warmed[k])]
+    assert sum(fresh.state_dict()[k].numel() for k in moved) > 0.9 * sum(
+        v.numel() for v in warmed.values() if v.is_floating_point())
+    z, y = torch.randn(4, fresh.latent_dim, generator=torch.Generator().manual_seed(5)), torch.arange(4)
+    continued = strategy.build_generator(ctx)
+    continued.load_state_dict(weights)
+    with torch.no_grad():
+        assert not torch.allclose(continued.eval()(z, y), fresh.eval()(z, y))
     assert {int(st["step"]) for st in opt.state.values()} == {4}
     assert rec["curve"]["generator/lr"] == [1e-3, 1e-3]
 

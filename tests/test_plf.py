@@ -330,26 +330,62 @@ def test_pseudo_label_terms_compose_with_plain_kd(compose):
 
 
 def test_low_term_is_eq9_on_hand_made_logits(compose):
-    """eq. 8-10 by hand: a low-reliable sample (normalized entropy 0.76 > T_u = 0.5) with teacher
-    probabilities (0.3, 0.25, 0.15, ...) has primary 0, secondary 1, lambda_p = 0.3/0.55,
-    lambda_s = 0.25/0.55; a confident sample is left out."""
+    """eq. 8-10 by hand on a batch of three: two low-reliable samples (normalized entropy > T_u =
+    0.5 at the first epoch) and a confident one, which eq. 9 leaves out. Sample 0: teacher
+    probabilities (0.3, 0.25, 0.15, ...), primary 0, secondary 1, lambda = 0.3/0.55, 0.25/0.55;
+    sample 1: primary 3 (0.4), secondary 8 (0.2), lambda = 2/3, 1/3. The quantized model's own
+    top-2 (classes 1, 7 and 0, 9) are not the labels: the labels are the FP model's. eq. 9 is the
+    mean over the N_l = 2 low-reliable samples (not the batch of 3, not a sum)."""
     cfg = _refine_cfg(compose)
+    assert (cfg.plf.t_low, cfg.plf.t_high) == (0.2, 0.5)  # CIFAR's
     term = LowReliableCE(cfg)
-    term.setup(RefinePlan(steps=1, batch_size=2, num_images=2, student=None, teacher=None))
-    probs = torch.tensor([[0.3, 0.25, 0.15, 0.1, 0.1, 0.05, 0.05, 0.0, 0.0, 0.0], [1.0 - 9e-6] + [1e-6] * 9])
+    term.setup(RefinePlan(steps=1, batch_size=3, num_images=3, student=None, teacher=None))
+    probs = torch.tensor([[0.3, 0.25, 0.15, 0.1, 0.1, 0.05, 0.05, 0.0, 0.0, 0.0],
+                          [0.05, 0.1, 0.02, 0.4, 0.03, 0.05, 0.05, 0.05, 0.2, 0.05],
+                          [1.0 - 9e-6] + [1e-6] * 9])
+    entropy = self_entropy(probs)
+    assert entropy[0] > 0.5 and entropy[1] > 0.5 and entropy[2] < 0.2
     t_logits = torch.log(probs.clamp(min=1e-12))
-    s_logits = torch.tensor([[0.2, 1.0, -0.5, 0.1, 0.0, 0.3, -1.0, 0.4, 0.0, 0.2], [3.0] + [0.0] * 9])
+    s_logits = torch.tensor([[0.2, 1.0, -0.5, 0.1, 0.0, 0.3, -1.0, 0.4, 0.0, 0.2],
+                             [2.0, 0.1, 0.3, -0.2, 0.0, 0.5, -1.0, 0.4, 0.0, 1.5],
+                             [-3.0] + [0.5] * 9], requires_grad=True)
     out = StepOutputs(s_logits, t_logits, step=1)
-    log_q = torch.log_softmax(s_logits[0], 0)
-    want = -(0.3 / 0.55) * log_q[0] - (0.25 / 0.55) * log_q[1]
-    assert float(term(out)) == pytest.approx(float(want), rel=1e-5)
+    log_q = torch.log_softmax(s_logits.detach(), 1)
+    low_0 = -(0.3 / 0.55) * log_q[0, 0] - (0.25 / 0.55) * log_q[0, 1]
+    low_1 = -(0.4 / 0.6) * log_q[1, 3] - (0.2 / 0.6) * log_q[1, 8]
+    want = (low_0 + low_1) / 2
+    value = term(out)
+    assert float(value.detach()) == pytest.approx(float(want), rel=1e-5)
+    # the confident sample gets no gradient from eq. 9; the low-reliable ones do
+    value.backward()
+    assert torch.equal(s_logits.grad[2], torch.zeros(10)) and bool((s_logits.grad[:2] != 0).all())
 
 
-def test_hast_features_are_the_unit_bodies():
+def test_hast_features_are_the_unit_bodies(compose):
+    """refine.plf.features=hast hooks HAST's layers: on resnet20 the 9 ResUnit.body outputs
+    (before the residual add), in the FP and the quantized model; the default stays ``stages``."""
     from pytorchcv.model_provider import get_model
 
     from calibbench.refine.plf import hast_modules
 
-    names = hast_modules(get_model("resnet20_cifar10", pretrained=False))
-    assert len(names) == 9 and all(n.endswith(".body") for n in names)
-    assert names[0] == "features.stage1.unit1.body"
+    teacher = get_model("resnet20_cifar10", pretrained=False).eval()
+    bodies = [f"features.stage{s}.unit{u}.body" for s in (1, 2, 3) for u in (1, 2, 3)]
+    assert hast_modules(teacher) == bodies
+    student = quant.quantize(teacher, QuantConfig(name="dfq_legacy"), 4, 4)
+    assert _refine_cfg(compose).plf.features == "stages"
+    cfg = _refine_cfg(compose, "refine.plf.features=hast")
+    term = FeatureMSE(cfg)
+    term.setup(RefinePlan(steps=1, batch_size=2, num_images=2, student=student, teacher=teacher))
+    assert term.feature_modules == tuple(bodies)
+    # a body's output is the residual branch alone: the unit adds the identity and applies ReLU
+    unit = teacher.features.stage1.unit2
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(unit(x), torch.relu(unit.body(x) + x))
+        assert float(unit.body(x).min()) < 0  # before the activation
+    # HAST's other two hooks, and the fallback to the units for blocks HAST does not hook
+    v2 = hast_modules(get_model("mobilenetv2_w1", pretrained=False))
+    assert len(v2) == 17 and all(n.endswith(".conv3") for n in v2)
+    v1 = hast_modules(get_model("mobilenet_w1", pretrained=False))
+    assert len(v1) == 13 and all(n.endswith(".pw_conv.bn") for n in v1)
+    assert hast_modules(Net()) == unit_modules(Net())

@@ -161,6 +161,28 @@ def test_regulariser_drives_h_to_zero_or_one():
 def test_rectified_sigmoid_is_clipped():
     v = torch.tensor([-50.0, 0.0, 50.0])
     assert rectified_sigmoid(v).tolist() == pytest.approx([0.0, 0.5, 1.0])
+    # AdaRound eq. 23: h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1), zeta = 1.1, gamma = -0.1
+    v = torch.linspace(-6, 6, 121)
+    assert torch.allclose(rectified_sigmoid(v), (torch.sigmoid(v) * 1.2 - 0.1).clamp(0, 1), atol=1e-7)
+
+
+def test_regulariser_is_adaround_eq_24():
+    """f_reg(V) = sum_ij 1 - |2 h(V_ij) - 1|^beta on hand-made V."""
+    layer = nn.Linear(4, 2)
+    wq = quant.UniformQuantizer(3, ch_axis=0, num_channels=2)
+    wq.set_range(layer.weight.detach().amin(1), layer.weight.detach().amax(1))
+    rounding = AdaRound(layer.weight, wq)
+    with torch.no_grad():
+        rounding.V.copy_(torch.tensor([[-9.0, -0.4, 0.0, 0.3], [1.1, 2.5, 9.0, -2.0]]))
+    h = (torch.sigmoid(rounding.V.detach()) * 1.2 - 0.1).clamp(0, 1)
+    for beta in (20.0, 11.0, 2.0):
+        want = float((1 - (2 * h - 1).abs() ** beta).sum())
+        assert float(rounding.regularizer(beta).detach()) == pytest.approx(want, rel=1e-6)
+    with torch.no_grad():  # undecided (h = 0.5) costs 1 per weight at any beta, decided 0
+        rounding.V.zero_()
+        assert float(rounding.regularizer(20.0)) == pytest.approx(8.0)
+        rounding.V.copy_(torch.tensor([[-9.0, 9.0, -9.0, 9.0], [9.0, 9.0, -9.0, -9.0]]))
+        assert float(rounding.regularizer(2.0)) == 0.0
 
 
 # -- unit boundaries -----------------------------------------------------------------------------
@@ -542,44 +564,76 @@ def test_adaround_records_the_units_modules(compose, make_ctx, tiny_data):
     assert record["units"][0]["modules"] == ["features.0", "features.1", "features.2"]
 
 
+def _annealed_beta(t: int, steps: int, warm: int, start: float = 20.0, end: float = 2.0) -> float:
+    """AdaRound's beta schedule as the reference code writes it (BRECQ/QDrop ``LinearTempDecay``):
+    ``start`` until the warm-up ends, then linear to ``end`` at the last iteration."""
+    if t < warm:
+        return start
+    rel = (t - warm) / (steps - warm)
+    return end + (start - end) * max(0.0, 1.0 - rel)
+
+
 def test_beta_schedule_and_regulariser_warm_up(compose, monkeypatch):
     from calibbench.refine.recon import Stage, UnitTrainer, beta_at, unit_data
 
     assert beta_at(0, 100, 20, (20.0, 2.0)) == 20.0 and beta_at(20, 100, 20, (20.0, 2.0)) == 20.0
     assert beta_at(60, 100, 20, (20.0, 2.0)) == pytest.approx(11.0)
     assert beta_at(100, 100, 20, (20.0, 2.0)) == pytest.approx(2.0)
+    for steps, warm in ((100, 20), (20000, 4000), (10, 2), (7, 0)):  # every iteration, the formula
+        for t in range(steps + 1):
+            assert beta_at(t, steps, warm, (20.0, 2.0)) == pytest.approx(_annealed_beta(t, steps, warm)), (t, steps)
     images = torch.randn(16, 3, 8, 8)
     qmodel = _calibrated(Toy().eval(), DFQ, 3, images).requires_grad_(False)
     unit = build_units(qmodel, "block", images[:1])[0][0]
     cfg = _recon_cfg(compose, "adaround")
+    assert (cfg.beta, cfg.warmup, cfg.round_lambda) == ([20.0, 2.0], 0.2, 0.01)  # AdaRound's values
     stage = Stage("weights", 10, True, False, 1e-3, 0.0)
     calls: list[float] = []
-    monkeypatch.setattr(AdaRound, "regularizer", lambda self, b: calls.append(b) or self.V.sum() * 0)
+    regs: list[float] = []
+    real = AdaRound.regularizer
+
+    def spy(self, b):  # noqa: ANN001, ANN202
+        calls.append(b)
+        value = real(self, b)
+        regs.append(float(value.detach()))
+        return value
+
+    monkeypatch.setattr(AdaRound, "regularizer", spy)
+    # the reconstruction term is zeroed: what a step reports is lambda x the regulariser alone
+    monkeypatch.setattr(recon, "recon_loss", lambda out, *args, **kwargs: out.sum() * 0.0)
     data = unit_data(qmodel, unit, images, cfg, 8, torch.device("cpu"), stage)
+    values = []
     with UnitTrainer(qmodel, unit, data, cfg, stage, 8, torch.Generator().manual_seed(0), "t") as trainer:
-        assert trainer.warm == 2
+        assert trainer.warm == 2  # 20 % of 10 iterations
         for it in range(10):
-            trainer.step(it)
+            before = len(regs)
+            values.append((trainer.step(it), regs[before:]))
     per_step = len(trainer.roundings)
-    assert calls[:per_step] == [20.0] * per_step and len(calls) == 8 * per_step  # none before it=2
-    assert calls[-1] == pytest.approx(beta_at(9, 10, 2, (20.0, 2.0)))
+    assert per_step > 0 and len(calls) == 8 * per_step  # none before it = 2
+    assert calls == [c for t in range(2, 10) for c in [_annealed_beta(t, 10, 2)] * per_step]
+    for it, (value, reg) in enumerate(values):
+        assert value == (0.0 if it < 2 else pytest.approx(0.01 * sum(reg), rel=1e-5))
 
 
-def test_qdrop_mixes_in_the_float_input(compose):
-    """drop_prob=1: every element of the unit's input is the FP model's input, not the quantized."""
+@pytest.mark.parametrize("drop", [1.0, 0.0, 0.25, 0.3])
+def test_qdrop_mixes_in_the_float_input(compose, drop):
+    """The unit's input: drop_prob=1 is the FP model's input exactly, 0 the quantized model's, in
+    between an element-wise mix with a share drop_prob of FP elements (0.25: the exact byte path of
+    bernoulli_mask, 0.3: its uniform path)."""
     from calibbench.refine.recon import Stage, UnitTrainer, _capture_input, unit_data
 
     images = torch.randn(16, 3, 8, 8)
     qmodel = _calibrated(Toy().eval(), DFQ, 3, images).requires_grad_(False)
     unit = build_units(qmodel, "block", images[:1])[0][1]  # the first residual unit: input quantized
-    cfg = _recon_cfg(compose, "qdrop", "refine.drop_prob=1.0")
-    stage = Stage("weights", 1, True, True, 1e-3, 1.0)
+    cfg = _recon_cfg(compose, "qdrop", f"refine.drop_prob={drop}")
+    stage = Stage("weights", 1, True, True, 1e-3, drop)
     first = qmodel.get_submodule(unit.paths[0])
     with torch.no_grad():
         q_in = _capture_input(qmodel, first, images)
         with quantization_off(qmodel):
             fp_in = _capture_input(qmodel, first, images)
-    assert not torch.equal(q_in, fp_in)
+    differ = q_in != fp_in
+    assert float(differ.float().mean()) > 0.3  # post-ReLU zeros are the same in both
     got: list[torch.Tensor] = []
     data = unit_data(qmodel, unit, images, cfg, 16, torch.device("cpu"), stage)
     with UnitTrainer(qmodel, unit, data, cfg, stage, 16, torch.Generator().manual_seed(0), "t") as trainer:
@@ -587,7 +641,41 @@ def test_qdrop_mixes_in_the_float_input(compose):
         unit.run = lambda modules, x: got.append(x.detach().clone()) or run(modules, x)
         trainer.step(0)
         idx = torch.randperm(16, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(got[0], fp_in[idx])
+    seen, fp, q, differ = got[0], fp_in[idx], q_in[idx], differ[idx]
+    if drop == 1.0:
+        assert torch.equal(seen, fp)
+    elif drop == 0.0:
+        assert torch.equal(seen, q)
+    else:
+        assert torch.equal(seen, torch.where(seen == fp, fp, q))  # every element is one of the two
+        share = float((seen == fp)[differ].float().mean())  # FP share where the two differ
+        assert share == pytest.approx(drop, abs=0.03), share  # ~6k elements: 4 sd < 0.025
+
+
+@pytest.mark.parametrize("drop", [1.0, 0.0, 0.25])
+def test_unit_activation_quantizer_drops_to_the_float_value(drop):
+    """QDrop inside the unit (UnitActQuantizer, the module that mixes): each output element is the
+    quantizer's input x (unquantized) with probability drop_prob, else its fake-quantized value."""
+    from calibbench.refine.recon import UnitActQuantizer
+
+    images = torch.randn(16, 3, 8, 8)
+    qmodel = _calibrated(Toy().eval(), DFQ, 3, images)
+    inner = next(q for q in _act_quantizers(qmodel) if q.ch_axis is None)
+    x = torch.randn(32, 8, 8, 8, generator=torch.Generator().manual_seed(2)).abs() * 2
+    with torch.no_grad():
+        quantized = inner(x)
+        differ = quantized != x
+        assert float(differ.float().mean()) > 0.9
+        torch.manual_seed(0)
+        out = UnitActQuantizer(inner, drop)(x)
+    if drop == 1.0:
+        assert torch.equal(out, x)
+    elif drop == 0.0:
+        assert torch.allclose(out, quantized, atol=1e-6)
+    else:
+        is_fp = out == x
+        assert torch.allclose(out[~is_fp], quantized[~is_fp], atol=1e-6)
+        assert float(is_fp[differ].float().mean()) == pytest.approx(drop, abs=0.02)
 
 
 def test_fresh_generator_batches_per_iteration(compose, make_ctx, tiny_data):

@@ -142,12 +142,14 @@ class PLFRefineConfig:
     use_high: bool = True  # L_CE^h on (Table 5's rows)
     use_low: bool = True  # L_CE^l on
     # Where the MSE of eq. 13 reads intermediate features: stages (the output of every stage,
-    # pytorchcv features.stage<k> / torchvision layer<k>, the layers the IntraQ/HAST code family
-    # hooks) | units (every residual / inverted-residual unit) | bn (every BN layer's output) |
-    # list (refine.feature_modules)
+    # pytorchcv features.stage<k> / torchvision layer<k>; calibbench's choice, no reference code
+    # hooks these) | hast (HAST's hooks: every pytorchcv ResUnit.body output before the residual
+    # add, 9 on resnet20; DwsConvBlock.pw_conv.bn; LinearBottleneck.conv3) | units (every residual /
+    # inverted-residual unit) | bn (every BN layer's output) | list (refine.feature_modules).
+    # stages vs hast is not yet chosen on the validation split (docs/plf.md)
     features: str = "stages"
     # What eq. 13 compares at each layer: attention (per-sample L2-normalized channel energy
-    # mean_hw(x^2), the code family's feature alignment, the scale mu = 100 / 4000 is set for) |
+    # mean_hw(x^2), HAST's feature alignment, the scale mu = 100 / 4000 is set for) |
     # raw (the feature map itself; with mu = 100 it diverges here, docs/plf.md)
     feature_map: str = "attention"
     family_defaults: dict[str, dict[str, float]] = field(default_factory=_plf_family_defaults)

@@ -28,12 +28,15 @@ Decisions where the paper is silent (docs/plf.md):
 - eq. 13 names neither the layers nor the scale of "the intermediate feature layers". Read
   literally (the raw feature maps' MSE, summed over layers) with the paper's mu = 100 the loss
   starts ~500x the KL and the fine-tuning diverges here (resnet20 W4A4: 19.0 % val top-1,
-  docs/plf.md). The IntraQ/HAST code family this paper builds on (same 5120 images, same
-  pytorchcv models) aligns features as the per-sample L2-normalized channel energy
-  normalize(mean_hw(x^2)) of every stage's output, MSE per layer summed over layers; that is the
-  scale mu = 100 (CIFAR) / 4000 (ImageNet) fits, so it is the default
-  (``refine.plf.features=stages``, ``feature_map=attention``); ``feature_map=raw`` and
-  ``features=units|bn|list`` are the other readings.
+  docs/plf.md). HAST (lihuantong/HAST, ``trainer_direct.py``; PLF compares against it with the
+  same 5120 images and pytorchcv models) aligns features as the per-sample L2-normalized channel
+  energy normalize(mean_hw(x^2)), MSE per layer summed over layers; that is the scale mu = 100
+  (CIFAR) / 4000 (ImageNet) fits, so ``feature_map=attention`` is the default. IntraQ's trainer
+  (zysxmu/IntraQ) has no feature term at all. HAST's layers are every pytorchcv ``ResUnit.body``
+  output (before the residual add: 9 on resnet20), ``DwsConvBlock.pw_conv.bn`` and
+  ``LinearBottleneck.conv3`` (``features=hast``); the default ``features=stages`` (every stage's
+  output) is calibbench's own choice, from no reference code; the two are yet to be compared on
+  the validation split. ``feature_map=raw`` and ``features=units|bn|list`` are the other readings.
 """
 
 from __future__ import annotations
@@ -177,15 +180,27 @@ def unit_modules(model: nn.Module) -> list[str]:
             for child, _ in modules[stage].named_children()]
 
 
+# HAST's hooks (lihuantong/HAST trainer_direct.py): pytorchcv block class -> the hooked child
+HAST_HOOKS = {"ResUnit": "body", "DwsConvBlock": "pw_conv.bn", "LinearBottleneck": "conv3"}
+
+
 def hast_modules(model: nn.Module) -> list[str]:
-    """HAST's layer set: every residual unit's ``body`` output (before the residual add; 9 on
-    resnet20); a unit without a ``body`` child (torchvision's blocks) is taken whole."""
+    """HAST's layer set: the output of every pytorchcv ``ResUnit``'s ``body`` (before the residual
+    add and the activation; 9 on resnet20), ``DwsConvBlock``'s pointwise BN (before its ReLU) and
+    ``LinearBottleneck``'s ``conv3`` (before the residual add), in forward order. A model with none
+    of these blocks (torchvision's, mobilenetv3's) falls back to its units' outputs (``units``)."""
     modules = dict(model.named_modules())
-    return [f"{u}.body" if f"{u}.body" in modules else u for u in unit_modules(model)]
+    names = []
+    for name, module in modules.items():
+        child = HAST_HOOKS.get(type(module).__name__)
+        if child is not None and f"{name}.{child}" in modules:
+            names.append(f"{name}.{child}")
+    return names or unit_modules(model)
 
 
 def channel_attention(x: Tensor) -> Tensor:
-    """normalize(mean_hw(x^2)) per sample: the channel-energy map the IntraQ/HAST code aligns."""
+    """normalize(mean_hw(x^2)) per sample: the channel-energy map HAST's code aligns
+    (``channel_attention`` in its trainer; IntraQ has no feature term)."""
     energy = x.pow(2).mean(dim=(2, 3)) if x.dim() == 4 else x.pow(2)
     return F.normalize(energy.flatten(1), dim=1)
 
