@@ -32,7 +32,15 @@ from calibbench import datasets, models, quant
 from calibbench.cache import atomic_write_bytes
 from calibbench.config import effective_bits
 from calibbench.quant.adaround import attach
-from calibbench.quant.export import ExportError, compare, count_kernels, export_onnx, ort_session, snap_bias
+from calibbench.quant.export import (
+    ExportError,
+    compare,
+    count_kernels,
+    exact_integer,
+    export_onnx,
+    ort_session,
+    snap_bias,
+)
 from calibbench.quant.modules import QuantConv2d, QuantLinear
 from calibbench.record import RESULT_FILE, STATE_FILE
 
@@ -186,8 +194,11 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: Optional[str | Path]
     snapped = record["quant"].get("int32_bias_layers")
     if snapped is None:  # saved by a run without export: snap now, and say what that changed
         snapped = snap_bias(qmodel, batches[0][0][:1])
+    # the integer layers are not saved state: rebuilt from the weights and grids (deterministic)
+    integer_layers = exact_integer(qmodel, batches[0][0][:1])
     entry = export_and_check(qmodel, Path(out) if out else run_dir / ONNX_FILE, batches, fmt, cfg.threads)
     entry["int32_bias_layers"] = snapped
+    entry["integer_layers"] = integer_layers
     entry["run_top1"] = record["metrics"]["quant"]["top1"]
     record.setdefault("export", {})[fmt] = entry
     atomic_write_bytes(run_dir / RESULT_FILE, json.dumps(record, indent=2, default=float).encode())

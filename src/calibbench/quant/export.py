@@ -257,6 +257,194 @@ class QDQLayer(nn.Module):
         return F.linear(x, w, self.bias)
 
 
+class _NotInteger(Exception):
+    """The layer stays on the float path (its reason is logged)."""
+
+
+def _bypass(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+    """Forward hook: a BatchNorm already folded into the IntegerLayer before it passes its input on."""
+    return inputs[0]
+
+
+class IntegerLayer:
+    """A conv/linear layer with a quantized input computed as an exact integer accumulation.
+
+    ``y = float32(Σ k_x·v_w) · M + b``: ``k_x = clamp(round(x / s_x))`` the input codes (minus their
+    zero point), ``v_w`` the weight codes (minus theirs), ``M = float32(s_x) · float32(s_w)`` per
+    output channel and ``b`` the bias, both float32 constants, with a BatchNorm that reads the
+    layer's output folded into ``v_w`` (sign), ``s_w`` (``|γ/σ|``) and ``b``. The sum is exact on
+    both sides: float64 in PyTorch (integers below 2^53), int32 in onnxruntime's ConvInteger /
+    MatMulInteger; the cast to float32, the Mul and the Add are single float32 roundings in the
+    same order, so the fake-quant model and the ONNX graph give bit-identical outputs. The float
+    conv they replace (DequantizeLinear inputs, float32 products summed in an order each library
+    picks) differs by an ulp, which at 4 bits moves codes at rounding ties (docs/results.md).
+    """
+
+    def __init__(self, layer: nn.Module, quantizer: UniformQuantizer, bn: Optional[nn.BatchNorm2d],
+                 where: str) -> None:
+        spec = act_spec(quantizer, where)
+        if spec is None or spec[4] != torch.uint8:
+            raise _NotInteger(f"{where}: input grid is not uint8")
+        self.is_conv = isinstance(layer, QuantConv2d)
+        if self.is_conv:
+            if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+                raise _NotInteger(f"{where}: padding {layer.padding!r}/{layer.padding_mode}")
+            self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                                  groups=layer.groups)
+            self.kernel_shape = list(layer.kernel_size)
+        v, scale = weight_codes(layer, where)
+        v, s_w = v.double(), scale.double()
+        bias = layer.bias.detach().double() if layer.bias is not None else None
+        if bn is not None:
+            f, shift = _bn_factor(bn)
+            bias = ((torch.zeros_like(f) if bias is None else bias) - bn.running_mean.detach().double()) * f + shift
+            shape = [-1] + [1] * (v.dim() - 1)
+            v = v * torch.where(f < 0, -1.0, 1.0).double().view(shape)
+            s_w = s_w * f.abs()
+            dead = s_w == 0
+            v[dead] = 0.0
+            s_w = torch.where(dead, torch.ones_like(s_w), s_w)
+        if float(v.abs().max()) > 255:
+            raise _NotInteger(f"{where}: weight codes beyond ±255 (a grid without 0)")
+        self.scale_x, self.zp_x, self.qmin, self.qmax = spec[0], spec[1], spec[2], spec[3]
+        self.s_x = torch.tensor(spec[0], dtype=torch.float32)
+        self.v = v.cpu()
+        self.multiplier = (self.s_x * s_w.float()).cpu()
+        self.bias = None if bias is None else bias.float().cpu()
+        self.parts = integer_weight_parts(self.v)
+        # Every partial sum is an integer of at most max|k_x|·Σ|v_w| (per output channel): below
+        # 2^24 a float32 conv is exact too, in any summation order, and ~4x faster than float64.
+        max_k = max(abs(self.qmin - self.zp_x), abs(self.qmax - self.zp_x))
+        bound = max_k * float(self.v.abs().reshape(self.v.shape[0], -1).sum(1).max())
+        self.dtype = torch.float32 if bound < 2**24 else torch.float64
+        self.v = self.v.to(self.dtype)
+
+    def _shape(self, dim: int) -> list[int]:
+        return [1, -1] + [1] * (dim - 2)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        k = torch.clamp(torch.round(x / self.s_x.to(x.device)), self.qmin - self.zp_x, self.qmax - self.zp_x)
+        v = self.v.to(x.device)
+        k = k.to(self.dtype)
+        acc = F.conv2d(k, v, None, **self.conv_args) if self.is_conv else F.linear(k, v)
+        shape = self._shape(acc.dim())
+        y = acc.float() * self.multiplier.to(x.device).view(shape)
+        if self.bias is not None:
+            y = y + self.bias.to(x.device).view(shape)
+        return y
+
+
+def integer_weight_parts(v: Tensor) -> list[tuple[Tensor, int]]:
+    """uint8 ``(codes, zero point)`` tensors whose ``Σ (codes − zp)`` is ``v``: one when the layer's
+    values span at most 256 levels, else two (``v`` in ±255: an 8-bit asymmetric per-channel grid,
+    whose channels' zero points differ; onnxruntime's ConvInteger takes one zero point per tensor)."""
+    lo, hi = int(v.min()), int(v.max())
+    if hi - lo <= 255:
+        zp = max(0, -lo)
+        return [((v + zp).round().to(torch.uint8), zp)]
+    a = v.clamp(-128, 127)
+    return [((a + 128).round().to(torch.uint8), 128), ((v - a + 127).round().to(torch.uint8), 127)]
+
+
+class _IntegerOp(torch.autograd.Function):
+    """Forward: :class:`IntegerLayer`. ONNX: ``Q → [Clip] → ConvInteger/MatMulInteger (+ Add) →
+    Cast → Mul → Add``, the constants taken from the IntegerLayer itself."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, integer: IntegerLayer) -> Tensor:  # noqa: D102
+        return integer(x)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, integer: IntegerLayer) -> Any:  # noqa: D102
+        s = _const(g, torch.tensor(integer.scale_x, dtype=torch.float32))
+        z = _const(g, torch.tensor(integer.zp_x, dtype=torch.uint8))
+        q = g.op("QuantizeLinear", x, s, z)
+        if (integer.qmin, integer.qmax) != (0, 255):
+            q = g.op("Clip", q, _const(g, torch.tensor(integer.qmin, dtype=torch.uint8)),
+                     _const(g, torch.tensor(integer.qmax, dtype=torch.uint8)))
+        acc = None
+        for codes, zp in integer.parts:
+            zw = _const(g, torch.tensor(zp, dtype=torch.uint8))
+            if integer.is_conv:
+                a = integer.conv_args
+                pads = list(a["padding"]) * 2
+                part = g.op("ConvInteger", q, _const(g, codes), z, zw, kernel_shape_i=integer.kernel_shape,
+                            strides_i=list(a["stride"]), pads_i=pads, dilations_i=list(a["dilation"]),
+                            group_i=a["groups"])
+            else:
+                part = g.op("MatMulInteger", q, _const(g, codes.t().contiguous()), z, zw)
+            acc = part if acc is None else g.op("Add", acc, part)
+        y = g.op("Cast", acc, to_i=1)  # TensorProto.FLOAT
+        rank = 4 if integer.is_conv else 2
+        y = g.op("Mul", y, _const(g, integer.multiplier.view(integer._shape(rank))))
+        if integer.bias is not None:
+            y = g.op("Add", y, _const(g, integer.bias.view(integer._shape(rank))))
+        return y
+
+
+class IntegerQDQLayer(nn.Module):
+    """Export form of a layer with an :class:`IntegerLayer` (its BatchNorm is folded in it)."""
+
+    def __init__(self, integer: IntegerLayer) -> None:
+        super().__init__()
+        self.integer = integer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _IntegerOp.apply(x, self.integer)
+
+
+@torch.no_grad()
+def exact_integer(qmodel: nn.Module, example: Tensor) -> int:
+    """Make the fake-quant model compute what the exported graph computes, bit for bit; returns the
+    number of integer layers. In place; call after :func:`snap_bias` and after any change to weights,
+    BN statistics or quantizers (it reads them once).
+
+    - every activation quantizer divides by its scale (``round(x / s)``, onnxruntime's
+      QuantizeLinear) instead of multiplying by ``1/s``;
+    - every conv/linear layer whose input lies on an 8-bit-or-less uint8 activation grid becomes an
+      :class:`IntegerLayer` (exact integer accumulation; ConvInteger/MatMulInteger in the ONNX
+      graph instead of a QLinearConv or a float Conv), with a BatchNorm that reads its output folded
+      into it (the BN module then passes its input through).
+
+    This changes the fake-quant model's outputs by float32 rounding (the float conv's summation
+    order, the BN arithmetic): used when export is requested, so that the evaluated model is the
+    exported one. Layers with a float input (``dfq_legacy``'s first conv, a linear layer after
+    average pooling) stay float convs on both sides.
+    """
+    example = example.to(next(qmodel.parameters()).device)
+    for m in qmodel.modules():
+        if isinstance(m, (QuantConv2d, QuantLinear)):
+            m.integer = None
+        if isinstance(m, nn.BatchNorm2d):
+            for key, hook in list(m._forward_hooks.items()):
+                if hook is _bypass:
+                    del m._forward_hooks[key]
+    for m in qmodel.modules():
+        if isinstance(m, QuantAct):
+            m.quantizer.divide = True
+        elif isinstance(m, (QuantConv2d, QuantLinear)) and m.input_quantizer is not None:
+            m.input_quantizer.divide = True
+    bns = _bn_pairs(qmodel, example)
+    inputs = _input_quantizers(qmodel, example)
+    paths = _paths_by_object(qmodel)
+    count = 0
+    for layer in list(qmodel.modules()):
+        if not isinstance(layer, (QuantConv2d, QuantLinear)) or id(layer) not in inputs \
+                or not layer.weight_quantizer.active:
+            continue
+        bn = bns.get(id(layer))
+        try:
+            integer = IntegerLayer(layer, inputs[id(layer)], bn, paths[id(layer)][0])
+        except _NotInteger as why:
+            log.info("export: float path for %s", why)
+            continue
+        layer.integer = integer
+        if bn is not None:
+            bn.register_forward_hook(_bypass)
+        count += 1
+    return count
+
+
 def _check_supported(model: nn.Module) -> None:
     from calibbench.quant.quantize import FEATURE_ACT_NAMES, FEATURE_ACT_TYPES
 
@@ -395,8 +583,10 @@ def to_qdq(qmodel: nn.Module, example: Tensor) -> nn.Module:
         for p in paths[id(bn)]:
             _replace(model, p, nn.Identity())
     for m in list(model.modules()):
-        if isinstance(m, (QuantConv2d, QuantLinear)):
-            new: nn.Module = QDQLayer(m, bn_of.get(id(m)), paths[id(m)][0])
+        if isinstance(m, (QuantConv2d, QuantLinear)) and m.integer is not None:
+            new: nn.Module = IntegerQDQLayer(m.integer)
+        elif isinstance(m, (QuantConv2d, QuantLinear)):
+            new = QDQLayer(m, bn_of.get(id(m)), paths[id(m)][0])
         elif isinstance(m, QuantAct):
             new = QDQActModule(m, paths[id(m)][0])
         else:
