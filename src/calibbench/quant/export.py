@@ -480,20 +480,25 @@ def _input_quantizers(model: nn.Module, example: Tensor) -> dict[int, UniformQua
     QuantAct that produced its input tensor), found in one forward pass."""
     from calibbench.quant.quantize import probe_forward
 
-    produced: dict[int, UniformQuantizer] = {}
+    # The outputs are kept alive: an id is unique only while its tensor lives (a freed QuantAct
+    # output's id reused by another tensor attributed the grid to the wrong layer on mobilenetv3).
+    produced: dict[int, tuple[UniformQuantizer, Tensor]] = {}
     found: dict[int, UniformQuantizer] = {}
     handles = []
 
     def act_hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
         if module.quantizer.active:
-            produced[id(output)] = module.quantizer
+            produced[id(output)] = (module.quantizer, output)
 
     def layer_hook(module: nn.Module, inputs: tuple) -> None:
         q = module.input_quantizer
         if q is not None and q.active:
             found[id(module)] = q
         elif id(inputs[0]) in produced:
-            found[id(module)] = produced[id(inputs[0])]
+            q, out = produced[id(inputs[0])]
+            # still on the grid (not changed in place since, e.g. by a residual ``+=``)
+            if out is inputs[0] and torch.equal(q.fake_quantize(out.detach().clone()), out):
+                found[id(module)] = q
 
     for m in model.modules():
         if isinstance(m, QuantAct):
