@@ -333,6 +333,33 @@ class IntegerLayer:
             y = y + self.bias.to(x.device).view(shape)
         return y
 
+    def symbolic(self, g: Any, x: Any) -> Any:
+        """``Q → [Clip] → ConvInteger/MatMulInteger (+ Add) → Cast → Mul → Add``."""
+        s = _const(g, torch.tensor(self.scale_x, dtype=torch.float32))
+        z = _const(g, torch.tensor(self.zp_x, dtype=torch.uint8))
+        q = g.op("QuantizeLinear", x, s, z)
+        if (self.qmin, self.qmax) != (0, 255):
+            q = g.op("Clip", q, _const(g, torch.tensor(self.qmin, dtype=torch.uint8)),
+                     _const(g, torch.tensor(self.qmax, dtype=torch.uint8)))
+        acc = None
+        for codes, zp in self.parts:
+            zw = _const(g, torch.tensor(zp, dtype=torch.uint8))
+            if self.is_conv:
+                a = self.conv_args
+                pads = list(a["padding"]) * 2
+                part = g.op("ConvInteger", q, _const(g, codes), z, zw, kernel_shape_i=self.kernel_shape,
+                            strides_i=list(a["stride"]), pads_i=pads, dilations_i=list(a["dilation"]),
+                            group_i=a["groups"])
+            else:
+                part = g.op("MatMulInteger", q, _const(g, codes.t().contiguous()), z, zw)
+            acc = part if acc is None else g.op("Add", acc, part)
+        y = g.op("Cast", acc, to_i=1)  # TensorProto.FLOAT
+        rank = 4 if self.is_conv else 2
+        y = g.op("Mul", y, _const(g, self.multiplier.view(self._shape(rank))))
+        if self.bias is not None:
+            y = g.op("Add", y, _const(g, self.bias.view(self._shape(rank))))
+        return y
+
 
 def integer_weight_parts(v: Tensor) -> list[tuple[Tensor, int]]:
     """uint8 ``(codes, zero point)`` tensors whose ``Σ (codes − zp)`` is ``v``: one when the layer's
@@ -347,49 +374,98 @@ def integer_weight_parts(v: Tensor) -> list[tuple[Tensor, int]]:
 
 
 class _IntegerOp(torch.autograd.Function):
-    """Forward: :class:`IntegerLayer`. ONNX: ``Q → [Clip] → ConvInteger/MatMulInteger (+ Add) →
-    Cast → Mul → Add``, the constants taken from the IntegerLayer itself."""
+    """Forward: an :class:`IntegerLayer` / :class:`FloatLayer`; ONNX: its ``symbolic``, with the
+    constants the forward used."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, integer: IntegerLayer) -> Tensor:  # noqa: D102
+    def forward(ctx: Any, x: Tensor, integer: Any) -> Tensor:  # noqa: D102
         return integer(x)
 
     @staticmethod
-    def symbolic(g: Any, x: Any, integer: IntegerLayer) -> Any:  # noqa: D102
-        s = _const(g, torch.tensor(integer.scale_x, dtype=torch.float32))
-        z = _const(g, torch.tensor(integer.zp_x, dtype=torch.uint8))
-        q = g.op("QuantizeLinear", x, s, z)
-        if (integer.qmin, integer.qmax) != (0, 255):
-            q = g.op("Clip", q, _const(g, torch.tensor(integer.qmin, dtype=torch.uint8)),
-                     _const(g, torch.tensor(integer.qmax, dtype=torch.uint8)))
-        acc = None
-        for codes, zp in integer.parts:
-            zw = _const(g, torch.tensor(zp, dtype=torch.uint8))
-            if integer.is_conv:
-                a = integer.conv_args
-                pads = list(a["padding"]) * 2
-                part = g.op("ConvInteger", q, _const(g, codes), z, zw, kernel_shape_i=integer.kernel_shape,
-                            strides_i=list(a["stride"]), pads_i=pads, dilations_i=list(a["dilation"]),
-                            group_i=a["groups"])
-            else:
-                part = g.op("MatMulInteger", q, _const(g, codes.t().contiguous()), z, zw)
-            acc = part if acc is None else g.op("Add", acc, part)
-        y = g.op("Cast", acc, to_i=1)  # TensorProto.FLOAT
-        rank = 4 if integer.is_conv else 2
-        y = g.op("Mul", y, _const(g, integer.multiplier.view(integer._shape(rank))))
-        if integer.bias is not None:
-            y = g.op("Add", y, _const(g, integer.bias.view(integer._shape(rank))))
-        return y
+    def symbolic(g: Any, x: Any, integer: Any) -> Any:  # noqa: D102
+        return integer.symbolic(g, x)
+
+
+class FloatLayer:
+    """A conv/linear layer without an integer form (a float input, e.g. ``dfq_legacy``'s first
+    conv or an SE block's conv after average pooling; weight codes beyond ±255), computed in
+    float64 and rounded to float32 once: ``y = float32(conv64(x, W) + b)`` with ``W`` the
+    fake-quant weight (a BatchNorm that reads the output folded in, in float64) and ``b`` the bias.
+
+    In float32 the two libraries' sums differ in the last bits (the order of the products) and a
+    BN folded into float32 weights differs from one applied after the conv by ~1e-5 relative,
+    which moves codes at rounding ties of the next quantizer (measured on mobilenetv3: 3 codes of
+    the first activation). In float64 both sums are within ~1e-16 of the exact value, so their
+    float32 roundings agree except at float32 ties. onnxruntime has no float64 Conv: the graph
+    gathers the patches with a float32 Conv of one-hot kernels (each output is one input value
+    times 1.0, exact), then multiplies in float64 (MatMul, batched over groups).
+    """
+
+    def __init__(self, layer: nn.Module, bn: Optional[nn.BatchNorm2d], where: str) -> None:
+        self.is_conv = isinstance(layer, QuantConv2d)
+        if self.is_conv:
+            if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+                raise _NotInteger(f"{where}: padding {layer.padding!r}/{layer.padding_mode}")
+            self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                                  groups=layer.groups)
+            self.kernel_shape = list(layer.kernel_size)
+        if layer.weight_quantizer.active:
+            v, scale = weight_codes(layer, where)
+            w = (v * scale.view([-1] + [1] * (v.dim() - 1))).double()  # == quantized_weight(), exact
+        else:
+            w = layer.weight.detach().double()
+        bias = layer.bias.detach().double() if layer.bias is not None else None
+        if bn is not None:
+            f, shift = _bn_factor(bn)
+            bias = ((torch.zeros_like(f) if bias is None else bias) - bn.running_mean.detach().double()) * f + shift
+            w = w * f.view([-1] + [1] * (w.dim() - 1))
+        self.weight = w.cpu()
+        self.bias = None if bias is None else bias.cpu()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        w = self.weight.to(x.device)
+        b = None if self.bias is None else self.bias.to(x.device)
+        y = F.conv2d(x.double(), w, b, **self.conv_args) if self.is_conv else F.linear(x.double(), w, b)
+        return y.float()
+
+    def symbolic(self, g: Any, x: Any) -> Any:
+        if not self.is_conv:
+            y = g.op("MatMul", g.op("Cast", x, to_i=11), _const(g, self.weight.t().contiguous()))
+            if self.bias is not None:
+                y = g.op("Add", y, _const(g, self.bias))
+            return g.op("Cast", y, to_i=1)
+        a = self.conv_args
+        out_c, cg, kh, kw = self.weight.shape
+        groups = a["groups"]
+        k = cg * kh * kw
+        onehot = torch.eye(k, dtype=torch.float32).reshape(k, cg, kh, kw).repeat(groups, 1, 1, 1)
+        patches = g.op("Conv", x, _const(g, onehot), kernel_shape_i=[kh, kw], strides_i=list(a["stride"]),
+                       pads_i=list(a["padding"]) * 2, dilations_i=list(a["dilation"]), group_i=groups)
+        shape = g.op("Shape", patches)
+        n = g.op("Slice", shape, _const(g, torch.tensor([0])), _const(g, torch.tensor([1])))
+        hw = g.op("Slice", shape, _const(g, torch.tensor([2])), _const(g, torch.tensor([4])))
+        cols = g.op("Reshape", patches, g.op("Concat", n, _const(g, torch.tensor([groups, k, -1])), axis_i=0))
+        w = _const(g, self.weight.reshape(groups, out_c // groups, k).contiguous())
+        y = g.op("MatMul", w, g.op("Cast", cols, to_i=11))  # (N, G, O/G, H·W), float64
+        y = g.op("Reshape", y, g.op("Concat", n, _const(g, torch.tensor([out_c])), hw, axis_i=0))
+        if self.bias is not None:
+            y = g.op("Add", y, _const(g, self.bias.view(1, -1, 1, 1)))
+        return g.op("Cast", y, to_i=1)
 
 
 class IntegerQDQLayer(nn.Module):
-    """Export form of a layer with an :class:`IntegerLayer` (its BatchNorm is folded in it)."""
+    """Export form of a layer with an :class:`IntegerLayer` or :class:`FloatLayer` (its BatchNorm
+    folded in it); a FloatLayer's own input quantizer stays a Q → DQ in front of it."""
 
-    def __init__(self, integer: IntegerLayer) -> None:
+    def __init__(self, layer: nn.Module, where: str) -> None:
         super().__init__()
-        self.integer = integer
+        self.integer = layer.integer
+        self.input_qdq = QDQAct(layer.input_quantizer, f"{where}.input_quantizer") \
+            if isinstance(self.integer, FloatLayer) and layer.input_quantizer is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.input_qdq is not None:
+            x = self.input_qdq(x)
         return _IntegerOp.apply(x, self.integer)
 
 
@@ -408,8 +484,8 @@ def exact_integer(qmodel: nn.Module, example: Tensor) -> int:
 
     This changes the fake-quant model's outputs by float32 rounding (the float conv's summation
     order, the BN arithmetic): used when export is requested, so that the evaluated model is the
-    exported one. Layers with a float input (``dfq_legacy``'s first conv, a linear layer after
-    average pooling) stay float convs on both sides.
+    exported one. Every other conv/linear layer (a float input: ``dfq_legacy``'s first conv, a
+    layer after average pooling) becomes a :class:`FloatLayer` (float64 sums, one float32 rounding).
     """
     example = example.to(next(qmodel.parameters()).device)
     for m in qmodel.modules():
@@ -429,19 +505,25 @@ def exact_integer(qmodel: nn.Module, example: Tensor) -> int:
     paths = _paths_by_object(qmodel)
     count = 0
     for layer in list(qmodel.modules()):
-        if not isinstance(layer, (QuantConv2d, QuantLinear)) or id(layer) not in inputs \
-                or not layer.weight_quantizer.active:
+        if not isinstance(layer, (QuantConv2d, QuantLinear)):
             continue
-        bn = bns.get(id(layer))
-        try:
-            integer = IntegerLayer(layer, inputs[id(layer)], bn, paths[id(layer)][0])
-        except _NotInteger as why:
-            log.info("export: float path for %s", why)
-            continue
-        layer.integer = integer
+        bn, where = bns.get(id(layer)), paths[id(layer)][0]
+        exact: Any = None
+        if id(layer) in inputs and layer.weight_quantizer.active:
+            try:
+                exact = IntegerLayer(layer, inputs[id(layer)], bn, where)
+                count += 1
+            except _NotInteger as why:
+                log.info("export: float64 path for %s", why)
+        if exact is None:
+            try:
+                exact = FloatLayer(layer, bn, where)
+            except _NotInteger as why:
+                log.info("export: float32 path for %s", why)
+                continue
+        layer.integer = exact
         if bn is not None:
             bn.register_forward_hook(_bypass)
-        count += 1
     return count
 
 
@@ -589,7 +671,7 @@ def to_qdq(qmodel: nn.Module, example: Tensor) -> nn.Module:
             _replace(model, p, nn.Identity())
     for m in list(model.modules()):
         if isinstance(m, (QuantConv2d, QuantLinear)) and m.integer is not None:
-            new: nn.Module = IntegerQDQLayer(m.integer)
+            new: nn.Module = IntegerQDQLayer(m, paths[id(m)][0])
         elif isinstance(m, (QuantConv2d, QuantLinear)):
             new = QDQLayer(m, bn_of.get(id(m)), paths[id(m)][0])
         elif isinstance(m, QuantAct):
