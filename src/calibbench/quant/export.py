@@ -1,6 +1,18 @@
 """Fake-quant model → QDQ ONNX model that onnxruntime runs with its integer kernels.
 
-What the ONNX graph holds (``to_qdq`` builds a torch module that traces to it):
+**Exact form (what ``export=onnx`` and ``python -m calibbench export`` use).** :func:`exact_integer`
+first makes the fake-quant model compute in the arithmetic of the exported graph, and the graph is
+then built from the same constants, so the two give bit-identical outputs (measured: max |logit
+diff| 0 on resnet20/56 W8A8/W4A4 with both presets and on random-weight mobilenetv3/v2/resnet18):
+activation quantizers divide by the scale as QuantizeLinear does; a layer reading a uint8 grid is
+an :class:`IntegerLayer` (``ConvInteger``/``MatMulInteger``, exact int32 sums, then float32
+``Mul``/``Add``); every other conv/linear a :class:`FloatLayer` (float64 sums rounded once).
+Without it the QDQ graph below differed by float32 summation order and rounding ties (resnet20
+academic W4A4: 99.6 % agreement; mobilenetv3: max |logit diff| 2.36). The QDQ form
+(``DQ → Conv → Q`` fused into QLinearConv) is what :func:`to_qdq` emits for layers without an
+exact form, i.e. when :func:`exact_integer` was not called.
+
+What the QDQ graph holds (``to_qdq`` builds a torch module that traces to it):
 
 - **weights**: integer codes in a uint8 initializer, per output channel (axis 0) scale and zero
   point, a ``DequantizeLinear`` in front of the Conv/Gemm. The codes are exactly the ones the
