@@ -55,8 +55,8 @@ class _QuantWeightMixin:
         self._cache_key: Optional[tuple] = None
         self._cached_weight: Optional[Tensor] = None
         self.weight_rounding: Optional[nn.Module] = None  # quant/adaround.py's AdaRound, when attached
-        # quant/export.py's IntegerLayer, set by exact_integer() for export: evaluation computes the
-        # layer as the exact integer accumulation onnxruntime's ConvInteger/MatMulInteger runs.
+        # quant/export.py's IntegerLayer/FloatLayer, set by exact_integer() for export: evaluation
+        # (no grad) computes the layer in the exported graph's arithmetic (exact integer sums).
         self.integer: Optional[Any] = None
         self.sync_weight_range()
 
