@@ -270,7 +270,7 @@ class QDQLayer(nn.Module):
 
 
 class _NotInteger(Exception):
-    """The layer stays on the float path (its reason is logged)."""
+    """The layer has no integer (or float64) form; the next form is tried (the reason is logged)."""
 
 
 def _bypass(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
@@ -285,9 +285,10 @@ class IntegerLayer:
     zero point), ``v_w`` the weight codes (minus theirs), ``M = float32(s_x) · float32(s_w)`` per
     output channel and ``b`` the bias, both float32 constants, with a BatchNorm that reads the
     layer's output folded into ``v_w`` (sign), ``s_w`` (``|γ/σ|``) and ``b``. The sum is exact on
-    both sides: float64 in PyTorch (integers below 2^53), int32 in onnxruntime's ConvInteger /
-    MatMulInteger; the cast to float32, the Mul and the Add are single float32 roundings in the
-    same order, so the fake-quant model and the ONNX graph give bit-identical outputs. The float
+    both sides: in PyTorch a float32 conv when every partial sum is provably below 2^24, else
+    float64 (integers below 2^53), in onnxruntime int32 (ConvInteger / MatMulInteger); the cast
+    to float32, the Mul and the Add are single float32 roundings in the same order, so the
+    fake-quant model and the ONNX graph give bit-identical outputs. The float
     conv they replace (DequantizeLinear inputs, float32 products summed in an order each library
     picks) differs by an ulp, which at 4 bits moves codes at rounding ties (docs/results.md).
     """
