@@ -40,12 +40,12 @@ def runs(tmp_path_factory, compose):
     cache = tmp_path_factory.mktemp("cache")
     done = {}
 
-    def get(strategy="random", refine="none", bits=4, preset="dfq_legacy"):
-        key = (strategy, refine, bits, preset)
+    def get(strategy="random", refine="none", bits=4, preset="dfq_legacy", exact=True):
+        key = (strategy, refine, bits, preset, exact)
         if key not in done:
-            d = tmp_path_factory.mktemp(f"{strategy}_{refine}_{bits}_{preset}")
+            d = tmp_path_factory.mktemp(f"{strategy}_{refine}_{bits}_{preset}_{exact}")
             cfg = compose(f"strategy={strategy}", f"refine={refine}", f"bits={bits}", f"quant={preset}",
-                          f"paths.cache_dir={cache}", *SMALL)
+                          f"paths.cache_dir={cache}", f"export_exact={str(exact).lower()}", *SMALL)
             done[key] = (run(cfg, d), d)
         return done[key]
 
@@ -59,6 +59,7 @@ LOGIT_TOL = 1e-4
 
 def assert_exact(record, entry, integer_layers=20):
     """The exported model is the evaluated one: same argmax on every image, same logits."""
+    assert entry["form"] == "exact"
     assert entry["agreement"] == 100.0 and entry["max_abs_logit_diff"] <= LOGIT_TOL, entry
     assert entry["top1"] == entry["top1_fake_quant"] == record["metrics"]["quant"]["top1"]
     # resnet20: every conv reading a quantized activation (18 in the residual units, 2 shortcuts;
@@ -117,11 +118,36 @@ def test_academic_preset_exports(runs, bits):
 
 
 @pytest.mark.slow
+def test_fused_form_runs_on_qlinearconv(runs, tmp_path):
+    """``export_exact=false``: the QDQ graph onnxruntime fuses into QLinearConv (faster, not
+    bit-exact: float32 summation order and rounding ties, docs/results.md), evaluated with the
+    plain fake-quant arithmetic; ``export --exact`` rebuilds the same run in the exact form."""
+    from calibbench import cli
+
+    record, run_dir = runs(refine="none", bits=4, exact=False)
+    entry = record["export"]["onnx"]
+    assert entry["form"] == "fused" and record["quant"]["integer_layers"] is None
+    assert entry["ops"].get("QLinearConv", 0) > 0 and "ConvInteger" not in entry["ops"], entry["ops"]
+    # resnet20 dfq_legacy: conv1 of every residual unit reads a quantized input and is fused
+    assert entry["integer_layers"] == entry["qlinear_nodes"] == 9 and entry["float_layers"] == 13
+    assert entry["agreement"] >= 99.0, entry  # 100 images: at most one disagreement
+    assert entry["top1_fake_quant"] == record["metrics"]["quant"]["top1"]
+    assert abs(entry["top1"] - record["metrics"]["quant"]["top1"]) <= 1.0
+    assert cli.export_main([str(run_dir), "--exact", "--out", str(tmp_path / "exact.onnx")]) == 0
+    again = json.loads((run_dir / "result.json").read_text())["export"]["onnx"]
+    assert again["form"] == "exact" and again["agreement"] == 100.0 and again["integer_layers"] == 20
+    # two float64 layers (the first conv reads the image, the linear layer the pooled features):
+    # the conv is two nodes (one-hot patch Conv + float64 MatMul), the linear one MatMul
+    assert again["float_layers"] == 2 and again["float_conv_nodes"] == 3, again["ops"]
+
+
+@pytest.mark.slow
 def test_export_command_rebuilds_the_run_from_its_state(runs, tmp_path):
     record, run_dir = runs(refine="adaround", bits=4)
     out = tmp_path / "again.onnx"
     entry = deploy.export_run(run_dir, "onnx", out)
     assert out.is_file() and entry["agreement"] == record["export"]["onnx"]["agreement"]
+    assert entry["form"] == "exact" and entry["integer_layers"] == 20  # the run's own export_exact
     assert entry["top1_fake_quant"] == record["metrics"]["quant"]["top1"]  # same model rebuilt
     assert json.loads((run_dir / "result.json").read_text())["export"]["onnx"]["path"] == str(out)
 

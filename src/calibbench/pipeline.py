@@ -51,6 +51,8 @@ def run_key(cfg: DictConfig) -> str:
         data.pop(key, None)
     data["dataset"].pop("num_workers", None)
     data["budget"].pop("num_samples", None)  # only a default: its value is the top-level num_samples
+    if data.get("export") is None:  # read only with export: a run without it keeps its old key
+        data.pop("export_exact", None)
     return content_key(data)
 
 
@@ -230,7 +232,8 @@ def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[s
             if cfg.export:  # evaluate the exported model (quant/export.py: snap_bias, exact_integer)
                 with timings.stage("snap_bias"):
                     snapped = snap_bias(qmodel, calib.images[:1].to(device))
-                    integer_layers = exact_integer(qmodel, calib.images[:1].to(device))
+                    if cfg.export_exact:  # else the fused QDQ graph, close to the fake-quant model
+                        integer_layers = exact_integer(qmodel, calib.images[:1].to(device))
             with timings.stage("quant_eval"):
                 q = evaluate(qmodel, data, device, cfg.budget.eval_batch_size, eval_idx, cfg.progress,
                              f"W{w_bits}A{a_bits} eval", eval_set)

@@ -1,6 +1,7 @@
 """Fake-quant model → QDQ ONNX model that onnxruntime runs with its integer kernels.
 
-**Exact form (what ``export=onnx`` and ``python -m calibbench export`` use).** :func:`exact_integer`
+**Exact form (what ``export=onnx`` and ``python -m calibbench export`` use by default;
+``export_exact=false`` / ``export --fused`` give the fused QDQ form below).** :func:`exact_integer`
 first makes the fake-quant model compute in the arithmetic of the exported graph, and the graph is
 then built from the same constants, so the two give bit-identical outputs (measured: max |logit
 diff| 0 on resnet20/56 W8A8/W4A4 with both presets and on random-weight mobilenetv3/v2/resnet18):
@@ -10,7 +11,8 @@ an :class:`IntegerLayer` (``ConvInteger``/``MatMulInteger``, exact int32 sums, t
 Without it the QDQ graph below differed by float32 summation order and rounding ties (resnet20
 academic W4A4: 99.6 % agreement; mobilenetv3: max |logit diff| 2.36). The QDQ form
 (``DQ → Conv → Q`` fused into QLinearConv) is what :func:`to_qdq` emits for layers without an
-exact form, i.e. when :func:`exact_integer` was not called.
+exact form, i.e. when :func:`exact_integer` was not called: ~2x faster than the exact graph on the
+resnets (docs/results.md), not bit-exact.
 
 What the QDQ graph holds (``to_qdq`` builds a torch module that traces to it):
 
@@ -743,8 +745,13 @@ def ort_session(path: str, threads: Optional[int] = None, optimized_path: Option
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
+# onnxruntime's fused QDQ kernels: one node per conv/linear layer
+FUSED_OPS = frozenset({"QLinearConv", "QLinearMatMul", "QGemm"})
+
+
 def count_kernels(optimized_path: str) -> dict[str, Any]:
-    """Integer vs float conv/matmul nodes in the graph onnxruntime actually runs."""
+    """Integer vs float conv/matmul nodes in the graph onnxruntime actually runs (nodes, not
+    layers: see :func:`export_form` for layers)."""
     import onnx
 
     ops: dict[str, int] = {}
@@ -753,6 +760,22 @@ def count_kernels(optimized_path: str) -> dict[str, Any]:
     return {"qlinear_nodes": sum(n for op, n in ops.items() if op in QLINEAR_OPS),
             "float_conv_nodes": sum(n for op, n in ops.items() if op in FLOAT_CONV_OPS),
             "ops": dict(sorted(ops.items()))}
+
+
+def export_form(qmodel: nn.Module, ops: dict[str, int]) -> dict[str, Any]:
+    """Which graph ``qmodel`` exports to and how its conv/linear layers run in it (layers, not
+    nodes): ``form`` is ``"exact"`` after :func:`exact_integer`, else ``"fused"`` (the QDQ graph
+    onnxruntime fuses into QLinearConv); ``integer_layers`` are the layers on integer kernels (an
+    :class:`IntegerLayer`, one or two ConvInteger/MatMulInteger nodes, or a fused QLinearConv /
+    QLinearMatMul / QGemm node, ``ops`` being the optimized graph's op counts) and
+    ``float_layers`` the others (a :class:`FloatLayer` is two nodes, the one-hot patch Conv and
+    the float64 MatMul; a QDQ layer onnxruntime did not fuse is one float Conv/Gemm)."""
+    layers = [m for m in qmodel.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    exact = any(m.integer is not None for m in layers)
+    integer = sum(isinstance(m.integer, IntegerLayer) for m in layers) \
+        + sum(n for op, n in ops.items() if op in FUSED_OPS)
+    return {"form": "exact" if exact else "fused", "integer_layers": integer,
+            "float_layers": len(layers) - integer}
 
 
 @torch.no_grad()
