@@ -1,4 +1,5 @@
-"""onnxruntime int8 (QDQ export, W8A8 dfq_legacy) vs onnxruntime FP32 vs PyTorch FP32, in one run.
+"""onnxruntime int8 (W8A8 dfq_legacy; the exact form that export=onnx ships and the QDQ form) vs
+onnxruntime FP32 vs PyTorch FP32, in one run.
 
 Latency (median ms per batch) and throughput (images/s) at batch 1 and 64 for resnet20, resnet56
 (CIFAR, 32x32) and mobilenetv3 (ImageNet, 224x224), 1 thread, interleaved repeats; the ratios are
@@ -12,6 +13,7 @@ kernels use it when present).
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 from calibbench import models, quant
-from calibbench.quant.export import count_kernels, export_onnx, ort_session, snap_bias
+from calibbench.quant.export import count_kernels, exact_integer, export_onnx, ort_session, snap_bias
 from calibbench.store import register_configs
 
 
@@ -73,6 +75,10 @@ def main() -> None:
         snap_bias(q, calib[:1])
         int8_path, fp_path = tmp / f"{name}_int8.onnx", tmp / f"{name}_fp32.onnx"
         export_onnx(q, calib[:1], str(int8_path))
+        exact = copy.deepcopy(q)
+        exact_integer(exact, calib[:1])
+        exact_path = tmp / f"{name}_exact.onnx"
+        export_onnx(exact, calib[:1], str(exact_path))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(fp, (calib[:1],), str(fp_path), dynamo=False, opset_version=17,
@@ -81,28 +87,32 @@ def main() -> None:
         s_int8 = ort_session(str(int8_path), 1, str(tmp / "opt.onnx"))
         kernels = count_kernels(str(tmp / "opt.onnx"))
         s_fp = ort_session(str(fp_path), 1)
+        s_exact = ort_session(str(exact_path), 1)
         for bs in map(int, args.batches.split(",")):
             x = torch.randn(bs, 3, size, size)
             xn = x.numpy()
-            t = {"ort_int8": [], "ort_fp32": [], "torch_fp32": []}
-            for _ in range(2):  # interleaved: machine load hits all three alike
+            t = {"ort_int8": [], "ort_exact": [], "ort_fp32": [], "torch_fp32": []}
+            for _ in range(2):  # interleaved: machine load hits all alike
                 t["ort_int8"].append(timed(lambda: s_int8.run(None, {"input": xn}), args.repeats))
+                t["ort_exact"].append(timed(lambda: s_exact.run(None, {"input": xn}), args.repeats))
                 t["ort_fp32"].append(timed(lambda: s_fp.run(None, {"input": xn}), args.repeats))
                 with torch.inference_mode():
                     t["torch_fp32"].append(timed(lambda: fp(x), args.repeats))
             med = {k: min(v) for k, v in t.items()}
             rows.append((name, bs, med, kernels["qlinear_nodes"], kernels["float_conv_nodes"]))
-            print(f"{name:18s} batch {bs:3d}: ORT int8 {1e3 * med['ort_int8']:8.2f} ms  ORT fp32 "
+            print(f"{name:18s} batch {bs:3d}: ORT int8 QDQ {1e3 * med['ort_int8']:8.2f} ms  exact "
+                  f"{1e3 * med['ort_exact']:8.2f} ms  ORT fp32 "
                   f"{1e3 * med['ort_fp32']:8.2f} ms  torch fp32 {1e3 * med['torch_fp32']:8.2f} ms  | "
                   f"int8/ORT-fp32 speed-up {med['ort_fp32'] / med['ort_int8']:.2f}x, int8/torch "
                   f"{med['torch_fp32'] / med['ort_int8']:.2f}x  | {bs / med['ort_int8']:.0f} img/s int8  "
                   f"({kernels['qlinear_nodes']} QLinear / {kernels['float_conv_nodes']} float conv nodes)",
                   flush=True)
-    print("\n| model | batch | ORT int8 ms | ORT fp32 ms | torch fp32 ms | int8 img/s "
+    print("\n| model | batch | ORT int8 QDQ ms | ORT int8 exact ms | ORT fp32 ms | torch fp32 ms | int8 img/s "
           "| speed-up vs ORT fp32 | vs torch fp32 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, bs, med, _, _ in rows:
-        print(f"| {name} | {bs} | {1e3 * med['ort_int8']:.2f} | {1e3 * med['ort_fp32']:.2f} | "
+        print(f"| {name} | {bs} | {1e3 * med['ort_int8']:.2f} | {1e3 * med['ort_exact']:.2f} | "
+              f"{1e3 * med['ort_fp32']:.2f} | "
               f"{1e3 * med['torch_fp32']:.2f} | {bs / med['ort_int8']:.0f} | "
               f"{med['ort_fp32'] / med['ort_int8']:.2f}x | {med['torch_fp32'] / med['ort_int8']:.2f}x |")
 

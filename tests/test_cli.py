@@ -39,6 +39,7 @@ BAD = [
     (["dataset=nope"], ["nope", "cifar10_jpeg"]),
     (["quant=nope"], ["nope", "dfq_legacy", "academic"]),
     (["bits=abc"], ["abc"]),
+    (["export_exact=fused"], ["export_exact=fused"]),
     (["bits=0"], ["bits=0", "2..16"]),
     (["bits=1"], ["bits=1", "2..16"]),
     (["bits=33"], ["bits=33", "2..16"]),
@@ -64,7 +65,7 @@ BAD = [
 
 
 # Names that Hydra itself rejects while composing (unknown group option, a value of the wrong type).
-COMPOSE_ERRORS = {"strategy=nope", "model=nope", "dataset=nope", "quant=nope", "bits=abc"}
+COMPOSE_ERRORS = {"strategy=nope", "model=nope", "dataset=nope", "quant=nope", "bits=abc", "export_exact=fused"}
 
 
 @pytest.mark.parametrize(("args", "needles"), BAD, ids=[" ".join(a) for a, _ in BAD])

@@ -48,6 +48,19 @@ def test_strategy_schema_types_are_enforced(compose):
         compose("strategy.not_a_field=1")
 
 
+def test_export_exact_is_a_bool(compose):
+    """``export_exact``: true (the bit-exact graph, default) or false (the fused QDQ graph);
+    anything else fails at compose (typed bool) or, from an untyped config, in validate."""
+    from omegaconf import OmegaConf
+
+    assert compose().export_exact is True and compose("export_exact=false").export_exact is False
+    with pytest.raises((ValidationError, ConfigCompositionException), match="export_exact=fused"):
+        compose("export_exact=fused")
+    untyped = OmegaConf.create(OmegaConf.to_container(compose("export=onnx")) | {"export_exact": "fused"})
+    with pytest.raises(ConfigError, match="export_exact='fused' must be true .* or false"):
+        validate(untyped)
+
+
 @pytest.mark.parametrize("bits", [0, 1, 33, -4])
 def test_bits_out_of_range(compose, bits):
     with pytest.raises(ConfigError, match=rf"bits={bits} .*valid: integers 2\.\.16"):

@@ -48,9 +48,18 @@ def test_any_input_of_the_set_misses_the_cache(compose, tiny_data, change):
 @pytest.mark.parametrize("change", [
     ("logger.mode=offline",), ("progress=true",), ("threads=1",), ("bits=8",), ("quant=academic",),
     ("budget.eval_limit=10",), ("eval_split=val",), ("dataset.num_workers=3",), ("refine=none",),
+    ("export=onnx",), ("export=onnx", "export_exact=false"),
 ])
 def test_how_a_run_is_logged_or_evaluated_hits_the_cache(compose, tiny_data, change):
     assert _key(compose, tiny_data) == _key(compose, tiny_data, *change)
+
+
+def test_export_form_is_in_the_run_key_only_with_export(compose):
+    """``export_exact`` changes what an exporting run evaluates (the exact or the fused graph's
+    arithmetic); without export it is never read, and runs keep the keys they had before it."""
+    key = pipeline.run_key
+    assert key(compose()) == key(compose("export_exact=false"))
+    assert key(compose("export=onnx")) != key(compose("export=onnx", "export_exact=false"))
 
 
 def test_null_fallbacks_are_resolved_before_hashing(compose, tiny_data):

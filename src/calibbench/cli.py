@@ -1,8 +1,8 @@
 """``python -m calibbench [overrides]``: a thin Hydra wrapper around :func:`calibbench.pipeline.run`.
 
 ``python -m calibbench report <sweep dir>`` rebuilds a sweep's tables and plots;
-``python -m calibbench export RUN_DIR [--format onnx] [--out PATH]`` exports a finished run's
-quantized model and checks it under onnxruntime (deploy.py).
+``python -m calibbench export RUN_DIR [--format onnx] [--out PATH] [--fused | --exact]`` exports a
+finished run's quantized model and checks it under onnxruntime (deploy.py).
 """
 
 from __future__ import annotations
@@ -78,8 +78,9 @@ def _task(cfg: DictConfig) -> Optional[float]:
         sys.exit(1)
     _print_table(pipeline.summary_rows(record))
     for fmt, entry in record.get("export", {}).items():
-        print(f"  export {fmt}: {entry['path']}  agreement {entry['agreement']:.2f}%  onnxruntime top-1 "
-              f"{entry['top1']:.2f}  integer/float conv nodes {entry['qlinear_nodes']}/{entry['float_conv_nodes']}")
+        print(f"  export {fmt} ({entry['form']}): {entry['path']}  agreement {entry['agreement']:.2f}%  "
+              f"onnxruntime top-1 {entry['top1']:.2f}  integer/float layers "
+              f"{entry['integer_layers']}/{entry['float_layers']}")
     print(Path(record["run_dir"]) / pipeline.RESULT_FILE)
     return float(record["metrics"]["quant"]["top1"])
 
@@ -96,7 +97,8 @@ def _alias(arg: str) -> str:
 
 
 def export_main(argv: list[str]) -> int:
-    """``calibbench export RUN_DIR [--format onnx] [--out PATH]``: exit 0, or 2 with one error line."""
+    """``calibbench export RUN_DIR [--format onnx] [--out PATH] [--fused | --exact]``: exit 0, or 2
+    with one error line."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m calibbench export",
@@ -105,20 +107,26 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--format", default="onnx", choices=["onnx"])
     parser.add_argument("--out", default=None, help="output file (default: RUN_DIR/model.onnx)")
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument("--fused", dest="exact", action="store_false", default=None,
+                      help="the fused QDQ graph (QLinearConv; faster, not bit-exact)")
+    form.add_argument("--exact", dest="exact", action="store_true", default=None,
+                      help="the bit-exact graph (ConvInteger/MatMulInteger)")
     args = parser.parse_args(argv)
     from calibbench import deploy
     from calibbench.quant.export import ExportError
 
     try:
-        entry = deploy.export_run(args.run_dir, args.format, args.out)
+        entry = deploy.export_run(args.run_dir, args.format, args.out, args.exact)
     except (ExportError, ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    _print_table([("file", entry["path"]), ("onnxruntime top-1", f"{entry['top1']:.2f}"),
+    _print_table([("file", entry["path"]), ("form", entry["form"]),
+                  ("onnxruntime top-1", f"{entry['top1']:.2f}"),
                   ("fake-quant top-1", f"{entry['top1_fake_quant']:.2f}"),
                   ("agreement (%)", f"{entry['agreement']:.2f}"),
                   ("max |logit diff|", f"{entry['max_abs_logit_diff']:.4g}"),
-                  ("integer / float conv nodes", f"{entry['qlinear_nodes']} / {entry['float_conv_nodes']}"),
+                  ("integer / float layers", f"{entry['integer_layers']} / {entry['float_layers']}"),
                   ("seconds", f"{entry['seconds']:.2f}")])
     return 0
 

@@ -7,7 +7,8 @@
   run's config (random init, no weight download), ``quant.quantize`` with the run's preset, then
   the saved state. Refused with one :class:`~calibbench.quant.export.ExportError` naming the
   problem: a failed run, no state, a digest mismatch, a state for another model or weights.
-- :func:`export_and_check` writes the QDQ ONNX model (``quant/export.py``), runs it under
+- :func:`export_and_check` writes the ONNX model (``quant/export.py``: the exact form after
+  ``exact_integer``, else the fused QDQ form; ``form`` in the record), runs it under
   onnxruntime's CPU provider on the run's evaluation split and returns the ``export.onnx`` record.
   The file appears under its final name only once it loaded and ran; nothing is left on failure.
 - :func:`export_run` is ``python -m calibbench export RUN_DIR``.
@@ -32,7 +33,16 @@ from calibbench import datasets, models, quant
 from calibbench.cache import atomic_write_bytes
 from calibbench.config import effective_bits
 from calibbench.quant.adaround import attach
-from calibbench.quant.export import ExportError, compare, count_kernels, export_onnx, ort_session, snap_bias
+from calibbench.quant.export import (
+    ExportError,
+    compare,
+    count_kernels,
+    exact_integer,
+    export_form,
+    export_onnx,
+    ort_session,
+    snap_bias,
+)
 from calibbench.quant.modules import QuantConv2d, QuantLinear
 from calibbench.record import RESULT_FILE, STATE_FILE
 
@@ -165,8 +175,9 @@ def export_and_check(qmodel: nn.Module, out: Path, batches: list, fmt: str = "on
     finally:
         tmp.unlink(missing_ok=True)
         optimized.unlink(missing_ok=True)
-    return {"path": str(out), **check, "qlinear_nodes": kernels["qlinear_nodes"],
-            "float_conv_nodes": kernels["float_conv_nodes"], "ops": kernels["ops"], **info,
+    return {"path": str(out), **check, **export_form(qmodel, kernels["ops"]),
+            "qlinear_nodes": kernels["qlinear_nodes"], "float_conv_nodes": kernels["float_conv_nodes"],
+            "ops": kernels["ops"], **info,
             "onnxruntime": onnxruntime.__version__, "bytes": out.stat().st_size,
             "seconds": round(time.perf_counter() - start, 3)}
 
@@ -175,8 +186,12 @@ def eval_batches(data: datasets.DataModule, dataset: Any, indices: list[int], ba
     return list(data.loader(dataset, batch_size, indices))
 
 
-def export_run(run_dir: str | Path, fmt: str = "onnx", out: Optional[str | Path] = None) -> dict:
-    """``python -m calibbench export RUN_DIR``: rebuild, export, check, record in result.json."""
+def export_run(run_dir: str | Path, fmt: str = "onnx", out: Optional[str | Path] = None,
+               exact: Optional[bool] = None) -> dict:
+    """``python -m calibbench export RUN_DIR``: rebuild, export, check, record in result.json.
+
+    ``exact``: the bit-exact graph (True) or the fused QDQ graph (False); None: the run's own
+    ``export_exact`` (true for runs saved before the option existed, the default)."""
     run_dir = Path(run_dir)
     record = read_run(run_dir)
     cfg, qmodel, _ = rebuild(run_dir, record)
@@ -186,6 +201,10 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: Optional[str | Path]
     snapped = record["quant"].get("int32_bias_layers")
     if snapped is None:  # saved by a run without export: snap now, and say what that changed
         snapped = snap_bias(qmodel, batches[0][0][:1])
+    if exact is None:
+        exact = bool(cfg.get("export_exact", True))
+    if exact:  # the integer layers are not saved state: rebuilt from the weights and grids (deterministic)
+        exact_integer(qmodel, batches[0][0][:1])
     entry = export_and_check(qmodel, Path(out) if out else run_dir / ONNX_FILE, batches, fmt, cfg.threads)
     entry["int32_bias_layers"] = snapped
     entry["run_top1"] = record["metrics"]["quant"]["top1"]

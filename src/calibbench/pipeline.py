@@ -24,7 +24,7 @@ from calibbench.cache import Cache, atomic_write_bytes, content_key, source_dige
 from calibbench.config import ConfigError, effective_bits, resolve_threads, to_container
 from calibbench.evaluate import evaluate
 from calibbench.preflight import preflight
-from calibbench.quant.export import snap_bias
+from calibbench.quant.export import exact_integer, snap_bias
 from calibbench.record import RESULT_FILE, versions
 from calibbench.seeding import seed_everything
 from calibbench.tracking import tracker
@@ -51,6 +51,8 @@ def run_key(cfg: DictConfig) -> str:
         data.pop(key, None)
     data["dataset"].pop("num_workers", None)
     data["budget"].pop("num_samples", None)  # only a default: its value is the top-level num_samples
+    if data.get("export") is None:  # read only with export: a run without it keeps its old key
+        data.pop("export_exact", None)
     return content_key(data)
 
 
@@ -226,10 +228,12 @@ def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[s
                 quant.calibrate(qmodel, (x for x, _ in shuffled.batches(cfg.budget.calib_batch_size)), device)
             with timings.stage("refine"):
                 refine_info = refine.run(qmodel, model, strategy, ctx, calib, cfg.refine, track)
-            snapped = None
-            if cfg.export:  # the kernel's int32 bias grid, before evaluating (quant/export.py)
+            snapped = integer_layers = None
+            if cfg.export:  # evaluate the exported model (quant/export.py: snap_bias, exact_integer)
                 with timings.stage("snap_bias"):
                     snapped = snap_bias(qmodel, calib.images[:1].to(device))
+                    if cfg.export_exact:  # else the fused QDQ graph, close to the fake-quant model
+                        integer_layers = exact_integer(qmodel, calib.images[:1].to(device))
             with timings.stage("quant_eval"):
                 q = evaluate(qmodel, data, device, cfg.budget.eval_batch_size, eval_idx, cfg.progress,
                              f"W{w_bits}A{a_bits} eval", eval_set)
@@ -263,6 +267,7 @@ def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[s
                 "refine": {"name": cfg.refine.name, **refine_info},
             })
             record["quant"]["int32_bias_layers"] = snapped
+            record["quant"]["integer_layers"] = integer_layers
             with timings.stage("save_state"):
                 record["quant_state"] = deploy.save_state(
                     qmodel, run_dir / deploy.STATE_FILE, deploy.state_meta(cfg, built.weights_id))

@@ -1,6 +1,20 @@
 """Fake-quant model → QDQ ONNX model that onnxruntime runs with its integer kernels.
 
-What the ONNX graph holds (``to_qdq`` builds a torch module that traces to it):
+**Exact form (what ``export=onnx`` and ``python -m calibbench export`` use by default;
+``export_exact=false`` / ``export --fused`` give the fused QDQ form below).** :func:`exact_integer`
+first makes the fake-quant model compute in the arithmetic of the exported graph, and the graph is
+then built from the same constants, so the two give bit-identical outputs (measured: max |logit
+diff| 0 on resnet20/56 W8A8/W4A4 with both presets and on random-weight mobilenetv3/v2/resnet18):
+activation quantizers divide by the scale as QuantizeLinear does; a layer reading a uint8 grid is
+an :class:`IntegerLayer` (``ConvInteger``/``MatMulInteger``, exact int32 sums, then float32
+``Mul``/``Add``); every other conv/linear a :class:`FloatLayer` (float64 sums rounded once).
+Without it the QDQ graph below differed by float32 summation order and rounding ties (resnet20
+academic W4A4: 99.6 % agreement; mobilenetv3: max |logit diff| 2.36). The QDQ form
+(``DQ → Conv → Q`` fused into QLinearConv) is what :func:`to_qdq` emits for layers without an
+exact form, i.e. when :func:`exact_integer` was not called: ~2x faster than the exact graph on the
+resnets (docs/results.md), not bit-exact.
+
+What the QDQ graph holds (``to_qdq`` builds a torch module that traces to it):
 
 - **weights**: integer codes in a uint8 initializer, per output channel (axis 0) scale and zero
   point, a ``DequantizeLinear`` in front of the Conv/Gemm. The codes are exactly the ones the
@@ -257,6 +271,277 @@ class QDQLayer(nn.Module):
         return F.linear(x, w, self.bias)
 
 
+class _NotInteger(Exception):
+    """The layer has no integer (or float64) form; the next form is tried (the reason is logged)."""
+
+
+def _bypass(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+    """Forward hook: a BatchNorm already folded into the IntegerLayer before it passes its input on."""
+    return inputs[0]
+
+
+class IntegerLayer:
+    """A conv/linear layer with a quantized input computed as an exact integer accumulation.
+
+    ``y = float32(Σ k_x·v_w) · M + b``: ``k_x = clamp(round(x / s_x))`` the input codes (minus their
+    zero point), ``v_w`` the weight codes (minus theirs), ``M = float32(s_x) · float32(s_w)`` per
+    output channel and ``b`` the bias, both float32 constants, with a BatchNorm that reads the
+    layer's output folded into ``v_w`` (sign), ``s_w`` (``|γ/σ|``) and ``b``. The sum is exact on
+    both sides: in PyTorch a float32 conv when every partial sum is provably below 2^24, else
+    float64 (integers below 2^53), in onnxruntime int32 (ConvInteger / MatMulInteger); the cast
+    to float32, the Mul and the Add are single float32 roundings in the same order, so the
+    fake-quant model and the ONNX graph give bit-identical outputs. The float
+    conv they replace (DequantizeLinear inputs, float32 products summed in an order each library
+    picks) differs by an ulp, which at 4 bits moves codes at rounding ties (docs/results.md).
+    """
+
+    def __init__(self, layer: nn.Module, quantizer: UniformQuantizer, bn: Optional[nn.BatchNorm2d],
+                 where: str) -> None:
+        spec = act_spec(quantizer, where)
+        if spec is None or spec[4] != torch.uint8:
+            raise _NotInteger(f"{where}: input grid is not uint8")
+        self.is_conv = isinstance(layer, QuantConv2d)
+        if self.is_conv:
+            if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+                raise _NotInteger(f"{where}: padding {layer.padding!r}/{layer.padding_mode}")
+            self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                                  groups=layer.groups)
+            self.kernel_shape = list(layer.kernel_size)
+        v, scale = weight_codes(layer, where)
+        v, s_w = v.double(), scale.double()
+        bias = layer.bias.detach().double() if layer.bias is not None else None
+        if bn is not None:
+            f, shift = _bn_factor(bn)
+            bias = ((torch.zeros_like(f) if bias is None else bias) - bn.running_mean.detach().double()) * f + shift
+            shape = [-1] + [1] * (v.dim() - 1)
+            v = v * torch.where(f < 0, -1.0, 1.0).double().view(shape)
+            s_w = s_w * f.abs()
+            dead = s_w == 0
+            v[dead] = 0.0
+            s_w = torch.where(dead, torch.ones_like(s_w), s_w)
+        if float(v.abs().max()) > 255:
+            raise _NotInteger(f"{where}: weight codes beyond ±255 (a grid without 0)")
+        self.scale_x, self.zp_x, self.qmin, self.qmax = spec[0], spec[1], spec[2], spec[3]
+        self.s_x = torch.tensor(spec[0], dtype=torch.float32)
+        self.v = v.cpu()
+        self.multiplier = (self.s_x * s_w.float()).cpu()
+        self.bias = None if bias is None else bias.float().cpu()
+        self.parts = integer_weight_parts(self.v)
+        # Every partial sum is an integer of at most max|k_x|·Σ|v_w| (per output channel): below
+        # 2^24 a float32 conv is exact too, in any summation order, and ~4x faster than float64.
+        max_k = max(abs(self.qmin - self.zp_x), abs(self.qmax - self.zp_x))
+        bound = max_k * float(self.v.abs().reshape(self.v.shape[0], -1).sum(1).max())
+        self.dtype = torch.float32 if bound < 2**24 else torch.float64
+        self.v = self.v.to(self.dtype)
+
+    def _shape(self, dim: int) -> list[int]:
+        return [1, -1] + [1] * (dim - 2)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        k = torch.clamp(torch.round(x / self.s_x.to(x.device)), self.qmin - self.zp_x, self.qmax - self.zp_x)
+        v = self.v.to(x.device)
+        k = k.to(self.dtype)
+        acc = F.conv2d(k, v, None, **self.conv_args) if self.is_conv else F.linear(k, v)
+        shape = self._shape(acc.dim())
+        y = acc.float() * self.multiplier.to(x.device).view(shape)
+        if self.bias is not None:
+            y = y + self.bias.to(x.device).view(shape)
+        return y
+
+    def symbolic(self, g: Any, x: Any) -> Any:
+        """``Q → [Clip] → ConvInteger/MatMulInteger (+ Add) → Cast → Mul → Add``."""
+        s = _const(g, torch.tensor(self.scale_x, dtype=torch.float32))
+        z = _const(g, torch.tensor(self.zp_x, dtype=torch.uint8))
+        q = g.op("QuantizeLinear", x, s, z)
+        if (self.qmin, self.qmax) != (0, 255):
+            q = g.op("Clip", q, _const(g, torch.tensor(self.qmin, dtype=torch.uint8)),
+                     _const(g, torch.tensor(self.qmax, dtype=torch.uint8)))
+        acc = None
+        for codes, zp in self.parts:
+            zw = _const(g, torch.tensor(zp, dtype=torch.uint8))
+            if self.is_conv:
+                a = self.conv_args
+                pads = list(a["padding"]) * 2
+                part = g.op("ConvInteger", q, _const(g, codes), z, zw, kernel_shape_i=self.kernel_shape,
+                            strides_i=list(a["stride"]), pads_i=pads, dilations_i=list(a["dilation"]),
+                            group_i=a["groups"])
+            else:
+                part = g.op("MatMulInteger", q, _const(g, codes.t().contiguous()), z, zw)
+            acc = part if acc is None else g.op("Add", acc, part)
+        y = g.op("Cast", acc, to_i=1)  # TensorProto.FLOAT
+        rank = 4 if self.is_conv else 2
+        y = g.op("Mul", y, _const(g, self.multiplier.view(self._shape(rank))))
+        if self.bias is not None:
+            y = g.op("Add", y, _const(g, self.bias.view(self._shape(rank))))
+        return y
+
+
+def integer_weight_parts(v: Tensor) -> list[tuple[Tensor, int]]:
+    """uint8 ``(codes, zero point)`` tensors whose ``Σ (codes − zp)`` is ``v``: one when the layer's
+    values span at most 256 levels, else two (``v`` in ±255: an 8-bit asymmetric per-channel grid,
+    whose channels' zero points differ; onnxruntime's ConvInteger takes one zero point per tensor)."""
+    lo, hi = int(v.min()), int(v.max())
+    if hi - lo <= 255:
+        zp = max(0, -lo)
+        return [((v + zp).round().to(torch.uint8), zp)]
+    a = v.clamp(-128, 127)
+    return [((a + 128).round().to(torch.uint8), 128), ((v - a + 127).round().to(torch.uint8), 127)]
+
+
+class _IntegerOp(torch.autograd.Function):
+    """Forward: an :class:`IntegerLayer` / :class:`FloatLayer`; ONNX: its ``symbolic``, with the
+    constants the forward used."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, integer: Any) -> Tensor:  # noqa: D102
+        return integer(x)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, integer: Any) -> Any:  # noqa: D102
+        return integer.symbolic(g, x)
+
+
+class FloatLayer:
+    """A conv/linear layer without an integer form (a float input, e.g. ``dfq_legacy``'s first
+    conv or an SE block's conv after average pooling; weight codes beyond ±255), computed in
+    float64 and rounded to float32 once: ``y = float32(conv64(x, W) + b)`` with ``W`` the
+    fake-quant weight (a BatchNorm that reads the output folded in, in float64) and ``b`` the bias.
+
+    In float32 the two libraries' sums differ in the last bits (the order of the products) and a
+    BN folded into float32 weights differs from one applied after the conv by ~1e-5 relative,
+    which moves codes at rounding ties of the next quantizer (measured on mobilenetv3: 3 codes of
+    the first activation). In float64 both sums are within ~1e-16 of the exact value, so their
+    float32 roundings agree except at float32 ties. onnxruntime has no float64 Conv: the graph
+    gathers the patches with a float32 Conv of one-hot kernels (each output is one input value
+    times 1.0, exact), then multiplies in float64 (MatMul, batched over groups).
+    """
+
+    def __init__(self, layer: nn.Module, bn: Optional[nn.BatchNorm2d], where: str) -> None:
+        self.is_conv = isinstance(layer, QuantConv2d)
+        if self.is_conv:
+            if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+                raise _NotInteger(f"{where}: padding {layer.padding!r}/{layer.padding_mode}")
+            self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                                  groups=layer.groups)
+            self.kernel_shape = list(layer.kernel_size)
+        if layer.weight_quantizer.active:
+            v, scale = weight_codes(layer, where)
+            w = (v * scale.view([-1] + [1] * (v.dim() - 1))).double()  # == quantized_weight(), exact
+        else:
+            w = layer.weight.detach().double()
+        bias = layer.bias.detach().double() if layer.bias is not None else None
+        if bn is not None:
+            f, shift = _bn_factor(bn)
+            bias = ((torch.zeros_like(f) if bias is None else bias) - bn.running_mean.detach().double()) * f + shift
+            w = w * f.view([-1] + [1] * (w.dim() - 1))
+        self.weight = w.cpu()
+        self.bias = None if bias is None else bias.cpu()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        w = self.weight.to(x.device)
+        b = None if self.bias is None else self.bias.to(x.device)
+        y = F.conv2d(x.double(), w, b, **self.conv_args) if self.is_conv else F.linear(x.double(), w, b)
+        return y.float()
+
+    def symbolic(self, g: Any, x: Any) -> Any:
+        if not self.is_conv:
+            y = g.op("MatMul", g.op("Cast", x, to_i=11), _const(g, self.weight.t().contiguous()))
+            if self.bias is not None:
+                y = g.op("Add", y, _const(g, self.bias))
+            return g.op("Cast", y, to_i=1)
+        a = self.conv_args
+        out_c, cg, kh, kw = self.weight.shape
+        groups = a["groups"]
+        k = cg * kh * kw
+        onehot = torch.eye(k, dtype=torch.float32).reshape(k, cg, kh, kw).repeat(groups, 1, 1, 1)
+        patches = g.op("Conv", x, _const(g, onehot), kernel_shape_i=[kh, kw], strides_i=list(a["stride"]),
+                       pads_i=list(a["padding"]) * 2, dilations_i=list(a["dilation"]), group_i=groups)
+        shape = g.op("Shape", patches)
+        n = g.op("Slice", shape, _const(g, torch.tensor([0])), _const(g, torch.tensor([1])))
+        hw = g.op("Slice", shape, _const(g, torch.tensor([2])), _const(g, torch.tensor([4])))
+        cols = g.op("Reshape", patches, g.op("Concat", n, _const(g, torch.tensor([groups, k, -1])), axis_i=0))
+        w = _const(g, self.weight.reshape(groups, out_c // groups, k).contiguous())
+        y = g.op("MatMul", w, g.op("Cast", cols, to_i=11))  # (N, G, O/G, H·W), float64
+        y = g.op("Reshape", y, g.op("Concat", n, _const(g, torch.tensor([out_c])), hw, axis_i=0))
+        if self.bias is not None:
+            y = g.op("Add", y, _const(g, self.bias.view(1, -1, 1, 1)))
+        return g.op("Cast", y, to_i=1)
+
+
+class IntegerQDQLayer(nn.Module):
+    """Export form of a layer with an :class:`IntegerLayer` or :class:`FloatLayer` (its BatchNorm
+    folded in it); a FloatLayer's own input quantizer stays a Q → DQ in front of it."""
+
+    def __init__(self, layer: nn.Module, where: str) -> None:
+        super().__init__()
+        self.integer = layer.integer
+        self.input_qdq = QDQAct(layer.input_quantizer, f"{where}.input_quantizer") \
+            if isinstance(self.integer, FloatLayer) and layer.input_quantizer is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.input_qdq is not None:
+            x = self.input_qdq(x)
+        return _IntegerOp.apply(x, self.integer)
+
+
+@torch.no_grad()
+def exact_integer(qmodel: nn.Module, example: Tensor) -> int:
+    """Make the fake-quant model compute what the exported graph computes, bit for bit; returns the
+    number of integer layers. In place; call after :func:`snap_bias` and after any change to weights,
+    BN statistics or quantizers (it reads them once).
+
+    - every activation quantizer divides by its scale (``round(x / s)``, onnxruntime's
+      QuantizeLinear) instead of multiplying by ``1/s``;
+    - every conv/linear layer whose input lies on an 8-bit-or-less uint8 activation grid becomes an
+      :class:`IntegerLayer` (exact integer accumulation; ConvInteger/MatMulInteger in the ONNX
+      graph instead of a QLinearConv or a float Conv), with a BatchNorm that reads its output folded
+      into it (the BN module then passes its input through).
+
+    This changes the fake-quant model's outputs by float32 rounding (the float conv's summation
+    order, the BN arithmetic): used when export is requested, so that the evaluated model is the
+    exported one. Every other conv/linear layer (a float input: ``dfq_legacy``'s first conv, a
+    layer after average pooling) becomes a :class:`FloatLayer` (float64 sums, one float32 rounding).
+    """
+    example = example.to(next(qmodel.parameters()).device)
+    for m in qmodel.modules():
+        if isinstance(m, (QuantConv2d, QuantLinear)):
+            m.integer = None
+        if isinstance(m, nn.BatchNorm2d):
+            for key, hook in list(m._forward_hooks.items()):
+                if hook is _bypass:
+                    del m._forward_hooks[key]
+    for m in qmodel.modules():
+        if isinstance(m, QuantAct):
+            m.quantizer.divide = True
+        elif isinstance(m, (QuantConv2d, QuantLinear)) and m.input_quantizer is not None:
+            m.input_quantizer.divide = True
+    bns = _bn_pairs(qmodel, example)
+    inputs = _input_quantizers(qmodel, example)
+    paths = _paths_by_object(qmodel)
+    count = 0
+    for layer in list(qmodel.modules()):
+        if not isinstance(layer, (QuantConv2d, QuantLinear)):
+            continue
+        bn, where = bns.get(id(layer)), paths[id(layer)][0]
+        exact: Any = None
+        if id(layer) in inputs and layer.weight_quantizer.active:
+            try:
+                exact = IntegerLayer(layer, inputs[id(layer)], bn, where)
+                count += 1
+            except _NotInteger as why:
+                log.info("export: float64 path for %s", why)
+        if exact is None:
+            try:
+                exact = FloatLayer(layer, bn, where)
+            except _NotInteger as why:
+                log.info("export: float32 path for %s", why)
+                continue
+        layer.integer = exact
+        if bn is not None:
+            bn.register_forward_hook(_bypass)
+    return count
+
+
 def _check_supported(model: nn.Module) -> None:
     from calibbench.quant.quantize import FEATURE_ACT_NAMES, FEATURE_ACT_TYPES
 
@@ -292,20 +577,25 @@ def _input_quantizers(model: nn.Module, example: Tensor) -> dict[int, UniformQua
     QuantAct that produced its input tensor), found in one forward pass."""
     from calibbench.quant.quantize import probe_forward
 
-    produced: dict[int, UniformQuantizer] = {}
+    # The outputs are kept alive: an id is unique only while its tensor lives (a freed QuantAct
+    # output's id reused by another tensor attributed the grid to the wrong layer on mobilenetv3).
+    produced: dict[int, tuple[UniformQuantizer, Tensor]] = {}
     found: dict[int, UniformQuantizer] = {}
     handles = []
 
     def act_hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
         if module.quantizer.active:
-            produced[id(output)] = module.quantizer
+            produced[id(output)] = (module.quantizer, output)
 
     def layer_hook(module: nn.Module, inputs: tuple) -> None:
         q = module.input_quantizer
         if q is not None and q.active:
             found[id(module)] = q
         elif id(inputs[0]) in produced:
-            found[id(module)] = produced[id(inputs[0])]
+            q, out = produced[id(inputs[0])]
+            # still on the grid (not changed in place since, e.g. by a residual ``+=``)
+            if out is inputs[0] and torch.equal(q.fake_quantize(out.detach().clone()), out):
+                found[id(module)] = q
 
     for m in model.modules():
         if isinstance(m, QuantAct):
@@ -395,8 +685,10 @@ def to_qdq(qmodel: nn.Module, example: Tensor) -> nn.Module:
         for p in paths[id(bn)]:
             _replace(model, p, nn.Identity())
     for m in list(model.modules()):
-        if isinstance(m, (QuantConv2d, QuantLinear)):
-            new: nn.Module = QDQLayer(m, bn_of.get(id(m)), paths[id(m)][0])
+        if isinstance(m, (QuantConv2d, QuantLinear)) and m.integer is not None:
+            new: nn.Module = IntegerQDQLayer(m, paths[id(m)][0])
+        elif isinstance(m, (QuantConv2d, QuantLinear)):
+            new = QDQLayer(m, bn_of.get(id(m)), paths[id(m)][0])
         elif isinstance(m, QuantAct):
             new = QDQActModule(m, paths[id(m)][0])
         else:
@@ -453,8 +745,13 @@ def ort_session(path: str, threads: Optional[int] = None, optimized_path: Option
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
+# onnxruntime's fused QDQ kernels: one node per conv/linear layer
+FUSED_OPS = frozenset({"QLinearConv", "QLinearMatMul", "QGemm"})
+
+
 def count_kernels(optimized_path: str) -> dict[str, Any]:
-    """Integer vs float conv/matmul nodes in the graph onnxruntime actually runs."""
+    """Integer vs float conv/matmul nodes in the graph onnxruntime actually runs (nodes, not
+    layers: see :func:`export_form` for layers)."""
     import onnx
 
     ops: dict[str, int] = {}
@@ -463,6 +760,22 @@ def count_kernels(optimized_path: str) -> dict[str, Any]:
     return {"qlinear_nodes": sum(n for op, n in ops.items() if op in QLINEAR_OPS),
             "float_conv_nodes": sum(n for op, n in ops.items() if op in FLOAT_CONV_OPS),
             "ops": dict(sorted(ops.items()))}
+
+
+def export_form(qmodel: nn.Module, ops: dict[str, int]) -> dict[str, Any]:
+    """Which graph ``qmodel`` exports to and how its conv/linear layers run in it (layers, not
+    nodes): ``form`` is ``"exact"`` after :func:`exact_integer`, else ``"fused"`` (the QDQ graph
+    onnxruntime fuses into QLinearConv); ``integer_layers`` are the layers on integer kernels (an
+    :class:`IntegerLayer`, one or two ConvInteger/MatMulInteger nodes, or a fused QLinearConv /
+    QLinearMatMul / QGemm node, ``ops`` being the optimized graph's op counts) and
+    ``float_layers`` the others (a :class:`FloatLayer` is two nodes, the one-hot patch Conv and
+    the float64 MatMul; a QDQ layer onnxruntime did not fuse is one float Conv/Gemm)."""
+    layers = [m for m in qmodel.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    exact = any(m.integer is not None for m in layers)
+    integer = sum(isinstance(m.integer, IntegerLayer) for m in layers) \
+        + sum(n for op, n in ops.items() if op in FUSED_OPS)
+    return {"form": "exact" if exact else "fused", "integer_layers": integer,
+            "float_layers": len(layers) - integer}
 
 
 @torch.no_grad()

@@ -55,6 +55,9 @@ class _QuantWeightMixin:
         self._cache_key: Optional[tuple] = None
         self._cached_weight: Optional[Tensor] = None
         self.weight_rounding: Optional[nn.Module] = None  # quant/adaround.py's AdaRound, when attached
+        # quant/export.py's IntegerLayer/FloatLayer, set by exact_integer() for export: evaluation
+        # (no grad) computes the layer in the exported graph's arithmetic (exact integer sums).
+        self.integer: Optional[Any] = None
         self.sync_weight_range()
 
     def set_weight_rounding(self, rounding: Optional[nn.Module]) -> None:
@@ -124,6 +127,8 @@ class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
         return q
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.integer is not None and not torch.is_grad_enabled():
+            return self.integer(self._quant_input(x))
         return self._conv_forward(self._quant_input(x), self.quantized_weight(), self.bias)
 
 
@@ -139,6 +144,8 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
         return q
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.integer is not None and not torch.is_grad_enabled():
+            return self.integer(self._quant_input(x))
         return F.linear(self._quant_input(x), self.quantized_weight(), self.bias)
 
 

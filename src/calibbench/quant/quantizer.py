@@ -134,6 +134,10 @@ class UniformQuantizer(nn.Module):
         # per-tensor: (scale, 1/scale) as 0-dim float32 tensors (a python float costs mul_ an extra
         # dtype conversion per call) and the clamp bounds in code units as python floats
         self._fast: Optional[tuple[Tensor, Tensor, float, float]] = None
+        # True: ``round(x / scale)`` (a division, as onnxruntime's QuantizeLinear computes it)
+        # instead of ``round(x * (1 / scale))``; the two differ next to rounding ties (~1e-4 of
+        # values). Set for export (quant/export.py: exact_integer), off otherwise.
+        self.divide = False
 
     # -- qparams -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -231,7 +235,10 @@ class UniformQuantizer(nn.Module):
             hi = (self.qmax - zp).view(shape)
         if torch.is_grad_enabled() and x.requires_grad:
             return _FakeQuantSTE.apply(x, inv, scale, lo, hi)
-        out = x.mul_(inv) if inplace else x.mul(inv)
+        if self.divide:
+            out = x.div_(scale) if inplace else x.div(scale)
+        else:
+            out = x.mul_(inv) if inplace else x.mul(inv)
         return out.round_().clamp_(lo, hi).mul_(scale)
 
     def extra_repr(self) -> str:
