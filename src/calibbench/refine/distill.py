@@ -32,19 +32,25 @@ import math
 import time
 import warnings
 from contextlib import ExitStack, contextmanager
-from typing import Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import DataLoader
 
+from calibbench.config import RefineConfig
 from calibbench.refine import build_optimizer, stream
 from calibbench.refine.guard import LossGuard, factors
 from calibbench.refine.losses import LossTerm, RefinePlan, StepOutputs, build_terms
 from calibbench.refine.ranges import learned_act_ranges
 from calibbench.seeding import stream_seed
+
+if TYPE_CHECKING:  # strategies/ imports refine/: annotations only
+    from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext
+    from calibbench.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +69,7 @@ class StudentModule(L.LightningModule):
     """
 
     def __init__(self, student: Optional[nn.Module], teacher: nn.Module,
-                 terms: Sequence[tuple[str, float, LossTerm]], cfg: Any, max_steps: int,
+                 terms: Sequence[tuple[str, float, LossTerm]], cfg: RefineConfig, max_steps: int,
                  range_params: Sequence[nn.Parameter] = ()) -> None:
         super().__init__()
         self.student = student
@@ -196,7 +202,7 @@ class CurveRecorder(L.Callback):
     kept for the record and sent to the tracker. Rows may differ in their columns (a generator
     warm-up step has no quantized-model terms): the curve has every column, null where absent."""
 
-    def __init__(self, track: Any = None) -> None:
+    def __init__(self, track: Optional[Tracker] = None) -> None:
         self.track = track
         self.rows: list[dict[str, float]] = []
 
@@ -298,8 +304,8 @@ def _restore(student: Optional[nn.Module], teacher: nn.Module, device: torch.dev
 
 
 @contextmanager
-def training(student: Optional[nn.Module], teacher: nn.Module, ctx: Any, cfg: Any, seed_stream: str
-             ) -> Iterator[list[nn.Parameter]]:
+def training(student: Optional[nn.Module], teacher: nn.Module, ctx: StrategyContext, cfg: Optional[RefineConfig],
+             seed_stream: str) -> Iterator[list[nn.Parameter]]:
     """The surroundings every refinement fit runs in (also the generator-only warm-up, with
     ``student=None``): no inference_mode (pitfall 7), modes/devices/grad flags restored, the
     caller's RNG untouched (the fit draws from the run's ``seed_stream``), learned activation
@@ -320,7 +326,7 @@ def training(student: Optional[nn.Module], teacher: nn.Module, ctx: Any, cfg: An
         yield [p for q in ranges for p in (q.lo, q.hi)]
 
 
-def fit(module: StudentModule, data: Any, ctx: Any, steps: int, recorder: CurveRecorder,
+def fit(module: StudentModule, data: DataLoader, ctx: StrategyContext, steps: int, recorder: CurveRecorder,
         manual: bool = False) -> None:
     """Train ``module`` for ``steps`` batches of ``data`` on Lightning (inside :func:`training`)."""
     try:
@@ -333,14 +339,14 @@ def fit(module: StudentModule, data: Any, ctx: Any, steps: int, recorder: CurveR
         module.remove_hooks()
 
 
-def check_length(rows: list, steps: int, strategy: Any) -> None:
+def check_length(rows: list, steps: int, strategy: Strategy) -> None:
     if len(rows) != steps:
         raise RuntimeError(f"refine: the stream of strategy {getattr(strategy, 'name', strategy)!r} "
                            f"ended after {len(rows)} of {steps} steps")
 
 
-def distill(student: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any, cfg: Any,
-            steps: int, batch_size: int, track: Any = None,
+def distill(student: nn.Module, teacher: nn.Module, strategy: Strategy, ctx: StrategyContext,
+            calib: CalibrationSet, cfg: RefineConfig, steps: int, batch_size: int, track: Optional[Tracker] = None,
             terms: Optional[Sequence[tuple[str, float, LossTerm]]] = None) -> dict[str, Any]:
     """Train ``student`` in place for ``steps`` steps on ``strategy.batches(...)``; the record.
     ``terms``: the weighted loss terms (default: ``refine.losses``)."""

@@ -190,7 +190,9 @@ class ClusterQConfig(GeneratorStrategyConfig):
 class ClusterQ(GeneratorStrategy):
     """Generator with class-wise centroid alignment, EMA centroids and a diversity term."""
 
-    def __init__(self, cfg: Any) -> None:
+    cfg: ClusterQConfig
+
+    def __init__(self, cfg: ClusterQConfig) -> None:
         super().__init__(cfg)
         self.shifts: list[tuple[int, int, float]] = []  # (step, classes updated, RMS shift)
         self._state: Optional[dict[str, Any]] = None  # the live state of the last training (records)

@@ -156,7 +156,9 @@ class FDDARefiner(GeneratorRefiner):
 class FDDA(GeneratorStrategy):
     """GDFQ's generator with FDDA's fine-grained BNS terms, real images in every student batch."""
 
-    def __init__(self, cfg: Any) -> None:
+    cfg: FDDAConfig
+
+    def __init__(self, cfg: FDDAConfig) -> None:
         super().__init__(cfg)
         self._real: Optional[dict[str, Any]] = None
 

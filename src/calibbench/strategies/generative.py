@@ -86,6 +86,8 @@ class GeneratorStrategyConfig(StrategyConfig):
 class GeneratorStrategy(Strategy):
     """A strategy whose images come from a conditional generator trained against the FP model."""
 
+    cfg: GeneratorStrategyConfig
+
     synthetic = True
     trains_generator = True
     bn_correction = 0  # batch statistics as a BN layer in training mode sees them (biased variance)

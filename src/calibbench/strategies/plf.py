@@ -93,6 +93,8 @@ class PLFObjective(ZeroQObjective):
 class PLF(ZeroQ):
     """Class-balanced labelled synthesis; the reliability split happens in ``refine=plf``."""
 
+    cfg: PLFConfig
+
     images_key, iterations_key = "plf_samples", "plf_iterations"
 
     @classmethod

@@ -140,13 +140,15 @@ class ZeroQ(Strategy):
     """Pixels optimized with Adam against the BN statistics; several independent batches when
     ``num_samples`` exceeds ``budget.synth_batch_size`` (the last one smaller)."""
 
+    cfg: ZeroQConfig
+
     synthetic = True
 
     # Budget fields this strategy's synthesis reads: (images, iterations); PLF reads its own.
     images_key: Optional[str] = None  # None: the run's num_samples
     iterations_key = "synth_iterations"
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: ZeroQConfig) -> None:
         super().__init__(cfg)
         self.check_options(cfg)
 
