@@ -93,6 +93,8 @@ def load_state(qmodel: nn.Module, payload: dict) -> None:
         if not key.endswith(_ROUNDING + "up"):
             continue
         layer = qmodel.get_submodule(key[: -len(_ROUNDING + "up")])
+        if not isinstance(layer, (QuantConv2d, QuantLinear)):
+            raise ExportError(f"saved rounding {key!r} belongs to {type(layer).__name__}, not a quantized layer")
         rounding = attach(layer)
         prefix = key[: -len("up")]
         with torch.no_grad():

@@ -160,7 +160,7 @@ class QDQActModule(nn.Module):
         return self.qdq(self.act(x))
 
 
-def weight_codes(layer: nn.Module, where: str) -> tuple[Tensor, Tensor]:
+def weight_codes(layer: QuantConv2d | QuantLinear, where: str) -> tuple[Tensor, Tensor]:
     """``(v, scale)``: integer-valued ``v = q − z`` per weight (float tensor) and the per-channel
     scale (``C``), with ``v · scale`` equal, bit for bit, to the fake-quant model's weight."""
     layer.sync_weight_range()
@@ -208,14 +208,19 @@ def encode_weight(v: Tensor, scale: Tensor) -> Optional[_Const]:
 class QDQLayer(nn.Module):
     """QuantConv2d / QuantLinear (optionally with the BatchNorm that follows it folded in)."""
 
-    def __init__(self, layer: nn.Module, bn: Optional[nn.BatchNorm2d], where: str) -> None:
+    weight: Tensor
+    bias: Optional[Tensor]
+
+    def __init__(self, layer: QuantConv2d | QuantLinear, bn: Optional[nn.BatchNorm2d], where: str) -> None:
         super().__init__()
         self.is_conv = isinstance(layer, QuantConv2d)
-        if self.is_conv:
-            self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
-                                  groups=layer.groups)
+        # (stride, padding, dilation, groups) of a conv; None for a linear layer
+        self.conv_args: Optional[tuple[tuple[int, ...], str | tuple[int, ...], tuple[int, ...], int]] = None
+        if isinstance(layer, QuantConv2d):
+            self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
             if layer.padding_mode != "zeros":
                 raise ExportError(f"{where}: padding_mode={layer.padding_mode!r} is not supported")
+        self.const: Optional[_Const] = None
         self.input_qdq = QDQAct(layer.input_quantizer, f"{where}.input_quantizer") \
             if layer.input_quantizer is not None else None
         bias = layer.bias.detach().double() if layer.bias is not None else None
@@ -228,7 +233,7 @@ class QDQLayer(nn.Module):
             weight = None
         if bn is not None:
             f, shift = _bn_factor(bn)
-            bias = (torch.zeros_like(f) if bias is None else bias) - bn.running_mean.detach().double()
+            bias = (torch.zeros_like(f) if bias is None else bias) - _bn_stats(bn)[0].detach().double()
             bias = bias * f + shift
             shape = [-1] + [1] * (layer.weight.dim() - 1)
             if weight is not None:
@@ -252,8 +257,9 @@ class QDQLayer(nn.Module):
         if self.input_qdq is not None:
             x = self.input_qdq(x)
         w = self.weight if self.const is None else _WeightDQ.apply(self.weight, self.const)
-        if self.is_conv:
-            return F.conv2d(x, w, self.bias, **self.conv_args)
+        if self.conv_args is not None:
+            stride, padding, dilation, groups = self.conv_args
+            return F.conv2d(x, w, self.bias, stride, padding, dilation, groups)
         return F.linear(x, w, self.bias)
 
 
@@ -296,11 +302,11 @@ def _input_quantizers(model: nn.Module, example: Tensor) -> dict[int, UniformQua
     found: dict[int, UniformQuantizer] = {}
     handles = []
 
-    def act_hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+    def act_hook(module: QuantAct, inputs: tuple, output: Tensor) -> None:
         if module.quantizer.active:
             produced[id(output)] = module.quantizer
 
-    def layer_hook(module: nn.Module, inputs: tuple) -> None:
+    def layer_hook(module: QuantConv2d | QuantLinear, inputs: tuple) -> None:
         q = module.input_quantizer
         if q is not None and q.active:
             found[id(module)] = q
@@ -316,9 +322,16 @@ def _input_quantizers(model: nn.Module, example: Tensor) -> dict[int, UniformQua
     return found
 
 
+def _bn_stats(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """(running_mean, running_var); the BNs paired with a conv all keep them (_conv_bn_candidates)."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ExportError(f"{bn}: a BatchNorm without running statistics cannot be folded")
+    return bn.running_mean, bn.running_var
+
+
 def _bn_factor(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     f = (bn.weight.detach().double() if bn.affine else torch.ones(bn.num_features, dtype=torch.float64)) \
-        / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+        / torch.sqrt(_bn_stats(bn)[1].detach().double() + bn.eps)
     shift = bn.bias.detach().double() if bn.affine else torch.zeros_like(f)
     return f, shift
 
@@ -357,7 +370,8 @@ def snap_bias(qmodel: nn.Module, example: Tensor) -> int:
         bn = bns.get(id(layer))
         if bn is not None:
             f, shift = _bn_factor(bn)
-            folded = (bias - bn.running_mean.detach().double()) * f + shift
+            mean = _bn_stats(bn)[0].detach().double()
+            folded = (bias - mean) * f + shift
             s_w = (scale * f.abs()).float()
         else:
             folded, s_w = bias, scale.float()
@@ -366,7 +380,7 @@ def snap_bias(qmodel: nn.Module, example: Tensor) -> int:
         target = torch.round(folded / grid) * grid
         if bn is not None:
             live = f != 0
-            new_shift = torch.where(live, target - (bias - bn.running_mean.detach().double()) * f, shift)
+            new_shift = torch.where(live, target - (bias - mean) * f, shift)
             if bn.affine:
                 bn.bias.copy_(new_shift.to(bn.bias.dtype))
             elif bool((new_shift != shift).any()):
