@@ -333,7 +333,7 @@ def split_fingerprint(dataset: Dataset, indices: Sequence[int]) -> Optional[str]
 def _normalization(cfg: DatasetConfig, model: ModelConfig) -> tuple[tuple, tuple]:
     if cfg.normalization == "legacy_gdfq":
         return LEGACY_GDFQ[FAMILY[cfg.name]]
-    return tuple(model.mean), tuple(model.std)  # type: ignore[return-value]
+    return tuple(model.mean), tuple(model.std)
 
 
 def _require_dir(path: Path, cfg: DatasetConfig) -> None:

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from omegaconf import OmegaConf
@@ -30,7 +30,7 @@ from torch import nn
 
 from calibbench import datasets, models, quant
 from calibbench.cache import atomic_write_bytes
-from calibbench.config import effective_bits
+from calibbench.config import ModelConfig, effective_bits
 from calibbench.quant.adaround import attach
 from calibbench.quant.export import ExportError, compare, count_kernels, export_onnx, ort_session, snap_bias
 from calibbench.quant.modules import QuantConv2d, QuantLinear
@@ -139,7 +139,8 @@ def rebuild(run_dir: Path, record: dict) -> tuple[Any, nn.Module, dict]:
         diff = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
         raise ExportError(f"{run_dir / STATE_FILE}: state was saved for another model or weights "
                           f"than the run's config: {diff} (saved, config)")
-    structure = models.build(OmegaConf.merge(cfg.model, {"weights": "none"}), cfg.dataset.name,
+    model_cfg = cast(ModelConfig, OmegaConf.merge(cfg.model, {"weights": "none"}))  # a DictConfig on the schema
+    structure = models.build(model_cfg, cfg.dataset.name,
                              cfg.paths.weights_dir).module
     w_bits, a_bits = effective_bits(cfg)
     qmodel = quant.quantize(structure, cfg.quant, w_bits, a_bits)

@@ -14,14 +14,14 @@ from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from calibbench import datasets, deploy, models, quant, refine, strategies
 from calibbench.cache import Cache, atomic_write_bytes, content_key, source_digest
-from calibbench.config import ConfigError, effective_bits, resolve_threads, to_container
+from calibbench.config import BudgetConfig, ConfigError, effective_bits, resolve_threads, to_container
 from calibbench.evaluate import evaluate
 from calibbench.preflight import preflight
 from calibbench.quant.export import snap_bias
@@ -114,15 +114,15 @@ _BUDGET_NOT_FOR_CALIBRATION = ("eval_limit", "num_samples")  # num_samples: ctx.
 _BUDGET_NOT_FOR_CALIBRATION_PREFIX = "refine_"
 
 
-def calibration_budget(budget: DictConfig) -> DictConfig:
+def calibration_budget(budget: DictConfig) -> BudgetConfig:
     """The budget as ``calibration_set`` sees it: a read-only, struct-mode copy without the
     evaluation/refinement fields (reading one raises an error naming the key)."""
-    keep = [k for k in budget if k not in _BUDGET_NOT_FOR_CALIBRATION
+    keep = [str(k) for k in budget if k not in _BUDGET_NOT_FOR_CALIBRATION
             and not str(k).startswith(_BUDGET_NOT_FOR_CALIBRATION_PREFIX)]
     view = OmegaConf.masked_copy(budget, keep)
     OmegaConf.set_struct(view, True)
     OmegaConf.set_readonly(view, True)
-    return view
+    return cast(BudgetConfig, view)  # a DictConfig on the budget schema, as StrategyContext.budget is
 
 
 def calibration_key(cfg: DictConfig, strategy: strategies.Strategy, ctx: strategies.StrategyContext,

@@ -144,10 +144,11 @@ class PseudoLabelFiltering(Distill):
 def build_optimizer(groups: list[dict[str, Any]], cfg: RefineConfig) -> torch.optim.Optimizer:
     """The refinement stage's optimizer (``refine.optimizer``: sgd with momentum/nesterov, or
     adam) over parameter groups; a group's own ``lr`` / ``weight_decay`` win over ``cfg``'s."""
-    defaults = {"lr": float(cfg.lr), "weight_decay": float(cfg.weight_decay)}
+    lr, weight_decay = float(cfg.lr), float(cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, momentum=float(cfg.momentum), nesterov=bool(cfg.nesterov), **defaults)
-    return torch.optim.Adam(groups, **defaults)
+        return torch.optim.SGD(groups, lr=lr, momentum=float(cfg.momentum), nesterov=bool(cfg.nesterov),
+                               weight_decay=weight_decay)
+    return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
 
 
 def _active_terms(cfg: RefineConfig) -> list[str]:
@@ -170,7 +171,7 @@ def check_feature_modules(cfg: RefineConfig, *models: nn.Module) -> None:
                               f"{type(model).__name__}; module names look like: {sample}, ...")
 
 
-def _architecture(model_cfg: ModelConfig) -> Optional[nn.Module]:
+def _architecture(model_cfg: ModelConfig) -> nn.Module:
     """The model's architecture without weights, on the meta device (no memory, no download)."""
     from calibbench.models import _architecture as build_arch
 

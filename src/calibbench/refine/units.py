@@ -43,7 +43,7 @@ from calibbench.quant.quantize import probe_forward
 log = logging.getLogger(__name__)
 
 GRANULARITIES = ("layer", "block")
-WEIGHT_TYPES: tuple[type, ...] = (nn.Conv2d, nn.Linear)  # QuantConv2d / QuantLinear subclass them
+WEIGHT_TYPES = (nn.Conv2d, nn.Linear)  # QuantConv2d / QuantLinear subclass them
 
 
 @dataclass
@@ -198,7 +198,7 @@ def _confirm_followers(model: nn.Module, chains: dict[str, list[str]], example: 
     """Keep, for every layer, the longest prefix of its candidate followers that one forward pass
     runs as a chain: each follower called exactly once, on exactly what the element before it
     returned (a ReLU module reused after a residual add, as torchvision's, is dropped)."""
-    calls: dict[str, list[Tensor]] = {}
+    calls: dict[str, list[Optional[Tensor]]] = {}
     outs: dict[str, list[Tensor]] = {}
     handles = []
     paths = {p for path, chain in chains.items() for p in [path, *chain]}

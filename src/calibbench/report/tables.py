@@ -73,8 +73,9 @@ def summary_frame(summary: Summary, diffs: dict[int, sig.PairedDiff]) -> pd.Data
     extra = [[d.mean, d.low, d.high, d.n] if (d := diffs.get(id(c))) else [None] * 4 for c in summary.cells]
     frame = summary.table.copy()
     for i, name in enumerate(PAIRED_COLUMNS):
-        frame[name] = pd.Series([None if e[i] is None else (round(e[i], 4) if i < 3 else int(e[i]))
-                                 for e in extra], dtype=object)
+        values: list[Optional[float]] = [None if (x := e[i]) is None else (round(x, 4) if i < 3 else int(x))
+                                         for e in extra]
+        frame[name] = pd.Series(values, dtype=object)
     return frame
 
 

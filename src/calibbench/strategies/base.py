@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
-from calibbench.config import BudgetConfig, GuardConfig, RunConfig, StrategyConfig
+from calibbench.config import BudgetConfig, GuardConfig, RunConfig, StrategyConfig, to_container
 from calibbench.registry import Registry
 from calibbench.seeding import stream_seed
 
@@ -137,7 +137,7 @@ class Strategy(ABC):
         """
         cfg = self.cfg
         if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+            return to_container(cfg)
         return dict(asdict(cfg)) if is_dataclass(cfg) else dict(cfg)
 
     @classmethod

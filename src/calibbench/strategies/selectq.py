@@ -270,7 +270,7 @@ def residual_summary(residual: torch.Tensor, moves: torch.Tensor, sizes: torch.T
     number of centroids that never moved; overall the worst layer of each."""
     residual, moves = residual.double().cpu(), moves.cpu()
     weights = sizes.t().double()  # (K, L)
-    per_layer = []
+    per_layer: list[dict[str, Any]] = []
     for j, name in enumerate(names):
         moved = moves[:, j] > 0
         r = residual[moved, j]
