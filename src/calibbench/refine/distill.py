@@ -37,8 +37,10 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 
 from calibbench.config import RefineConfig
@@ -121,8 +123,15 @@ class StudentModule(L.LightningModule):
                     module.eval()
         return self
 
+    @property
+    def trained(self) -> nn.Module:
+        """The student (a module without one, the generator warm-up, never trains or runs it)."""
+        if self.student is None:
+            raise RuntimeError("this training module has no student (generator warm-up)")
+        return self.student
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.student(x)
+        return self.trained(x)
 
     def compute(self, images: Tensor, labels: Optional[Tensor] = None,
                 teacher_logits: Optional[Tensor] = None, step: Optional[int] = None
@@ -132,13 +141,14 @@ class StudentModule(L.LightningModule):
         if teacher_logits is None or self.feature_names:
             with torch.no_grad():
                 teacher_logits = self.teacher(images)
-        student_logits = self.student(images)
+        student_logits = self.trained(images)
         out = StepOutputs(student_logits, teacher_logits, labels, dict(self._features["student"]),
                           dict(self._features["teacher"]), step)
         self.clear_features()
         return {name: term(out) for name, _, term in self.terms}
 
     def weighted(self, values: dict[str, Tensor], terms: Sequence[tuple[str, float, Any]]) -> Tensor:
+        # sum() starts at the int 0; the terms are tensors, so the result is one
         return sum(weight * values[name] for name, weight, _ in terms)  # type: ignore[return-value]
 
     def check_finite(self, values: dict[str, Tensor], step: int, player: str = "",
@@ -161,12 +171,12 @@ class StudentModule(L.LightningModule):
         guard.check(floats, step, total)
         return detached
 
-    def student_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
+    def student_optimizer(self) -> tuple[torch.optim.Optimizer, LRScheduler]:
         """The student's optimizer (refine.optimizer, lr, weight decay; activation ranges without
         weight decay) and its cosine schedule over ``max_steps``."""
         cfg = self.cfg
         ranges = {id(p) for p in self.range_params}
-        weights = [p for p in self.student.parameters() if p.requires_grad and id(p) not in ranges]
+        weights = [p for p in self.trained.parameters() if p.requires_grad and id(p) not in ranges]
         groups = [{"params": weights, "weight_decay": float(cfg.weight_decay)}]
         if self.range_params:
             groups.append({"params": self.range_params, "weight_decay": 0.0})
@@ -192,7 +202,7 @@ class DistillModule(StudentModule):
                **{name: float(v) for name, v in zip(values, detached)}, "lr": lr}
         return {"loss": total, "row": row}
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         opt, sched = self.student_optimizer()
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -213,7 +223,7 @@ class CurveRecorder(L.Callback):
         if self.track is not None:
             self.track.log({f"refine/{k}": v for k, v in row.items() if v is not None})
 
-    def curve(self, max_points: int = CURVE_POINTS) -> dict[str, list[float]]:
+    def curve(self, max_points: int = CURVE_POINTS) -> dict[str, list[Optional[float]]]:
         """Columns ``step, loss, <terms>, lr`` (and any other column of a row) at evenly spaced
         steps, first and last included."""
         n = len(self.rows)
@@ -249,6 +259,7 @@ def trainer_kwargs(device: torch.device, steps: int, progress: bool, manual: boo
     ``manual``: a module with manual optimization and several optimizers, whose ``global_step``
     counts every optimizer's steps; the run is then bounded by batches (one epoch of ``steps``
     batches of the endless stream) instead of ``max_steps``."""
+    devices: list[int] | int
     if device.type == "cuda":
         accelerator, devices = "cuda", [device.index if device.index is not None else torch.cuda.current_device()]
     else:
@@ -320,7 +331,7 @@ def training(student: Optional[nn.Module], teacher: nn.Module, ctx: StrategyCont
         stack.enter_context(torch.random.fork_rng(devices=rng_devices))
         torch.manual_seed(stream_seed(ctx.seed, seed_stream))
         learned = student is not None and getattr(cfg, "act_ranges", "frozen") == "learned"
-        ranges = stack.enter_context(learned_act_ranges(student)) if learned else []
+        ranges = stack.enter_context(learned_act_ranges(student)) if learned and student is not None else []
         stack.enter_context(_quiet_lightning())
         teacher.requires_grad_(False)
         yield [p for q in ranges for p in (q.lo, q.hi)]

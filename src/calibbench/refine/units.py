@@ -59,9 +59,10 @@ class Unit:
     def modules(self, model: nn.Module) -> list[nn.Module]:
         return [model.get_submodule(p) for p in self.paths]
 
-    def layers(self, model: nn.Module) -> list[nn.Module]:
+    def layers(self, model: nn.Module) -> list[nn.Conv2d | nn.Linear]:
         """The conv/linear layers inside the unit (their weights are what reconstruction rounds)."""
-        found, seen = [], set()
+        found: list[nn.Conv2d | nn.Linear] = []
+        seen = set()
         for module in self.modules(model):
             for m in module.modules():
                 if isinstance(m, WEIGHT_TYPES) and id(m) not in seen:
