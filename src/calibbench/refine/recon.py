@@ -45,13 +45,13 @@ import math
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from calibbench.config import ConfigError, check_choice
+from calibbench.config import ConfigError, RunConfig, check_choice
 from calibbench.quant import QuantAct, QuantConv2d, QuantLinear, UniformQuantizer, mse_init, quantizers
 from calibbench.quant.adaround import AdaRound, attach
 from calibbench.quant.quantizer import MIN_RANGE
@@ -66,6 +66,10 @@ from calibbench.refine.ranges import (
 )
 from calibbench.refine.units import GRANULARITIES, Unit, build_units
 from calibbench.seeding import stream_seed
+
+if TYPE_CHECKING:  # strategies/ imports refine/: annotations only
+    from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext
+    from calibbench.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -768,11 +772,11 @@ class ReconRefiner(Refiner):
     """Unit-by-unit reconstruction of the rounding on the calibration set (options in the config)."""
 
     @classmethod
-    def check(cls, cfg: Any) -> None:
+    def check(cls, cfg: RunConfig) -> None:
         check_config(cfg)
 
-    def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any,
-            track: Any = None) -> dict[str, Any]:
+    def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Strategy, ctx: StrategyContext,
+            calib: CalibrationSet, track: Optional[Tracker] = None) -> dict[str, Any]:
         steps = self.cfg.iterations if self.cfg.iterations is not None else ctx.budget.refine_unit_steps
         if int(steps) == 0:
             return {"steps": 0, "batch_size": None, "images_seen": 0, "seconds": 0.0, "loss_first": None,

@@ -54,7 +54,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from calibbench.bnstats import BNStatsRecorder
-from calibbench.config import ConfigError, check_choice
+from calibbench.config import ConfigError, RunConfig, check_choice
 from calibbench.generator import GenLossTerm, GenStepOutputs, gen_term
 from calibbench.refine import register as register_refiner
 from calibbench.refine.generative import GeneratorRefiner
@@ -162,7 +162,7 @@ class FDDA(GeneratorStrategy):
         super().__init__(cfg)
         self._real: Optional[dict[str, Any]] = None
 
-    def check_run(self, cfg: Any) -> None:
+    def check_run(self, cfg: RunConfig) -> None:
         super().check_run(cfg)
         check_choice("strategy fdda real_labels", self.cfg.real_labels, REAL_LABELS)
         check_choice("strategy fdda k_indexing", self.cfg.k_indexing, K_INDEXING)
