@@ -451,8 +451,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.get("export") is not None:
         check_choice("export", cfg.export, ("onnx",))
         try:
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
+            import onnx  # noqa: F401 - imported only to check that it is installed
+            import onnxruntime  # noqa: F401 - likewise
         except ImportError as err:
             raise ConfigError(f"export={cfg.export} needs onnx and onnxruntime ({err}); install the "
                               f"extra: pip install 'calibbench[export]'") from None

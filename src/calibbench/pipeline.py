@@ -103,7 +103,7 @@ def _dataset_key(cfg: DictConfig, data: datasets.DataModule) -> dict:
     """Everything about the data that changes pixels or which images exist, resolved."""
     spec = {k: v for k, v in to_container(cfg.dataset).items() if k not in ("num_workers", "download")}
     return {**spec, "mean": data.mean, "std": data.std, "input_size": data.input_size,
-            "train_size": len(data.train), "test_size": len(data.test),  # type: ignore[arg-type]
+            "train_size": datasets.dataset_len(data.train), "test_size": datasets.dataset_len(data.test),
             "pool": content_key(data.pool.tolist())}
 
 
@@ -148,7 +148,7 @@ def _check_pool(cfg: DictConfig, data: datasets.DataModule, resolved: dict) -> N
         if need is not None and need > n_pool:
             raise ConfigError(
                 f"{what}={need} does not fit in the calibration pool: the train split has "
-                f"{len(data.train)} images and dataset.val_size={n_val} of them are held out for "  # type: ignore[arg-type]
+                f"{datasets.dataset_len(data.train)} images and dataset.val_size={n_val} of them are held out for "
                 f"validation, leaving {n_pool}; lower dataset.val_size or {what}")
 
 
@@ -245,7 +245,7 @@ def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[s
                 "model": {"name": cfg.model.name, "arch": cfg.model.arch,
                           "weights_source": built.weights_source, "weights_id": built.weights_id},
                 "dataset": {"name": data.name, "num_classes": data.num_classes,
-                            "train_size": len(data.train),  # type: ignore[arg-type]
+                            "train_size": datasets.dataset_len(data.train),
                             "val_size": len(data.holdout), "pool_size": len(data.pool),
                             "eval_split": cfg.eval_split, "eval_size": len(eval_idx),
                             "transform": data.transform},

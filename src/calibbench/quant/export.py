@@ -86,11 +86,11 @@ class _WeightDQ(torch.autograd.Function):
     """Forward: the dequantized float weight. ONNX: ``DequantizeLinear(codes, scale, zp, axis=0)``."""
 
     @staticmethod
-    def forward(ctx: Any, weight: Tensor, const: _Const) -> Tensor:  # noqa: D102
+    def forward(ctx: Any, weight: Tensor, const: _Const) -> Tensor:
         return weight
 
     @staticmethod
-    def symbolic(g: Any, weight: Any, const: _Const) -> Any:  # noqa: D102
+    def symbolic(g: Any, weight: Any, const: _Const) -> Any:
         return g.op("DequantizeLinear", _const(g, const.codes), _const(g, const.scale),
                     _const(g, const.zero_point), axis_i=0)
 
@@ -99,11 +99,11 @@ class _ActQDQ(torch.autograd.Function):
     """Forward: the quantizer's own fake-quant. ONNX: ``Q → [Clip to the b-bit range] → DQ``."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, quantizer: UniformQuantizer, spec: tuple) -> Tensor:  # noqa: D102
+    def forward(ctx: Any, x: Tensor, quantizer: UniformQuantizer, spec: tuple) -> Tensor:
         return quantizer.fake_quantize(x)
 
     @staticmethod
-    def symbolic(g: Any, x: Any, quantizer: UniformQuantizer, spec: tuple) -> Any:  # noqa: D102
+    def symbolic(g: Any, x: Any, quantizer: UniformQuantizer, spec: tuple) -> Any:
         scale, zp, qmin, qmax, dtype = spec
         s = _const(g, torch.tensor(scale, dtype=torch.float32))
         z = _const(g, torch.tensor(zp, dtype=dtype))

@@ -87,14 +87,14 @@ class _FakeQuantSTE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, inv_scale: Any, scale: Any, lo: Any, hi: Any) -> Tensor:  # noqa: D102
+    def forward(ctx: Any, x: Tensor, inv_scale: Any, scale: Any, lo: Any, hi: Any) -> Tensor:
         r = torch.round(x * inv_scale)
         mask = (r >= lo) & (r <= hi)
         ctx.save_for_backward(mask)
         return torch.clamp(r, lo, hi).mul_(scale)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:  # noqa: D102
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         (mask,) = ctx.saved_tensors
         return grad * mask, None, None, None, None
 

@@ -245,7 +245,7 @@ def run(qmodel: nn.Module, teacher: nn.Module, strategy: Strategy, ctx: Strategy
 
 # Generator-based refiners (refine=gdfq, ...), PLF's loss terms and reconstruction (adaround,
 # brecq, qdrop) register themselves on import.
-from calibbench.refine import generative, plf, recon  # noqa: E402,F401
+from calibbench.refine import generative, plf, recon  # noqa: E402,F401 - last: they import this module
 
 __all__ = ["Refiner", "register", "available", "build", "validate", "run", "TERMS",
            "check_feature_modules", "build_optimizer"]

@@ -32,7 +32,7 @@ import math
 import time
 import warnings
 from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import lightning as L
 import torch
@@ -93,7 +93,7 @@ class StudentModule(L.LightningModule):
             for name in self.feature_names:
                 self._hooks.append(modules[name].register_forward_hook(self._recorder(role, name)))
 
-    def _recorder(self, role: str, name: str):  # noqa: ANN202
+    def _recorder(self, role: str, name: str) -> Callable[[nn.Module, tuple, Any], None]:
         store = self._features[role]
 
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:

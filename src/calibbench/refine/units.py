@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -112,7 +112,7 @@ def _check_chain(model: nn.Module, elements: list[tuple[str, nn.Module]], exampl
     problems: list[str] = []
     handles = []
 
-    def pre(i: int):  # noqa: ANN202
+    def pre(i: int) -> Callable[[nn.Module, tuple], None]:
         def hook(module: nn.Module, args: tuple) -> None:
             calls.append(i)
             x = args[0] if args else None
@@ -129,7 +129,7 @@ def _check_chain(model: nn.Module, elements: list[tuple[str, nn.Module]], exampl
                 problems.append(f"{elements[i][0]}: input is not its predecessor's output")
         return hook
 
-    def post(i: int):  # noqa: ANN202
+    def post(i: int) -> Callable[[nn.Module, tuple, object], None]:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             produced[0] = output.detach().clone() if isinstance(output, Tensor) else None
         return hook

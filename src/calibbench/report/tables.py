@@ -156,7 +156,9 @@ def diagnostic_numbers(run: dict) -> Optional[tuple[float, float, float]]:
     acts = [layer for layer in run.get("layers", []) if layer.get("kind") == "activation"]
     if not acts:
         return None
-    col = lambda key: pd.Series([layer.get(key) for layer in acts], dtype=float)  # noqa: E731
+    def col(key: str) -> pd.Series:
+        return pd.Series([layer.get(key) for layer in acts], dtype=float)
+
     return (float(col("range_inflation").median()), float(col("clip_rate").mean() * 100),
             float(col("act_quant_snr_db").mean()))
 

@@ -67,7 +67,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -167,7 +167,7 @@ class ActivationStats:
             handle.remove()
         self._handles.clear()
 
-    def _hook(self, name: str):  # noqa: ANN202 - a forward hook
+    def _hook(self, name: str) -> Callable[[nn.Module, Any, torch.Tensor], None]:
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
             mu, sigma = self.reduce(output)
             self._mu.append(mu)
