@@ -33,9 +33,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)  # the 20 slowest at the end
 
-# ruff (rules and pin in pyproject.toml): pyflakes, pycodestyle, bugbear over the code, tests, benchmarks.
+# ruff (rules and pin in pyproject.toml): pyflakes, pycodestyle, bugbear over the code, tests, benchmarks;
+# then mypy over src/calibbench ([tool.mypy] in pyproject.toml: files, per-module ignores, strictness).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks experiments
+	$(VENV)/bin/mypy
 
 sweep: $(STAMP)
 	$(PY) -m calibbench -m sweep=compare $(ARGS)

@@ -17,7 +17,7 @@ import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -93,10 +93,12 @@ def bn_targets(layers: Sequence[tuple[str, _BatchNorm]], device: Optional[torch.
                eps: Optional[float] = None) -> BNTargets:
     """Detached copies of the running statistics (the model is never modified through them)."""
     means, stds = [], []
-    for _, bn in layers:
+    for name, bn in layers:
         e = bn.eps if eps is None else eps
-        means.append(bn.running_mean.detach().clone().float().to(device))  # type: ignore[union-attr]
-        stds.append(torch.sqrt(bn.running_var.detach().float() + e).to(device))  # type: ignore[union-attr]
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError(f"BatchNorm layer {name!r} keeps no running statistics (track_running_stats=False)")
+        means.append(bn.running_mean.detach().clone().float().to(device))
+        stds.append(torch.sqrt(bn.running_var.detach().float() + e).to(device))
     return BNTargets([n for n, _ in layers], means, stds)
 
 
@@ -136,8 +138,7 @@ class _SpatialMoments(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, correction: int, buffer: Optional[GradBuffer]  # noqa: ANN001
-                ) -> tuple[Tensor, Tensor]:
+    def forward(ctx: Any, x: Tensor, correction: int, buffer: Optional[GradBuffer]) -> tuple[Tensor, Tensor]:
         flat = x.flatten(2)
         n = flat.shape[-1]
         total = flat.sum(-1)
@@ -150,8 +151,7 @@ class _SpatialMoments(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_mean: Tensor, grad_var: Tensor  # noqa: ANN001
-                 ) -> tuple[Tensor, None, None]:
+    def backward(ctx: Any, grad_mean: Tensor, grad_var: Tensor) -> tuple[Tensor, None, None]:
         x, mean = ctx.saved_tensors
         scale = grad_var * (2.0 / (ctx.n - ctx.correction))
         shift = grad_mean / ctx.n - scale * mean
@@ -270,7 +270,7 @@ class BNStatsRecorder:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def _make_hook(self, index: int, bn: _BatchNorm):  # noqa: ANN202 - torch hook signature
+    def _make_hook(self, index: int, bn: _BatchNorm) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
         eps = bn.eps if self.eps is None else self.eps
 
         def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
@@ -317,7 +317,7 @@ class BNStatsRecorder:
             raise RuntimeError(f"no {what} statistics recorded for BatchNorm layer(s) {missing[:5]}: they did "
                                f"not run in the last forward pass (or the recorder was not asked for {what} "
                                f"statistics)")
-        return slots  # type: ignore[return-value]
+        return [s for s in slots if s is not None]  # every slot, checked just above
 
     def image_stats(self) -> list[tuple[Tensor, Tensor]]:
         """Per layer: (mean, std), each N×C, of the BN input of every image."""

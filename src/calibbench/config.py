@@ -406,6 +406,7 @@ def validate_budget(budget: Any) -> None:
     for key, value in (budget.items() if isinstance(budget, DictConfig) else vars(budget).items()):
         if key == "name" or value is None or not isinstance(value, int):
             continue
+        key = str(key)
         low = 0 if key.endswith(_COUNT_SUFFIXES) else 1
         if value < low:
             kind = "a step count" if low == 0 else "a size"
@@ -459,8 +460,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.get("export") is not None:
         check_choice("export", cfg.export, ("onnx",))
         try:
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
+            import onnx  # noqa: F401 - imported only to check that it is installed
+            import onnxruntime  # noqa: F401 - likewise
         except ImportError as err:
             raise ConfigError(f"export={cfg.export} needs onnx and onnxruntime ({err}); install the "
                               f"extra: pip install 'calibbench[export]'") from None
@@ -497,5 +498,10 @@ def validate(cfg: DictConfig) -> None:
             f"{cfg.dataset.name!r} has {cfg.dataset.num_classes}; pick a matching model/dataset pair")
 
 
-def to_container(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+def to_container(cfg: object) -> dict[str, Any]:
+    """A config mapping as a plain, resolved dict. ``cfg`` is a DictConfig, possibly annotated as
+    its schema dataclass (a structured config duck-types it)."""
+    out = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else None
+    if not isinstance(out, dict):
+        raise TypeError(f"to_container: expected a config mapping (DictConfig), got {type(cfg).__name__}")
+    return {str(key): value for key, value in out.items()}

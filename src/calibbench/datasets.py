@@ -29,9 +29,10 @@ import logging
 import multiprocessing as mp
 import os
 import random
+from collections.abc import Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -86,6 +87,13 @@ def corrupt_message(err: BaseException) -> str:
     return text[start:].strip() if start >= 0 else text.strip()
 
 
+def dataset_len(dataset: Dataset) -> int:
+    """``len(dataset)``: torch's Dataset declares no ``__len__``, every split used here has one."""
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"{type(dataset).__name__} is not a map-style dataset with a length")
+    return len(dataset)
+
+
 class MarkCorrupt(Dataset):
     """``dataset`` whose undecodable items come out as ``(zeros, CORRUPT_LABEL)`` instead of
     raising, so a streaming consumer of the calibration pool can drop them batch by batch."""
@@ -94,7 +102,7 @@ class MarkCorrupt(Dataset):
         self.dataset, self.shape = dataset, shape
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return dataset_len(self.dataset)
 
     def __getitem__(self, i: int) -> Any:
         try:
@@ -103,7 +111,7 @@ class MarkCorrupt(Dataset):
             return torch.zeros(self.shape), CORRUPT_LABEL
 
 
-_LISTINGS: dict[tuple, tuple[tuple, list]] = {}  # SampledImageFolder.make_dataset's per-process memo
+_LISTINGS: dict[tuple, tuple[tuple, list[tuple[str, int]]]] = {}  # SampledImageFolder.make_dataset's per-process memo
 
 
 class SampledImageFolder(tvd.ImageFolder):
@@ -119,8 +127,10 @@ class SampledImageFolder(tvd.ImageFolder):
         self.per_class, self.sample_seed = per_class, seed
         super().__init__(root, transform=transform, loader=load_rgb)
 
-    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None,  # noqa: ANN001
-                     allow_empty=False):  # noqa: ANN001, ANN201 - torchvision's signature
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int],  # torchvision's signature
+                     extensions: Optional[tuple[str, ...]] = None,
+                     is_valid_file: Optional[Callable[[str], bool]] = None,
+                     allow_empty: bool = False) -> list[tuple[str, int]]:
         """The listing, read once per process while the folders are unchanged: a sweep or a test
         session builds the same split many times, and listing 60,000 CIFAR files costs ~0.4 s
         (1.28M ImageNet files far more). Adding, removing or renaming a file changes its class
@@ -136,7 +146,8 @@ class SampledImageFolder(tvd.ImageFolder):
             hit = _LISTINGS[key] = (stamp, self._list(directory, class_to_idx, extensions, None, allow_empty))
         return list(hit[1])
 
-    def _list(self, directory, class_to_idx, extensions, is_valid_file, allow_empty):  # noqa: ANN001, ANN202
+    def _list(self, directory: str, class_to_idx: dict[str, int], extensions: Optional[tuple[str, ...]],
+              is_valid_file: Optional[Callable[[str], bool]], allow_empty: bool) -> list[tuple[str, int]]:
         if self.per_class is None:
             return super().make_dataset(directory, class_to_idx, extensions, is_valid_file, allow_empty)
         exts = tuple(e.lower() for e in (extensions or tvd.folder.IMG_EXTENSIONS))
@@ -190,7 +201,7 @@ class DataModule:
     pool: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        keep = torch.ones(len(self.train), dtype=torch.bool)  # type: ignore[arg-type]
+        keep = torch.ones(dataset_len(self.train), dtype=torch.bool)
         keep[torch.tensor(self.holdout, dtype=torch.long)] = False
         self.pool = keep.nonzero().flatten()
 
@@ -198,7 +209,7 @@ class DataModule:
         """(dataset, indices) to evaluate on: the test split, or the validation split carved from
         train; ``limit`` keeps that many indices spread evenly (class-sorted folders stay balanced)."""
         if split == "test":
-            return self.test, spread_indices(len(self.test), limit)  # type: ignore[arg-type]
+            return self.test, spread_indices(dataset_len(self.test), limit)
         if split != "val":
             raise ConfigError(f"unknown eval_split {split!r}; valid choices: {', '.join(EVAL_SPLITS)}")
         if not self.holdout:
@@ -306,6 +317,7 @@ class DataModule:
     def targets(self, split: str = "train") -> list[int]:
         """Labels without decoding images (ImageFolder and torchvision CIFAR both keep them)."""
         dataset = self.train if split == "train" else self.test
+        # ImageFolder's and torchvision CIFAR's attribute; torch's Dataset does not declare it
         return list(dataset.targets)  # type: ignore[attr-defined]
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -335,6 +347,7 @@ def split_fingerprint(dataset: Dataset, indices: Sequence[int]) -> Optional[str]
     if samples is not None:
         paths = [samples[int(i)][0] for i in indices]
     elif getattr(dataset, "base_folder", None) and getattr(dataset, "root", None):
+        # torchvision CIFAR's attributes (checked just above); torch's Dataset does not declare them
         files = dataset.train_list if getattr(dataset, "train", False) else dataset.test_list  # type: ignore[attr-defined]
         paths = [os.path.join(dataset.root, dataset.base_folder, name) for name, _ in files]  # type: ignore[attr-defined]
     else:
@@ -352,7 +365,7 @@ def split_fingerprint(dataset: Dataset, indices: Sequence[int]) -> Optional[str]
 def _normalization(cfg: DatasetConfig, model: ModelConfig) -> tuple[tuple, tuple]:
     if cfg.normalization == "legacy_gdfq":
         return LEGACY_GDFQ[FAMILY[cfg.name]]
-    return tuple(model.mean), tuple(model.std)  # type: ignore[return-value]
+    return tuple(model.mean), tuple(model.std)
 
 
 def _require_dir(path: Path, cfg: DatasetConfig) -> None:

@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from omegaconf import OmegaConf
@@ -31,7 +31,7 @@ from torch import nn
 
 from calibbench import datasets, models, quant
 from calibbench.cache import atomic_write_bytes
-from calibbench.config import effective_bits
+from calibbench.config import ModelConfig, effective_bits
 from calibbench.quant.adaround import attach
 from calibbench.quant.export import (
     ExportError,
@@ -103,6 +103,8 @@ def load_state(qmodel: nn.Module, payload: dict) -> None:
         if not key.endswith(_ROUNDING + "up"):
             continue
         layer = qmodel.get_submodule(key[: -len(_ROUNDING + "up")])
+        if not isinstance(layer, (QuantConv2d, QuantLinear)):
+            raise ExportError(f"saved rounding {key!r} belongs to {type(layer).__name__}, not a quantized layer")
         rounding = attach(layer)
         prefix = key[: -len("up")]
         with torch.no_grad():
@@ -147,7 +149,8 @@ def rebuild(run_dir: Path, record: dict) -> tuple[Any, nn.Module, dict]:
         diff = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
         raise ExportError(f"{run_dir / STATE_FILE}: state was saved for another model or weights "
                           f"than the run's config: {diff} (saved, config)")
-    structure = models.build(OmegaConf.merge(cfg.model, {"weights": "none"}), cfg.dataset.name,
+    model_cfg = cast(ModelConfig, OmegaConf.merge(cfg.model, {"weights": "none"}))  # a DictConfig on the schema
+    structure = models.build(model_cfg, cfg.dataset.name,
                              cfg.paths.weights_dir).module
     w_bits, a_bits = effective_bits(cfg)
     qmodel = quant.quantize(structure, cfg.quant, w_bits, a_bits)

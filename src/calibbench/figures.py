@@ -35,8 +35,7 @@ def layer_figure(lines: dict[str, list[dict]], title: str, path: Path) -> Path:
     for i, (key, ylabel, log) in enumerate(LAYER_METRICS):
         ax = axes[i]
         for name, layers in lines.items():
-            ys = [layer.get(key) for layer in layers]
-            ys = [np.nan if y is None else float(y) for y in ys]
+            ys = [np.nan if (y := layer.get(key)) is None else float(y) for layer in layers]
             if log:
                 ys = [y if y > 0 else np.nan for y in ys]  # 0 clipping cannot sit on a log axis
             ax.plot(range(len(ys)), ys, marker="o", markersize=3, label=name)

@@ -14,14 +14,14 @@ from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from calibbench import datasets, deploy, models, quant, refine, strategies
 from calibbench.cache import Cache, atomic_write_bytes, content_key, source_digest
-from calibbench.config import ConfigError, effective_bits, resolve_threads, to_container
+from calibbench.config import BudgetConfig, ConfigError, effective_bits, resolve_threads, to_container
 from calibbench.evaluate import evaluate
 from calibbench.preflight import preflight
 from calibbench.quant.export import exact_integer, snap_bias
@@ -105,7 +105,7 @@ def _dataset_key(cfg: DictConfig, data: datasets.DataModule) -> dict:
     """Everything about the data that changes pixels or which images exist, resolved."""
     spec = {k: v for k, v in to_container(cfg.dataset).items() if k not in ("num_workers", "download")}
     return {**spec, "mean": data.mean, "std": data.std, "input_size": data.input_size,
-            "train_size": len(data.train), "test_size": len(data.test),  # type: ignore[arg-type]
+            "train_size": datasets.dataset_len(data.train), "test_size": datasets.dataset_len(data.test),
             "pool": content_key(data.pool.tolist())}
 
 
@@ -116,15 +116,15 @@ _BUDGET_NOT_FOR_CALIBRATION = ("eval_limit", "num_samples")  # num_samples: ctx.
 _BUDGET_NOT_FOR_CALIBRATION_PREFIX = "refine_"
 
 
-def calibration_budget(budget: DictConfig) -> DictConfig:
+def calibration_budget(budget: DictConfig) -> BudgetConfig:
     """The budget as ``calibration_set`` sees it: a read-only, struct-mode copy without the
     evaluation/refinement fields (reading one raises an error naming the key)."""
-    keep = [k for k in budget if k not in _BUDGET_NOT_FOR_CALIBRATION
+    keep = [str(k) for k in budget if k not in _BUDGET_NOT_FOR_CALIBRATION
             and not str(k).startswith(_BUDGET_NOT_FOR_CALIBRATION_PREFIX)]
     view = OmegaConf.masked_copy(budget, keep)
     OmegaConf.set_struct(view, True)
     OmegaConf.set_readonly(view, True)
-    return view
+    return cast(BudgetConfig, view)  # a DictConfig on the budget schema, as StrategyContext.budget is
 
 
 def calibration_key(cfg: DictConfig, strategy: strategies.Strategy, ctx: strategies.StrategyContext,
@@ -150,7 +150,7 @@ def _check_pool(cfg: DictConfig, data: datasets.DataModule, resolved: dict) -> N
         if need is not None and need > n_pool:
             raise ConfigError(
                 f"{what}={need} does not fit in the calibration pool: the train split has "
-                f"{len(data.train)} images and dataset.val_size={n_val} of them are held out for "  # type: ignore[arg-type]
+                f"{datasets.dataset_len(data.train)} images and dataset.val_size={n_val} of them are held out for "
                 f"validation, leaving {n_pool}; lower dataset.val_size or {what}")
 
 
@@ -249,7 +249,7 @@ def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[s
                 "model": {"name": cfg.model.name, "arch": cfg.model.arch,
                           "weights_source": built.weights_source, "weights_id": built.weights_id},
                 "dataset": {"name": data.name, "num_classes": data.num_classes,
-                            "train_size": len(data.train),  # type: ignore[arg-type]
+                            "train_size": datasets.dataset_len(data.train),
                             "val_size": len(data.holdout), "pool_size": len(data.pool),
                             "eval_split": cfg.eval_split, "eval_size": len(eval_idx),
                             "transform": data.transform},

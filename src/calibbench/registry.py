@@ -6,11 +6,18 @@ name, and an unknown name is a ConfigError listing the valid ones.
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, Optional, TypeVar
+from typing import Callable, Generic, Iterator, Optional, Protocol, TypeVar
 
 from calibbench.config import check_choice
 
-T = TypeVar("T", bound=type)
+
+class Named(Protocol):
+    """A registrable class: it has a ``name`` (set on registration)."""
+
+    name: str
+
+
+T = TypeVar("T", bound=type[Named])
 
 
 class Registry(Generic[T]):

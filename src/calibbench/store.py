@@ -21,5 +21,5 @@ def register_configs() -> None:
         # `- /schema/<group>/base_<name>@_here_`.
         cs.store(group=f"schema/{group}", name=f"base_{group}", node=schema)
     # Importing the packages registers every strategy and refiner with its schema.
-    import calibbench.refine  # noqa: F401
-    import calibbench.strategies  # noqa: F401
+    import calibbench.refine  # noqa: F401 - imported for its registrations
+    import calibbench.strategies  # noqa: F401 - likewise

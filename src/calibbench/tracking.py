@@ -11,7 +11,7 @@ import netrc
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Literal, Optional
 
 from calibbench.config import LoggerConfig
 
@@ -31,20 +31,24 @@ def has_credentials() -> bool:
 
 _TRUE = ("true", "1", "yes", "on")
 
+Mode = Literal["online", "offline", "disabled"]
+# a mode as written (logger.mode or WANDB_MODE) -> W&B's; dryrun is W&B's older name for offline
+_MODES: dict[str, Mode] = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline"}
 
-def resolve_mode(mode: str) -> str:
+
+def resolve_mode(mode: str) -> Mode:
     """``auto`` follows W&B's own environment convention first: ``WANDB_DISABLED=true`` or
     ``WANDB_MODE=disabled|offline|online`` (what CI sets), then online with credentials, else
     offline. An explicit ``logger.mode`` wins over the environment."""
     if mode != "auto":
-        return mode
+        if mode not in _MODES:  # config.validate checks logger.mode before any run
+            raise ValueError(f"logger.mode={mode!r}; valid: auto, {', '.join(_MODES)}")
+        return _MODES[mode]
     if os.environ.get("WANDB_DISABLED", "").strip().lower() in _TRUE:
         return "disabled"
     env = os.environ.get("WANDB_MODE", "").strip().lower()
-    if env in ("disabled", "offline", "online"):
-        return env
-    if env == "dryrun":  # W&B's older name for offline
-        return "offline"
+    if env in _MODES:
+        return _MODES[env]
     return "online" if has_credentials() else "offline"
 
 
@@ -81,7 +85,7 @@ class Tracker:
             return
         import wandb
 
-        self.run.log({key: wandb.Table(columns=columns, data=rows)})
+        self.run.log({key: wandb.Table(columns=[*columns], data=[*rows])})
 
 
 @contextmanager

@@ -29,7 +29,7 @@ Division: ``w · (1/s)`` with the float32 reciprocal, as the quantizer's own ker
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,18 @@ from torch import Tensor, nn
 from calibbench.quant.quantizer import UniformQuantizer, _broadcast_shape
 
 ZETA, GAMMA = 1.1, -0.1
+
+
+class RoundableLayer(Protocol):
+    """What :func:`attach` needs of a layer (``modules.QuantConv2d`` / ``QuantLinear``, which
+    import this module)."""
+
+    weight: Tensor
+    weight_quantizer: UniformQuantizer
+
+    def sync_weight_range(self) -> None: ...
+
+    def set_weight_rounding(self, rounding: Optional[AdaRound]) -> None: ...
 
 
 def rectified_sigmoid(v: Tensor) -> Tensor:
@@ -56,6 +68,13 @@ class AdaRound(nn.Module):
     weight). ``weight`` is read at every call, so the Parameter object is not copied; its *value*
     must not change while rounding is attached (the floor and the grid were taken from it).
     """
+
+    scale: Tensor
+    lo: Tensor
+    hi: Tensor
+    floor: Tensor
+    nearest: Tensor
+    up: Optional[Tensor]
 
     def __init__(self, weight: Tensor, quantizer: UniformQuantizer) -> None:
         super().__init__()
@@ -90,7 +109,7 @@ class AdaRound(nn.Module):
 
     def codes(self) -> Tensor:
         """Integer-grid positions relative to the zero point (soft: fractional), clamped."""
-        offset = self.up.to(self.floor.dtype) if self.hard else self.h()
+        offset = self.up.to(self.floor.dtype) if self.up is not None else self.h()  # hard: up is set
         return torch.maximum(torch.minimum(self.floor + offset, self.hi), self.lo)
 
     def forward(self) -> Tensor:
@@ -113,7 +132,7 @@ class AdaRound(nn.Module):
     @torch.no_grad()
     def changed(self) -> tuple[int, int]:
         """(weights whose hard code differs from round-to-nearest, weights)."""
-        hard = self.floor + (self.up.to(self.floor.dtype) if self.hard else (self.h() >= 0.5).float())
+        hard = self.floor + (self.up.to(self.floor.dtype) if self.up is not None else (self.h() >= 0.5).float())
         hard = torch.maximum(torch.minimum(hard, self.hi), self.lo)
         return int((hard != self.nearest).sum()), int(hard.numel())
 
@@ -121,7 +140,7 @@ class AdaRound(nn.Module):
         return f"{'hard' if self.hard else 'soft'}, weights={self.floor.numel()}"
 
 
-def attach(layer: nn.Module) -> AdaRound:
+def attach(layer: RoundableLayer) -> AdaRound:
     """Switch ``layer`` (QuantConv2d / QuantLinear) to learned rounding, starting at the float weight."""
     layer.sync_weight_range()
     rounding = AdaRound(layer.weight, layer.weight_quantizer).to(layer.weight.device)

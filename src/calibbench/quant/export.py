@@ -100,11 +100,11 @@ class _WeightDQ(torch.autograd.Function):
     """Forward: the dequantized float weight. ONNX: ``DequantizeLinear(codes, scale, zp, axis=0)``."""
 
     @staticmethod
-    def forward(ctx: Any, weight: Tensor, const: _Const) -> Tensor:  # noqa: D102
+    def forward(ctx: Any, weight: Tensor, const: _Const) -> Tensor:
         return weight
 
     @staticmethod
-    def symbolic(g: Any, weight: Any, const: _Const) -> Any:  # noqa: D102
+    def symbolic(g: Any, weight: Any, const: _Const) -> Any:
         return g.op("DequantizeLinear", _const(g, const.codes), _const(g, const.scale),
                     _const(g, const.zero_point), axis_i=0)
 
@@ -113,11 +113,11 @@ class _ActQDQ(torch.autograd.Function):
     """Forward: the quantizer's own fake-quant. ONNX: ``Q → [Clip to the b-bit range] → DQ``."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, quantizer: UniformQuantizer, spec: tuple) -> Tensor:  # noqa: D102
+    def forward(ctx: Any, x: Tensor, quantizer: UniformQuantizer, spec: tuple) -> Tensor:
         return quantizer.fake_quantize(x)
 
     @staticmethod
-    def symbolic(g: Any, x: Any, quantizer: UniformQuantizer, spec: tuple) -> Any:  # noqa: D102
+    def symbolic(g: Any, x: Any, quantizer: UniformQuantizer, spec: tuple) -> Any:
         scale, zp, qmin, qmax, dtype = spec
         s = _const(g, torch.tensor(scale, dtype=torch.float32))
         z = _const(g, torch.tensor(zp, dtype=dtype))
@@ -174,7 +174,7 @@ class QDQActModule(nn.Module):
         return self.qdq(self.act(x))
 
 
-def weight_codes(layer: nn.Module, where: str) -> tuple[Tensor, Tensor]:
+def weight_codes(layer: QuantConv2d | QuantLinear, where: str) -> tuple[Tensor, Tensor]:
     """``(v, scale)``: integer-valued ``v = q − z`` per weight (float tensor) and the per-channel
     scale (``C``), with ``v · scale`` equal, bit for bit, to the fake-quant model's weight."""
     layer.sync_weight_range()
@@ -222,14 +222,19 @@ def encode_weight(v: Tensor, scale: Tensor) -> Optional[_Const]:
 class QDQLayer(nn.Module):
     """QuantConv2d / QuantLinear (optionally with the BatchNorm that follows it folded in)."""
 
-    def __init__(self, layer: nn.Module, bn: Optional[nn.BatchNorm2d], where: str) -> None:
+    weight: Tensor
+    bias: Optional[Tensor]
+
+    def __init__(self, layer: QuantConv2d | QuantLinear, bn: Optional[nn.BatchNorm2d], where: str) -> None:
         super().__init__()
         self.is_conv = isinstance(layer, QuantConv2d)
-        if self.is_conv:
-            self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
-                                  groups=layer.groups)
+        # (stride, padding, dilation, groups) of a conv; None for a linear layer
+        self.conv_args: Optional[tuple[tuple[int, ...], str | tuple[int, ...], tuple[int, ...], int]] = None
+        if isinstance(layer, QuantConv2d):
+            self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
             if layer.padding_mode != "zeros":
                 raise ExportError(f"{where}: padding_mode={layer.padding_mode!r} is not supported")
+        self.const: Optional[_Const] = None
         self.input_qdq = QDQAct(layer.input_quantizer, f"{where}.input_quantizer") \
             if layer.input_quantizer is not None else None
         bias = layer.bias.detach().double() if layer.bias is not None else None
@@ -242,7 +247,7 @@ class QDQLayer(nn.Module):
             weight = None
         if bn is not None:
             f, shift = _bn_factor(bn)
-            bias = (torch.zeros_like(f) if bias is None else bias) - bn.running_mean.detach().double()
+            bias = (torch.zeros_like(f) if bias is None else bias) - _bn_stats(bn)[0].detach().double()
             bias = bias * f + shift
             shape = [-1] + [1] * (layer.weight.dim() - 1)
             if weight is not None:
@@ -266,8 +271,9 @@ class QDQLayer(nn.Module):
         if self.input_qdq is not None:
             x = self.input_qdq(x)
         w = self.weight if self.const is None else _WeightDQ.apply(self.weight, self.const)
-        if self.is_conv:
-            return F.conv2d(x, w, self.bias, **self.conv_args)
+        if self.conv_args is not None:
+            stride, padding, dilation, groups = self.conv_args
+            return F.conv2d(x, w, self.bias, stride, padding, dilation, groups)
         return F.linear(x, w, self.bias)
 
 
@@ -295,13 +301,14 @@ class IntegerLayer:
     picks) differs by an ulp, which at 4 bits moves codes at rounding ties (docs/results.md).
     """
 
-    def __init__(self, layer: nn.Module, quantizer: UniformQuantizer, bn: Optional[nn.BatchNorm2d],
-                 where: str) -> None:
+    def __init__(self, layer: QuantConv2d | QuantLinear, quantizer: UniformQuantizer,
+                 bn: Optional[nn.BatchNorm2d], where: str) -> None:
         spec = act_spec(quantizer, where)
         if spec is None or spec[4] != torch.uint8:
             raise _NotInteger(f"{where}: input grid is not uint8")
         self.is_conv = isinstance(layer, QuantConv2d)
-        if self.is_conv:
+        self.conv_args: dict[str, Any] = {}
+        if isinstance(layer, QuantConv2d):
             if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
                 raise _NotInteger(f"{where}: padding {layer.padding!r}/{layer.padding_mode}")
             self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
@@ -312,7 +319,7 @@ class IntegerLayer:
         bias = layer.bias.detach().double() if layer.bias is not None else None
         if bn is not None:
             f, shift = _bn_factor(bn)
-            bias = ((torch.zeros_like(f) if bias is None else bias) - bn.running_mean.detach().double()) * f + shift
+            bias = ((torch.zeros_like(f) if bias is None else bias) - _bn_stats(bn)[0].detach().double()) * f + shift
             shape = [-1] + [1] * (v.dim() - 1)
             v = v * torch.where(f < 0, -1.0, 1.0).double().view(shape)
             s_w = s_w * f.abs()
@@ -416,9 +423,10 @@ class FloatLayer:
     times 1.0, exact), then multiplies in float64 (MatMul, batched over groups).
     """
 
-    def __init__(self, layer: nn.Module, bn: Optional[nn.BatchNorm2d], where: str) -> None:
+    def __init__(self, layer: QuantConv2d | QuantLinear, bn: Optional[nn.BatchNorm2d], where: str) -> None:
         self.is_conv = isinstance(layer, QuantConv2d)
-        if self.is_conv:
+        self.conv_args: dict[str, Any] = {}
+        if isinstance(layer, QuantConv2d):
             if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
                 raise _NotInteger(f"{where}: padding {layer.padding!r}/{layer.padding_mode}")
             self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
@@ -432,7 +440,7 @@ class FloatLayer:
         bias = layer.bias.detach().double() if layer.bias is not None else None
         if bn is not None:
             f, shift = _bn_factor(bn)
-            bias = ((torch.zeros_like(f) if bias is None else bias) - bn.running_mean.detach().double()) * f + shift
+            bias = ((torch.zeros_like(f) if bias is None else bias) - _bn_stats(bn)[0].detach().double()) * f + shift
             w = w * f.view([-1] + [1] * (w.dim() - 1))
         self.weight = w.cpu()
         self.bias = None if bias is None else bias.cpu()
@@ -472,7 +480,7 @@ class IntegerQDQLayer(nn.Module):
     """Export form of a layer with an :class:`IntegerLayer` or :class:`FloatLayer` (its BatchNorm
     folded in it); a FloatLayer's own input quantizer stays a Q → DQ in front of it."""
 
-    def __init__(self, layer: nn.Module, where: str) -> None:
+    def __init__(self, layer: QuantConv2d | QuantLinear, where: str) -> None:
         super().__init__()
         self.integer = layer.integer
         self.input_qdq = QDQAct(layer.input_quantizer, f"{where}.input_quantizer") \
@@ -583,11 +591,11 @@ def _input_quantizers(model: nn.Module, example: Tensor) -> dict[int, UniformQua
     found: dict[int, UniformQuantizer] = {}
     handles = []
 
-    def act_hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+    def act_hook(module: QuantAct, inputs: tuple, output: Tensor) -> None:
         if module.quantizer.active:
             produced[id(output)] = (module.quantizer, output)
 
-    def layer_hook(module: nn.Module, inputs: tuple) -> None:
+    def layer_hook(module: QuantConv2d | QuantLinear, inputs: tuple) -> None:
         q = module.input_quantizer
         if q is not None and q.active:
             found[id(module)] = q
@@ -606,9 +614,16 @@ def _input_quantizers(model: nn.Module, example: Tensor) -> dict[int, UniformQua
     return found
 
 
+def _bn_stats(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """(running_mean, running_var); the BNs paired with a conv all keep them (_conv_bn_candidates)."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ExportError(f"{bn}: a BatchNorm without running statistics cannot be folded")
+    return bn.running_mean, bn.running_var
+
+
 def _bn_factor(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     f = (bn.weight.detach().double() if bn.affine else torch.ones(bn.num_features, dtype=torch.float64)) \
-        / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+        / torch.sqrt(_bn_stats(bn)[1].detach().double() + bn.eps)
     shift = bn.bias.detach().double() if bn.affine else torch.zeros_like(f)
     return f, shift
 
@@ -647,7 +662,8 @@ def snap_bias(qmodel: nn.Module, example: Tensor) -> int:
         bn = bns.get(id(layer))
         if bn is not None:
             f, shift = _bn_factor(bn)
-            folded = (bias - bn.running_mean.detach().double()) * f + shift
+            mean = _bn_stats(bn)[0].detach().double()
+            folded = (bias - mean) * f + shift
             s_w = (scale * f.abs()).float()
         else:
             folded, s_w = bias, scale.float()
@@ -656,7 +672,7 @@ def snap_bias(qmodel: nn.Module, example: Tensor) -> int:
         target = torch.round(folded / grid) * grid
         if bn is not None:
             live = f != 0
-            new_shift = torch.where(live, target - (bias - bn.running_mean.detach().double()) * f, shift)
+            new_shift = torch.where(live, target - (bias - mean) * f, shift)
             if bn.affine:
                 bn.bias.copy_(new_shift.to(bn.bias.dtype))
             elif bool((new_shift != shift).any()):

@@ -20,30 +20,34 @@ still gives the float weight.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from calibbench.quant.adaround import AdaRound
 from calibbench.quant.quantizer import UniformQuantizer
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11; the package supports 3.10, so annotations only
 
 log = logging.getLogger(__name__)
 
 
-class _QuantWeightMixin:
-    """Weight fake-quantization with a version-keyed cache (shared by conv and linear)."""
+class _QuantWeightMixin(nn.Module):
+    """Weight fake-quantization with a version-keyed cache (shared by conv and linear; a Module
+    base so ``super().train`` is typed: it comes after nn.Conv2d / nn.Linear in the MRO anyway)."""
 
-    weight: nn.Parameter
+    weight: Tensor
     weight_quantizer: UniformQuantizer
     input_quantizer: Optional[UniformQuantizer]
-    training: bool
 
-    def _adopt(self, src: nn.Module, weight_quantizer: UniformQuantizer,
+    def _adopt(self, src: nn.Conv2d | nn.Linear, weight_quantizer: UniformQuantizer,
                input_quantizer: Optional[UniformQuantizer]) -> None:
-        """Take over ``src``'s Parameters (shared, not copied) and training flag."""
+        """Take over ``src``'s weight Parameter (shared, not copied) and training flag; the
+        subclass takes its bias (typed differently by nn.Conv2d and nn.Linear)."""
         self.weight = src.weight
-        self.bias = src.bias
         self.train(src.training)
         self._init_quant(weight_quantizer, input_quantizer)
 
@@ -54,13 +58,13 @@ class _QuantWeightMixin:
         self._range_key: Optional[tuple] = None
         self._cache_key: Optional[tuple] = None
         self._cached_weight: Optional[Tensor] = None
-        self.weight_rounding: Optional[nn.Module] = None  # quant/adaround.py's AdaRound, when attached
+        self.weight_rounding: Optional[AdaRound] = None  # learned rounding, when attached
         # quant/export.py's IntegerLayer/FloatLayer, set by exact_integer() for export: evaluation
         # (no grad) computes the layer in the exported graph's arithmetic (exact integer sums).
         self.integer: Optional[Any] = None
         self.sync_weight_range()
 
-    def set_weight_rounding(self, rounding: Optional[nn.Module]) -> None:
+    def set_weight_rounding(self, rounding: Optional[AdaRound]) -> None:
         """Attach (or with ``None`` remove) learned rounding; the cached weight is dropped."""
         self.weight_rounding = rounding
         self.invalidate_cache()
@@ -105,12 +109,18 @@ class _QuantWeightMixin:
         self._cached_weight = None
         self._cache_key = None
 
-    def train(self, mode: bool = True):  # noqa: ANN201 - returns self like nn.Module.train
+    def train(self, mode: bool = True) -> Self:
         self.invalidate_cache()  # frees the copy; training re-quantizes every step anyway
-        return super().train(mode)  # type: ignore[misc]
+        return super().train(mode)
 
     def _quant_input(self, x: Tensor) -> Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
+
+
+def _pair(value: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d size attribute (always two ints; typed as a tuple of any length)."""
+    a, b = value
+    return a, b
 
 
 class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
@@ -120,9 +130,11 @@ class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
     def from_float(cls, conv: nn.Conv2d, weight_quantizer: UniformQuantizer,
                    input_quantizer: Optional[UniformQuantizer] = None) -> "QuantConv2d":
         """Wrap ``conv`` (its Parameters are shared, not copied)."""
-        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+        padding = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
+        q = cls(conv.in_channels, conv.out_channels, _pair(conv.kernel_size), stride=_pair(conv.stride),
+                padding=padding, dilation=_pair(conv.dilation), groups=conv.groups,
                 bias=conv.bias is not None, padding_mode=conv.padding_mode, device="meta")
+        q.bias = conv.bias
         q._adopt(conv, weight_quantizer, input_quantizer)
         return q
 
@@ -140,6 +152,7 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
                    input_quantizer: Optional[UniformQuantizer] = None) -> "QuantLinear":
         """Wrap ``linear`` (its Parameters are shared, not copied)."""
         q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        q.bias = linear.bias
         q._adopt(linear, weight_quantizer, input_quantizer)
         return q
 

@@ -66,6 +66,13 @@ def _subsample(rows: Tensor, max_values: int, generator: torch.Generator) -> Ten
     return rows.index_select(1, idx)
 
 
+def _observed(value: Optional[Tensor], what: str) -> Tensor:
+    """A statistic that exists once data was observed (``has_data``)."""
+    if value is None:
+        raise RuntimeError(f"{what}: no data observed yet (calibrate before reading the range)")
+    return value
+
+
 class Observer(nn.Module, ABC):
     """Base: sees tensors, knows the target grid, returns ``(scale, zero_point)``."""
 
@@ -129,14 +136,14 @@ class MinMaxObserver(Observer):
 
     def observe(self, rows: Tensor) -> None:
         lo, hi = torch.aminmax(rows, dim=1)
-        if self.min_val is None:
+        if self.min_val is None or self.max_val is None:
             self.min_val, self.max_val = lo, hi
         else:
             self.min_val = torch.minimum(self.min_val, lo)
             self.max_val = torch.maximum(self.max_val, hi)
 
     def calculate_range(self) -> tuple[Tensor, Tensor]:
-        return self.min_val, self.max_val
+        return _observed(self.min_val, self.name), _observed(self.max_val, self.name)
 
 
 class EMAMinMaxObserver(MinMaxObserver):
@@ -152,7 +159,7 @@ class EMAMinMaxObserver(MinMaxObserver):
 
     def observe(self, rows: Tensor) -> None:
         lo, hi = torch.aminmax(rows, dim=1)
-        if self.min_val is None:
+        if self.min_val is None or self.max_val is None:
             self.min_val, self.max_val = lo, hi
         else:
             d = self.decay
@@ -214,7 +221,7 @@ class _EstimatingObserver(Observer):
             self._add_to_pool(rows)
             return
         lo, hi = self.batch_range(rows)
-        if self.sum_lo is None:
+        if self.sum_lo is None or self.sum_hi is None:
             self.sum_lo, self.sum_hi = lo.clone(), hi.clone()
         else:
             self.sum_lo += lo
@@ -246,8 +253,9 @@ class _EstimatingObserver(Observer):
 
     def calculate_range(self) -> tuple[Tensor, Tensor]:
         if self.reduce == "pooled":
-            return self.pooled_range(self._pool, self._min, self._max)
-        return self.sum_lo / self.count, self.sum_hi / self.count
+            return self.pooled_range(_observed(self._pool, self.name), _observed(self._min, self.name),
+                                     _observed(self._max, self.name))
+        return _observed(self.sum_lo, self.name) / self.count, _observed(self.sum_hi, self.name) / self.count
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, reduce={self.reduce}"
@@ -398,14 +406,13 @@ def build_observer(name: str, bits: int, symmetric: bool = False, ch_axis: Optio
     minmax and ema are running statistics and pool by construction."""
     check_choice(what, name, valid)
     check_choice("quant.observer_reduce", reduce, OBSERVER_REDUCES)
-    common = dict(bits=bits, symmetric=symmetric, ch_axis=ch_axis, include_zero=include_zero)
-    pooling = dict(reduce=reduce, pool_values=pool_values)
+    common = (bits, symmetric, ch_axis, include_zero)  # Observer's positional parameters
     if name == "minmax":
-        return MinMaxObserver(**common)
+        return MinMaxObserver(*common)
     if name == "ema":
-        return EMAMinMaxObserver(**common, decay=ema_decay)
+        return EMAMinMaxObserver(*common, decay=ema_decay)
     if name == "percentile":
-        return PercentileObserver(**common, percentile=percentile, **pooling)
+        return PercentileObserver(*common, percentile=percentile, reduce=reduce, pool_values=pool_values)
     if name == "mse":
-        return MSEObserver(**common, steps=mse_steps, p=mse_p, **pooling)
-    return ACIQObserver(**common, **pooling)
+        return MSEObserver(*common, steps=mse_steps, p=mse_p, reduce=reduce, pool_values=pool_values)
+    return ACIQObserver(*common, reduce=reduce, pool_values=pool_values)

@@ -195,14 +195,16 @@ def fold_bn(model: nn.Module, example_input: Optional[Tensor] = None) -> list[tu
     paths = _paths_by_object(model)
     folded = []
     for conv_path, conv, bn_path, bn in pairs:
-        factor = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) \
-            / torch.sqrt(bn.running_var + bn.eps)
-        shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        mean, var = bn.running_mean, bn.running_var
+        if mean is None or var is None:  # _conv_bn_candidates keeps BNs with running statistics only
+            raise RuntimeError(f"fold_bn: {bn_path} has no running statistics")
+        factor = (bn.weight if bn.affine else torch.ones_like(var)) / torch.sqrt(var + bn.eps)
+        shift = bn.bias if bn.affine else torch.zeros_like(mean)
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(mean)
         w_grad = conv.weight.requires_grad
         conv.weight = nn.Parameter((conv.weight * factor.view(-1, 1, 1, 1)).detach(),
                                    requires_grad=w_grad)
-        conv.bias = nn.Parameter(((bias - bn.running_mean) * factor + shift).detach(),
+        conv.bias = nn.Parameter(((bias - mean) * factor + shift).detach(),
                                  requires_grad=w_grad)
         for path in paths[id(bn)]:
             _replace(model, path, nn.Identity())
@@ -254,7 +256,8 @@ def quantize(model: nn.Module, cfg: Any, w_bits: int, a_bits: int, *,
                              pool_values=int(_opt(cfg, "pool_values", POOL_MAX_VALUES)))
         return UniformQuantizer(bits, bool(cfg.act_symmetric), None, bool(opts["act_include_zero"]), obs)
 
-    layers = [m for m in qmodel.modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    layers = [m for m in qmodel.modules()
+              if isinstance(m, (nn.Conv2d, nn.Linear)) and type(m) in (nn.Conv2d, nn.Linear)]
     skipped = sorted({type(m).__name__ for m in qmodel.modules()
                       if isinstance(m, (nn.Conv2d, nn.Linear)) and type(m) not in (nn.Conv2d, nn.Linear)})
     if skipped:
@@ -280,8 +283,8 @@ def quantize(model: nn.Module, cfg: Any, w_bits: int, a_bits: int, *,
         wants_input = (cfg.act_placement == "layer_input" and not is_first) or \
             (is_first and bool(cfg.quantize_input))
         in_q = act_quantizer(int(flb) if edge else int(a_bits)) if wants_input else None
-        cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
-        new = cls.from_float(layer, w_q, in_q)
+        new: nn.Module = QuantConv2d.from_float(layer, w_q, in_q) if isinstance(layer, nn.Conv2d) \
+            else QuantLinear.from_float(layer, w_q, in_q)
         for path in paths[id(layer)]:
             _replace(qmodel, path, new)
 

@@ -28,7 +28,7 @@ evaluation throughput of the fake-quant model is a requirement (benchmarks/eval_
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -87,16 +87,29 @@ class _FakeQuantSTE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, inv_scale: Any, scale: Any, lo: Any, hi: Any) -> Tensor:  # noqa: D102
+    def forward(ctx: Any, x: Tensor, inv_scale: Any, scale: Any, lo: Any, hi: Any) -> Tensor:
         r = torch.round(x * inv_scale)
         mask = (r >= lo) & (r <= hi)
         ctx.save_for_backward(mask)
         return torch.clamp(r, lo, hi).mul_(scale)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:  # noqa: D102
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         (mask,) = ctx.saved_tensors
         return grad * mask, None, None, None, None
+
+
+class RangeObserver(Protocol):
+    """What a quantizer needs of its observer (``observers.Observer``, which imports this module)."""
+
+    @property
+    def has_data(self) -> bool: ...
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+    def reset(self) -> None: ...
+
+    def calculate_qparams(self) -> tuple[Tensor, Tensor]: ...
 
 
 class UniformQuantizer(nn.Module):
@@ -112,8 +125,13 @@ class UniformQuantizer(nn.Module):
     quantized weight compare it to decide whether the cache is stale.
     """
 
+    scale: Tensor
+    zero_point: Tensor
+    initialized: Tensor
+    observer: Optional[RangeObserver]
+
     def __init__(self, bits: int, symmetric: bool = False, ch_axis: Optional[int] = None,
-                 include_zero: bool = True, observer: Optional[nn.Module] = None,
+                 include_zero: bool = True, observer: Optional[RangeObserver] = None,
                  num_channels: int = 1) -> None:
         super().__init__()
         self.bits = int(bits)
@@ -213,7 +231,7 @@ class UniformQuantizer(nn.Module):
         ``inplace=True`` lets a caller that owns ``x`` (an activation output) skip an allocation;
         it is honoured only when no gradient is being recorded.
         """
-        if self.observing:
+        if self.observing and self.observer is not None:  # observing implies an observer
             self.observer(x.detach())
             if self.quant_enabled:  # "observe quantized" calibration: use the running range
                 self.load_observer_qparams()
@@ -223,16 +241,19 @@ class UniformQuantizer(nn.Module):
 
     def fake_quantize(self, x: Tensor, inplace: bool = False) -> Tensor:
         """``scale * clamp(round(x / scale), qmin - zp, qmax - zp)`` with a clipped STE."""
-        if self._fast is not None:
-            scale, inv, lo, hi = self._fast
-        else:
-            shape = _broadcast_shape(x, self.ch_axis if self.ch_axis is not None else 0)
-            s = self.scale.to(x.dtype)
-            zp = self.zero_point.to(x.dtype)
-            scale = s.view(shape)
-            inv = torch.reciprocal(s).view(shape)
-            lo = (self.qmin - zp).view(shape)
-            hi = (self.qmax - zp).view(shape)
+        if self._fast is not None:  # per-tensor: clamp bounds as python floats
+            scale, inv, flo, fhi = self._fast
+            if torch.is_grad_enabled() and x.requires_grad:
+                return _FakeQuantSTE.apply(x, inv, scale, flo, fhi)
+            out = x.mul_(inv) if inplace else x.mul(inv)
+            return out.round_().clamp_(flo, fhi).mul_(scale)
+        shape = _broadcast_shape(x, self.ch_axis if self.ch_axis is not None else 0)
+        s = self.scale.to(x.dtype)
+        zp = self.zero_point.to(x.dtype)
+        scale = s.view(shape)
+        inv = torch.reciprocal(s).view(shape)
+        lo = (self.qmin - zp).view(shape)
+        hi = (self.qmax - zp).view(shape)
         if torch.is_grad_enabled() and x.requires_grad:
             return _FakeQuantSTE.apply(x, inv, scale, lo, hi)
         if self.divide:

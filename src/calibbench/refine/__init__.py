@@ -19,14 +19,18 @@ Sizes come from the budget: ``budget.refine_steps`` and ``budget.refine_batch_si
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch import nn
 
-from calibbench.config import ConfigError, check_choice
-from calibbench.refine.losses import KD_REDUCTIONS, TERMS, available_terms
+from calibbench.config import ConfigError, ModelConfig, RefineConfig, RunConfig, check_choice
+from calibbench.refine.losses import KD_REDUCTIONS, TERMS, LossTerm, available_terms
 from calibbench.registry import Registry
+
+if TYPE_CHECKING:  # strategies/ imports refine/ (its generator refiners): annotations only
+    from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext
+    from calibbench.tracking import Tracker
 
 OPTIMIZERS = ("sgd", "adam")
 CE_LABELS = ("batch", "teacher")
@@ -42,16 +46,16 @@ class Refiner(ABC):
     # (``Strategy.trains_generator``); None = any calibration set.
     requires: Optional[str] = None
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: RefineConfig) -> None:
         self.cfg = cfg
 
     @classmethod
-    def check(cls, cfg: Any) -> None:
+    def check(cls, cfg: RunConfig) -> None:
         """Checks of the run config ``cfg`` that only this refiner knows; raise ConfigError."""
 
     @abstractmethod
-    def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any,
-            track: Any = None) -> dict[str, Any]:
+    def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Strategy, ctx: StrategyContext,
+            calib: CalibrationSet, track: Optional[Tracker] = None) -> dict[str, Any]:
         """Refine ``qmodel`` in place; return the ``refine`` part of the record."""
 
 
@@ -67,7 +71,7 @@ def available() -> list[str]:
     return _REGISTRY.available()
 
 
-def build(cfg: Any) -> Refiner:
+def build(cfg: RefineConfig) -> Refiner:
     return _REGISTRY.get(cfg.name)(cfg)
 
 
@@ -80,8 +84,8 @@ def _empty(batch_size: Optional[int] = None) -> dict[str, Any]:
 class NoRefine(Refiner):
     """Pure post-training quantization: the calibrated model is evaluated as it is."""
 
-    def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any,
-            track: Any = None) -> dict[str, Any]:
+    def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Strategy, ctx: StrategyContext,
+            calib: CalibrationSet, track: Optional[Tracker] = None) -> dict[str, Any]:
         return _empty()
 
 
@@ -90,15 +94,15 @@ class Distill(Refiner):
     """Knowledge distillation from the FP model (terms and weights from ``refine.losses``)."""
 
     @classmethod
-    def weights(cls, cfg: Any) -> dict[str, float]:
+    def weights(cls, cfg: RefineConfig) -> dict[str, float]:
         """Loss term -> weight of this refiner's objective (``refine.losses``)."""
         return {name: float(w) for name, w in cfg.losses.items()}
 
-    def terms(self) -> list[tuple[str, float, Any]]:
+    def terms(self) -> list[tuple[str, float, LossTerm]]:
         return [(name, w, TERMS.get(name)(self.cfg)) for name, w in self.weights(self.cfg).items() if w > 0]
 
-    def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any,
-            track: Any = None) -> dict[str, Any]:
+    def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Strategy, ctx: StrategyContext,
+            calib: CalibrationSet, track: Optional[Tracker] = None) -> dict[str, Any]:
         from calibbench.refine.distill import distill  # Lightning is imported only when training
 
         steps = int(ctx.budget.refine_steps)
@@ -110,8 +114,8 @@ class Distill(Refiner):
                          terms=self.terms())
         return {**record, **self.extra_record(teacher, ctx, calib, steps, batch_size)}
 
-    def extra_record(self, teacher: nn.Module, ctx: Any, calib: Any, steps: int, batch_size: int
-                     ) -> dict[str, Any]:
+    def extra_record(self, teacher: nn.Module, ctx: StrategyContext, calib: CalibrationSet, steps: int,
+                     batch_size: int) -> dict[str, Any]:
         """What a subclass adds to the ``refine`` record (PLF: its reliability split)."""
         return {}
 
@@ -123,13 +127,13 @@ class PseudoLabelFiltering(Distill):
     ``refine/plf.py`` weighted from ``refine.plf``."""
 
     @classmethod
-    def weights(cls, cfg: Any) -> dict[str, float]:
+    def weights(cls, cfg: RefineConfig) -> dict[str, float]:
         from calibbench.refine.plf import plf_weights
 
         return {**super().weights(cfg), **plf_weights(cfg)}
 
-    def extra_record(self, teacher: nn.Module, ctx: Any, calib: Any, steps: int, batch_size: int
-                     ) -> dict[str, Any]:
+    def extra_record(self, teacher: nn.Module, ctx: StrategyContext, calib: CalibrationSet, steps: int,
+                     batch_size: int) -> dict[str, Any]:
         from calibbench.refine.plf import ReliabilitySchedule, reliability_record
 
         p = self.cfg.plf
@@ -137,23 +141,24 @@ class PseudoLabelFiltering(Distill):
         return {"plf": reliability_record(teacher, calib.images, schedule, torch.device(ctx.device))}
 
 
-def build_optimizer(groups: list[dict[str, Any]], cfg: Any) -> torch.optim.Optimizer:
+def build_optimizer(groups: list[dict[str, Any]], cfg: RefineConfig) -> torch.optim.Optimizer:
     """The refinement stage's optimizer (``refine.optimizer``: sgd with momentum/nesterov, or
     adam) over parameter groups; a group's own ``lr`` / ``weight_decay`` win over ``cfg``'s."""
-    defaults = {"lr": float(cfg.lr), "weight_decay": float(cfg.weight_decay)}
+    lr, weight_decay = float(cfg.lr), float(cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, momentum=float(cfg.momentum), nesterov=bool(cfg.nesterov), **defaults)
-    return torch.optim.Adam(groups, **defaults)
+        return torch.optim.SGD(groups, lr=lr, momentum=float(cfg.momentum), nesterov=bool(cfg.nesterov),
+                               weight_decay=weight_decay)
+    return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
 
 
-def _active_terms(cfg: Any) -> list[str]:
+def _active_terms(cfg: RefineConfig) -> list[str]:
     refiner = _REGISTRY.get(cfg.name) if cfg.name in _REGISTRY.available() else None
     weights = refiner.weights(cfg) if refiner is not None and issubclass(refiner, Distill) \
         else {name: float(w) for name, w in cfg.losses.items()}
     return [name for name, weight in weights.items() if weight > 0]
 
 
-def check_feature_modules(cfg: Any, *models: nn.Module) -> None:
+def check_feature_modules(cfg: RefineConfig, *models: nn.Module) -> None:
     """Every ``refine.feature_modules`` name exists in each model (when the feature term is on)."""
     if "feature" not in _active_terms(cfg):
         return
@@ -166,7 +171,7 @@ def check_feature_modules(cfg: Any, *models: nn.Module) -> None:
                               f"{type(model).__name__}; module names look like: {sample}, ...")
 
 
-def _architecture(model_cfg: Any) -> Optional[nn.Module]:
+def _architecture(model_cfg: ModelConfig) -> nn.Module:
     """The model's architecture without weights, on the meta device (no memory, no download)."""
     from calibbench.models import _architecture as build_arch
 
@@ -174,7 +179,7 @@ def _architecture(model_cfg: Any) -> Optional[nn.Module]:
         return build_arch(model_cfg, pretrained=False)
 
 
-def validate(cfg: Any) -> None:
+def validate(cfg: RunConfig) -> None:
     """Every refine option of the run config ``cfg`` (and the refine budget): one ConfigError."""
     r = cfg.refine
     check_choice("refine", r.name, available())
@@ -218,7 +223,7 @@ def validate(cfg: Any) -> None:
             check_feature_modules(r, _architecture(cfg.model))
 
 
-def _check_strategy(cfg: Any) -> None:
+def _check_strategy(cfg: RunConfig) -> None:
     """A refiner that requires a generator (refine=gdfq, ...) needs a strategy that trains one:
     both sides declare it (``Refiner.requires``, ``Strategy.trains_generator``), so neither
     imports the other's module."""
@@ -231,8 +236,8 @@ def _check_strategy(cfg: Any) -> None:
                           f"none. Use refine=kd with it")
 
 
-def run(qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any, cfg: Any,
-        track: Any = None) -> dict[str, Any]:
+def run(qmodel: nn.Module, teacher: nn.Module, strategy: Strategy, ctx: StrategyContext,
+        calib: CalibrationSet, cfg: RefineConfig, track: Optional[Tracker] = None) -> dict[str, Any]:
     """Refine ``qmodel`` in place per ``cfg`` (a RefineConfig); return what to record (steps,
     batch size, images seen, seconds, first/last loss, the thinned loss curve)."""
     return build(cfg).run(qmodel, teacher, strategy, ctx, calib, track)
@@ -240,7 +245,7 @@ def run(qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: A
 
 # Generator-based refiners (refine=gdfq, ...), PLF's loss terms and reconstruction (adaround,
 # brecq, qdrop) register themselves on import.
-from calibbench.refine import generative, plf, recon  # noqa: E402,F401
+from calibbench.refine import generative, plf, recon  # noqa: E402,F401 - last: they import this module
 
 __all__ = ["Refiner", "register", "available", "build", "validate", "run", "TERMS",
            "check_feature_modules", "build_optimizer"]

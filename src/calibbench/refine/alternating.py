@@ -35,6 +35,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.lr_scheduler import LRScheduler
 
 from calibbench.bnstats import BNStatsRecorder, BNTargets
 from calibbench.generator import Generator, GenLossTerm, GenStepOutputs
@@ -104,6 +105,8 @@ class GenerativeModule(StudentModule):
             self.bn.clear()
             images = self.generator(z, y)
             logits = self.teacher(images)
+            if self.targets is None:  # set by on_fit_start
+                raise RuntimeError("generator_step before on_fit_start: no BN targets")
             out = GenStepOutputs(images, y, logits, self.bn.batch_stats(), self.targets, step,
                                  self.bn.image_stats() if self.bn.per_image else None, self.state)
         self.clear_features()  # the teacher's feature hooks (feature term) fired on G's images
@@ -125,8 +128,10 @@ class GenerativeModule(StudentModule):
 
     def student_step(self, images: Tensor, labels: Tensor, teacher_logits: Optional[Tensor],
                      step: int) -> dict[str, float]:
-        _, opt = self.optimizers()
-        sched = self.lr_schedulers()
+        opts, sched = self.optimizers(), self.lr_schedulers()
+        if not isinstance(opts, list) or not isinstance(sched, LRScheduler):  # configure_optimizers: two + one
+            raise RuntimeError("student_step needs the generator's and the student's optimizers and a schedule")
+        _, opt = opts
         lr = float(opt.param_groups[0]["lr"])
         values = self.compute(images, labels, teacher_logits)
         detached = self.check_finite(values, step, STUDENT)
@@ -140,6 +145,7 @@ class GenerativeModule(StudentModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
         step = self.step_offset + batch_idx + 1
+        logits: Optional[Tensor]
         images, logits, row = self.generator_step(batch["z"], batch["y"], step)
         row = {"step": step, **row}
         if self.student is not None and step > self.warmup_steps:

@@ -32,19 +32,27 @@ import math
 import time
 import warnings
 from contextlib import ExitStack, contextmanager
-from typing import Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import DataLoader
 
+from calibbench.config import RefineConfig
 from calibbench.refine import build_optimizer, stream
 from calibbench.refine.guard import LossGuard, factors
 from calibbench.refine.losses import LossTerm, RefinePlan, StepOutputs, build_terms
 from calibbench.refine.ranges import learned_act_ranges
 from calibbench.seeding import stream_seed
+
+if TYPE_CHECKING:  # strategies/ imports refine/: annotations only
+    from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext
+    from calibbench.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +71,7 @@ class StudentModule(L.LightningModule):
     """
 
     def __init__(self, student: Optional[nn.Module], teacher: nn.Module,
-                 terms: Sequence[tuple[str, float, LossTerm]], cfg: Any, max_steps: int,
+                 terms: Sequence[tuple[str, float, LossTerm]], cfg: RefineConfig, max_steps: int,
                  range_params: Sequence[nn.Parameter] = ()) -> None:
         super().__init__()
         self.student = student
@@ -85,7 +93,7 @@ class StudentModule(L.LightningModule):
             for name in self.feature_names:
                 self._hooks.append(modules[name].register_forward_hook(self._recorder(role, name)))
 
-    def _recorder(self, role: str, name: str):  # noqa: ANN202
+    def _recorder(self, role: str, name: str) -> Callable[[nn.Module, tuple, Any], None]:
         store = self._features[role]
 
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
@@ -115,8 +123,15 @@ class StudentModule(L.LightningModule):
                     module.eval()
         return self
 
+    @property
+    def trained(self) -> nn.Module:
+        """The student (a module without one, the generator warm-up, never trains or runs it)."""
+        if self.student is None:
+            raise RuntimeError("this training module has no student (generator warm-up)")
+        return self.student
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.student(x)
+        return self.trained(x)
 
     def compute(self, images: Tensor, labels: Optional[Tensor] = None,
                 teacher_logits: Optional[Tensor] = None, step: Optional[int] = None
@@ -126,13 +141,14 @@ class StudentModule(L.LightningModule):
         if teacher_logits is None or self.feature_names:
             with torch.no_grad():
                 teacher_logits = self.teacher(images)
-        student_logits = self.student(images)
+        student_logits = self.trained(images)
         out = StepOutputs(student_logits, teacher_logits, labels, dict(self._features["student"]),
                           dict(self._features["teacher"]), step)
         self.clear_features()
         return {name: term(out) for name, _, term in self.terms}
 
     def weighted(self, values: dict[str, Tensor], terms: Sequence[tuple[str, float, Any]]) -> Tensor:
+        # sum() starts at the int 0; the terms are tensors, so the result is one
         return sum(weight * values[name] for name, weight, _ in terms)  # type: ignore[return-value]
 
     def check_finite(self, values: dict[str, Tensor], step: int, player: str = "",
@@ -155,12 +171,12 @@ class StudentModule(L.LightningModule):
         guard.check(floats, step, total)
         return detached
 
-    def student_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
+    def student_optimizer(self) -> tuple[torch.optim.Optimizer, LRScheduler]:
         """The student's optimizer (refine.optimizer, lr, weight decay; activation ranges without
         weight decay) and its cosine schedule over ``max_steps``."""
         cfg = self.cfg
         ranges = {id(p) for p in self.range_params}
-        weights = [p for p in self.student.parameters() if p.requires_grad and id(p) not in ranges]
+        weights = [p for p in self.trained.parameters() if p.requires_grad and id(p) not in ranges]
         groups = [{"params": weights, "weight_decay": float(cfg.weight_decay)}]
         if self.range_params:
             groups.append({"params": self.range_params, "weight_decay": 0.0})
@@ -186,7 +202,7 @@ class DistillModule(StudentModule):
                **{name: float(v) for name, v in zip(values, detached)}, "lr": lr}
         return {"loss": total, "row": row}
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         opt, sched = self.student_optimizer()
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -196,7 +212,7 @@ class CurveRecorder(L.Callback):
     kept for the record and sent to the tracker. Rows may differ in their columns (a generator
     warm-up step has no quantized-model terms): the curve has every column, null where absent."""
 
-    def __init__(self, track: Any = None) -> None:
+    def __init__(self, track: Optional[Tracker] = None) -> None:
         self.track = track
         self.rows: list[dict[str, float]] = []
 
@@ -207,7 +223,7 @@ class CurveRecorder(L.Callback):
         if self.track is not None:
             self.track.log({f"refine/{k}": v for k, v in row.items() if v is not None})
 
-    def curve(self, max_points: int = CURVE_POINTS) -> dict[str, list[float]]:
+    def curve(self, max_points: int = CURVE_POINTS) -> dict[str, list[Optional[float]]]:
         """Columns ``step, loss, <terms>, lr`` (and any other column of a row) at evenly spaced
         steps, first and last included."""
         n = len(self.rows)
@@ -243,6 +259,7 @@ def trainer_kwargs(device: torch.device, steps: int, progress: bool, manual: boo
     ``manual``: a module with manual optimization and several optimizers, whose ``global_step``
     counts every optimizer's steps; the run is then bounded by batches (one epoch of ``steps``
     batches of the endless stream) instead of ``max_steps``."""
+    devices: list[int] | int
     if device.type == "cuda":
         accelerator, devices = "cuda", [device.index if device.index is not None else torch.cuda.current_device()]
     else:
@@ -298,8 +315,8 @@ def _restore(student: Optional[nn.Module], teacher: nn.Module, device: torch.dev
 
 
 @contextmanager
-def training(student: Optional[nn.Module], teacher: nn.Module, ctx: Any, cfg: Any, seed_stream: str
-             ) -> Iterator[list[nn.Parameter]]:
+def training(student: Optional[nn.Module], teacher: nn.Module, ctx: StrategyContext, cfg: Optional[RefineConfig],
+             seed_stream: str) -> Iterator[list[nn.Parameter]]:
     """The surroundings every refinement fit runs in (also the generator-only warm-up, with
     ``student=None``): no inference_mode (pitfall 7), modes/devices/grad flags restored, the
     caller's RNG untouched (the fit draws from the run's ``seed_stream``), learned activation
@@ -314,13 +331,13 @@ def training(student: Optional[nn.Module], teacher: nn.Module, ctx: Any, cfg: An
         stack.enter_context(torch.random.fork_rng(devices=rng_devices))
         torch.manual_seed(stream_seed(ctx.seed, seed_stream))
         learned = student is not None and getattr(cfg, "act_ranges", "frozen") == "learned"
-        ranges = stack.enter_context(learned_act_ranges(student)) if learned else []
+        ranges = stack.enter_context(learned_act_ranges(student)) if learned and student is not None else []
         stack.enter_context(_quiet_lightning())
         teacher.requires_grad_(False)
         yield [p for q in ranges for p in (q.lo, q.hi)]
 
 
-def fit(module: StudentModule, data: Any, ctx: Any, steps: int, recorder: CurveRecorder,
+def fit(module: StudentModule, data: DataLoader, ctx: StrategyContext, steps: int, recorder: CurveRecorder,
         manual: bool = False) -> None:
     """Train ``module`` for ``steps`` batches of ``data`` on Lightning (inside :func:`training`)."""
     try:
@@ -333,14 +350,14 @@ def fit(module: StudentModule, data: Any, ctx: Any, steps: int, recorder: CurveR
         module.remove_hooks()
 
 
-def check_length(rows: list, steps: int, strategy: Any) -> None:
+def check_length(rows: list, steps: int, strategy: Strategy) -> None:
     if len(rows) != steps:
         raise RuntimeError(f"refine: the stream of strategy {getattr(strategy, 'name', strategy)!r} "
                            f"ended after {len(rows)} of {steps} steps")
 
 
-def distill(student: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any, cfg: Any,
-            steps: int, batch_size: int, track: Any = None,
+def distill(student: nn.Module, teacher: nn.Module, strategy: Strategy, ctx: StrategyContext,
+            calib: CalibrationSet, cfg: RefineConfig, steps: int, batch_size: int, track: Optional[Tracker] = None,
             terms: Optional[Sequence[tuple[str, float, LossTerm]]] = None) -> dict[str, Any]:
     """Train ``student`` in place for ``steps`` steps on ``strategy.batches(...)``; the record.
     ``terms``: the weighted loss terms (default: ``refine.losses``)."""

@@ -13,12 +13,16 @@ YAML (e.g. ``@register("fdda") class FDDARefiner(GeneratorRefiner): pass`` plus
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from torch import nn
 
 from calibbench.config import ConfigError
 from calibbench.refine import _REGISTRY, Refiner, _empty, check_feature_modules, register
+
+if TYPE_CHECKING:  # strategies/ imports refine/: annotations only
+    from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext
+    from calibbench.tracking import Tracker
 
 
 class GeneratorRefiner(Refiner):
@@ -26,8 +30,8 @@ class GeneratorRefiner(Refiner):
 
     requires = "generator"
 
-    def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any,
-            track: Any = None) -> dict[str, Any]:
+    def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Strategy, ctx: StrategyContext,
+            calib: CalibrationSet, track: Optional[Tracker] = None) -> dict[str, Any]:
         from calibbench.refine.alternating import train_alternating  # Lightning only when training
 
         if not getattr(strategy, "trains_generator", False):

@@ -26,7 +26,9 @@ at most 1.05×: 10 sits between. ``guard.factor=0`` / ``unit_factor=0`` switch a
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
+
+from calibbench.config import GuardConfig
 
 FLOOR = 1e-3  # the reference loss is at least this (a loss near 0 at the start)
 
@@ -35,7 +37,7 @@ class DivergenceError(FloatingPointError):
     """A training loss grew past the guard's bound (a FloatingPointError, like a NaN loss)."""
 
 
-def factors(guard: Any) -> tuple[float, float]:
+def factors(guard: Optional[GuardConfig]) -> tuple[float, float]:
     """(factor, unit_factor) of the run's ``guard`` config (defaults when absent)."""
     if guard is None:
         return 1000.0, 10.0

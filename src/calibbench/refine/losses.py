@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from calibbench.config import ConfigError
+from calibbench.config import ConfigError, RefineConfig
 from calibbench.registry import Registry
 
 
@@ -50,8 +50,8 @@ class RefinePlan:
     steps: int
     batch_size: int
     num_images: int  # images in the calibration set the stream replays
-    student: Any
-    teacher: Any
+    student: nn.Module
+    teacher: nn.Module
 
 
 class LossTerm(ABC):
@@ -61,7 +61,7 @@ class LossTerm(ABC):
     # Module paths whose outputs the training module must record (for the feature term).
     feature_modules: tuple[str, ...] = ()
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: RefineConfig) -> None:
         self.cfg = cfg
 
     def setup(self, plan: RefinePlan) -> None:
@@ -122,7 +122,7 @@ class CETerm(LossTerm):
 
 @term("feature")
 class FeatureTerm(LossTerm):
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: RefineConfig) -> None:
         super().__init__(cfg)
         self.feature_modules = tuple(cfg.feature_modules)
 
@@ -132,7 +132,7 @@ class FeatureTerm(LossTerm):
         return torch.stack(losses).mean()
 
 
-def build_terms(cfg: Any) -> list[tuple[str, float, LossTerm]]:
+def build_terms(cfg: RefineConfig) -> list[tuple[str, float, LossTerm]]:
     """``(name, weight, term)`` for every term with a positive weight, in config order."""
     return [(name, float(weight), TERMS.get(name)(cfg)) for name, weight in cfg.losses.items()
             if float(weight) > 0]

@@ -43,15 +43,18 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from calibbench.config import ConfigError, check_choice, check_plf_values
+from calibbench.config import ConfigError, RefineConfig, RunConfig, check_choice, check_plf_values
 from calibbench.refine.losses import LossTerm, RefinePlan, StepOutputs, term
+
+if TYPE_CHECKING:  # strategies/ imports refine/: annotations only
+    from calibbench.strategies.base import Strategy
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +120,7 @@ class ReliabilitySchedule:
 class _Scheduled(LossTerm):
     """A term whose split depends on the epoch: the schedule is built in :meth:`setup`."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: RefineConfig) -> None:
         super().__init__(cfg)
         self.schedule: Optional[ReliabilitySchedule] = None
 
@@ -209,7 +212,7 @@ def bn_modules(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
 
 
-def feature_modules(cfg: Any, student: nn.Module, teacher: nn.Module) -> list[str]:
+def feature_modules(cfg: RefineConfig, student: nn.Module, teacher: nn.Module) -> list[str]:
     """The module paths eq. 13 compares, per ``refine.plf.features``; each exists in both models."""
     kind = cfg.plf.features
     if kind == "list":
@@ -248,7 +251,7 @@ class FeatureMSE(LossTerm):
                             for name in self.feature_modules]).sum()
 
 
-def plf_weights(cfg: Any) -> dict[str, float]:
+def plf_weights(cfg: RefineConfig) -> dict[str, float]:
     """eq. 11, 12, 15 as term weights: tau * [use_high], tau * beta * [use_low], tau * mu."""
     p = cfg.plf
     tau = float(p.tau)
@@ -285,7 +288,7 @@ def reliability_record(teacher: nn.Module, images: Tensor, schedule: Reliability
     }
 
 
-def check_stream(strategy: Any) -> None:
+def check_stream(strategy: Strategy) -> None:
     """PLF scores a fixed set of images with the FP model: a strategy whose stream is a generator
     (fresh images every step, no set to score once) has no logits source for it."""
     from calibbench.strategies.base import Strategy
@@ -296,7 +299,7 @@ def check_stream(strategy: Any) -> None:
                           f"no logits source to filter); use refine=kd or that strategy's own refine")
 
 
-def validate(cfg: Any) -> None:
+def validate(cfg: RunConfig) -> None:
     """refine=plf's options (called by refine.validate before any work)."""
     # strategy=plf routes its strategy.* keys here: name the key the user set
     check_plf_values("strategy" if cfg.strategy.name == "plf" else "refine.plf", cfg.refine.plf)

@@ -52,7 +52,8 @@ class LearnedRangeQuantizer(UniformQuantizer):
         self._fast = None
 
     def bounds(self) -> tuple[Tensor, Tensor]:
-        lo, hi = self.lo, self.hi
+        lo: Tensor = self.lo
+        hi: Tensor = self.hi
         if self.symmetric:
             top = torch.maximum(lo.abs(), hi.abs())
             return -top, top

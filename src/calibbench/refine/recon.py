@@ -45,13 +45,13 @@ import math
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from calibbench.config import ConfigError, check_choice
+from calibbench.config import ConfigError, RunConfig, check_choice
 from calibbench.quant import QuantAct, QuantConv2d, QuantLinear, UniformQuantizer, mse_init, quantizers
 from calibbench.quant.adaround import AdaRound, attach
 from calibbench.quant.quantizer import MIN_RANGE
@@ -66,6 +66,10 @@ from calibbench.refine.ranges import (
 )
 from calibbench.refine.units import GRANULARITIES, Unit, build_units
 from calibbench.seeding import stream_seed
+
+if TYPE_CHECKING:  # strategies/ imports refine/: annotations only
+    from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext
+    from calibbench.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +222,7 @@ class UnitActQuantizer(nn.Module):
     grid (or, with ``learn_act``, a ``LearnedRangeQuantizer``'s learned one), QDrop's element-wise
     dropping, an off switch; per-tensor grids run through :class:`_FakeQuantDrop`."""
 
-    def __init__(self, inner: nn.Module, drop_prob: float) -> None:
+    def __init__(self, inner: UniformQuantizer, drop_prob: float) -> None:
         super().__init__()
         self.inner = inner
         self.drop_prob = float(drop_prob)
@@ -254,8 +258,8 @@ class UnitActQuantizer(nn.Module):
             out = q(x)
             if self.drop_prob == 0:
                 return out
-            quantized = bernoulli_mask(x, 1.0 - self.drop_prob)
-            return out * quantized + x * (1.0 - quantized)  # out is in the graph: not in place
+            kept = bernoulli_mask(x, 1.0 - self.drop_prob)
+            return out * kept + x * (1.0 - kept)  # out is in the graph: not in place
         quantized = bernoulli_mask(x, 1.0 - self.drop_prob) if self.drop_prob > 0 else None
         scale, zp = self._grid(x)
         return _FakeQuantDrop.apply(x, scale, zp, float(q.qmin), float(q.qmax), quantized)
@@ -273,7 +277,7 @@ def _act_slots(modules: list[nn.Module]) -> Iterator[tuple[nn.Module, str]]:
 @contextmanager
 def quantization_off(model: nn.Module) -> Iterator[None]:
     """The model in full precision (every weight/activation quantizer off), then as it was."""
-    states = []
+    states: list[tuple[UnitActQuantizer | UniformQuantizer, bool]] = []
     for m in model.modules():
         if isinstance(m, UnitActQuantizer):
             states.append((m, m.enabled))
@@ -406,11 +410,14 @@ class CachedUnitData(UnitData):
         super().__init__(*args, **kwargs)
         parts = [self.compute(self.images[s:s + self.batch].to(self.device))
                  for s in range(0, len(self.images), self.batch)]
-        self.tensors = [None if parts[0][k] is None else torch.cat([p[k] for p in parts])
-                        for k in range(4)]
+        self.tensors: list[Optional[Tensor]] = [  # the same parts are None in every batch
+            None if parts[0][k] is None else torch.cat([t for p in parts if (t := p[k]) is not None])
+            for k in range(4)]
+        self.tensors_device = parts[0][0].device  # where the cache lives (the inputs are always there)
 
     def get(self, idx: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
-        idx = idx.to(self.tensors[0].device)
+        idx = idx.to(self.tensors_device)
+        # inputs and targets (positions 0, 2) are never None: the tuple has compute()'s types
         return tuple(None if t is None else t[idx] for t in self.tensors)  # type: ignore[return-value]
 
     fixed = get
@@ -546,6 +553,8 @@ class UnitTrainer:
 
     def step(self, it: int) -> float:
         """One iteration (0-based ``it``): a random batch, loss, backward, optimizer step."""
+        if self.opt is None or self.sched is None:  # callers check `trains` first
+            raise RuntimeError(f"refine={self.name}: unit {self.unit.name!r} has nothing to train")
         idx = torch.randperm(len(self.data.images), generator=self.generator)[:self.batch_size]
         q_in, fp_in, target, weight = self.data.get(idx)
         if fp_in is not None:  # QDrop: the input the previous quantizer produced, dropped too
@@ -622,7 +631,8 @@ def unit_data(model: nn.Module, unit: Unit, images: Tensor, cfg: Any, batch_size
 
 def _wrap_acts(modules: list[nn.Module], drop: float) -> list[tuple[nn.Module, str, UnitActQuantizer]]:
     """Put a :class:`UnitActQuantizer` in every active activation-quantizer slot of the unit."""
-    wrapped, seen = [], {}
+    wrapped: list[tuple[nn.Module, str, UnitActQuantizer]] = []
+    seen: dict[int, UnitActQuantizer] = {}
     for owner, attr in list(_act_slots(modules)):
         inner = getattr(owner, attr)
         if isinstance(inner, UnitActQuantizer) or not inner.active:
@@ -762,11 +772,11 @@ class ReconRefiner(Refiner):
     """Unit-by-unit reconstruction of the rounding on the calibration set (options in the config)."""
 
     @classmethod
-    def check(cls, cfg: Any) -> None:
+    def check(cls, cfg: RunConfig) -> None:
         check_config(cfg)
 
-    def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any,
-            track: Any = None) -> dict[str, Any]:
+    def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Strategy, ctx: StrategyContext,
+            calib: CalibrationSet, track: Optional[Tracker] = None) -> dict[str, Any]:
         steps = self.cfg.iterations if self.cfg.iterations is not None else ctx.budget.refine_unit_steps
         if int(steps) == 0:
             return {"steps": 0, "batch_size": None, "images_seen": 0, "seconds": 0.0, "loss_first": None,

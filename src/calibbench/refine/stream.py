@@ -11,11 +11,14 @@ in this process.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
+
+if TYPE_CHECKING:  # strategies/ imports refine/: annotations only
+    from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext
 
 Batch = tuple[Tensor, Optional[Tensor]]
 
@@ -38,8 +41,8 @@ class BatchStream(IterableDataset):
         return self._it
 
 
-def loader(strategy: Any, ctx: Any, calib: Any, batch_size: int, generator: torch.Generator
-           ) -> DataLoader:
+def loader(strategy: Strategy, ctx: StrategyContext, calib: CalibrationSet, batch_size: int,
+           generator: torch.Generator) -> DataLoader:
     """A DataLoader over ``strategy.batches(ctx, calib, batch_size, generator)``."""
     stream = BatchStream(lambda: strategy.batches(ctx, calib, batch_size, generator))
     return DataLoader(stream, batch_size=None, num_workers=0)

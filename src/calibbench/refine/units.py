@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +43,7 @@ from calibbench.quant.quantize import probe_forward
 log = logging.getLogger(__name__)
 
 GRANULARITIES = ("layer", "block")
-WEIGHT_TYPES: tuple[type, ...] = (nn.Conv2d, nn.Linear)  # QuantConv2d / QuantLinear subclass them
+WEIGHT_TYPES = (nn.Conv2d, nn.Linear)  # QuantConv2d / QuantLinear subclass them
 
 
 @dataclass
@@ -59,9 +59,10 @@ class Unit:
     def modules(self, model: nn.Module) -> list[nn.Module]:
         return [model.get_submodule(p) for p in self.paths]
 
-    def layers(self, model: nn.Module) -> list[nn.Module]:
+    def layers(self, model: nn.Module) -> list[nn.Conv2d | nn.Linear]:
         """The conv/linear layers inside the unit (their weights are what reconstruction rounds)."""
-        found, seen = [], set()
+        found: list[nn.Conv2d | nn.Linear] = []
+        seen = set()
         for module in self.modules(model):
             for m in module.modules():
                 if isinstance(m, WEIGHT_TYPES) and id(m) not in seen:
@@ -111,7 +112,7 @@ def _check_chain(model: nn.Module, elements: list[tuple[str, nn.Module]], exampl
     problems: list[str] = []
     handles = []
 
-    def pre(i: int):  # noqa: ANN202
+    def pre(i: int) -> Callable[[nn.Module, tuple], None]:
         def hook(module: nn.Module, args: tuple) -> None:
             calls.append(i)
             x = args[0] if args else None
@@ -128,7 +129,7 @@ def _check_chain(model: nn.Module, elements: list[tuple[str, nn.Module]], exampl
                 problems.append(f"{elements[i][0]}: input is not its predecessor's output")
         return hook
 
-    def post(i: int):  # noqa: ANN202
+    def post(i: int) -> Callable[[nn.Module, tuple, object], None]:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             produced[0] = output.detach().clone() if isinstance(output, Tensor) else None
         return hook
@@ -198,7 +199,7 @@ def _confirm_followers(model: nn.Module, chains: dict[str, list[str]], example: 
     """Keep, for every layer, the longest prefix of its candidate followers that one forward pass
     runs as a chain: each follower called exactly once, on exactly what the element before it
     returned (a ReLU module reused after a residual add, as torchvision's, is dropped)."""
-    calls: dict[str, list[Tensor]] = {}
+    calls: dict[str, list[Optional[Tensor]]] = {}
     outs: dict[str, list[Tensor]] = {}
     handles = []
     paths = {p for path, chain in chains.items() for p in [path, *chain]}

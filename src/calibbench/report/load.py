@@ -77,8 +77,7 @@ def flatten_config(config: dict) -> dict[str, Any]:
     would turn an int column with a hole into floats (``bits`` 8 → 8.0)."""
     if not config:
         return {}
-    flat = pd.json_normalize(config, sep=".").iloc[0].to_dict()
-    flat = {k: _hashable(v) for k, v in flat.items()}
+    flat = {str(k): _hashable(v) for k, v in pd.json_normalize(config, sep=".").iloc[0].to_dict().items()}
     if flat.get("refine.name", "none") == "none":
         # With refine=none no refine.* option is read: a learning rate changed in conf/refine/ after
         # pure-PTQ jobs ran must not split them from later ones, nor show as a column of theirs.
@@ -281,7 +280,7 @@ def aggregate(jobs: pd.DataFrame, root: Path) -> Summary:
     cfg_cols = [c for c in jobs.columns if str(c).startswith("cfg:")]
     if jobs.empty or not cfg_cols:
         keys = order_keys([])
-        failures = jobs[~jobs["ok"].astype(bool)].to_dict("records") if "ok" in jobs else []
+        failures = _records(jobs[~jobs["ok"].astype(bool)]) if "ok" in jobs else []
         return Summary(Path(root), [label(k) for k in keys], keys,
                        pd.DataFrame(columns=[*map(label, keys), "n", "n_failed", "seeds", *METRICS]),
                        [], failures, 0)
@@ -295,7 +294,7 @@ def aggregate(jobs: pd.DataFrame, root: Path) -> Summary:
     for col in ("top1", "top5", "fp_top1"):
         keyed[col] = keyed[col].where(ok)  # failed jobs count in n_failed, never in a mean
     refined = keyed.get("cfg:refine.name", pd.Series("none", index=keyed.index)).fillna("none") != "none"
-    keyed["refine_s"] = pd.to_numeric(keyed.get("time:refine"), errors="coerce").where(ok & refined) \
+    keyed["refine_s"] = pd.to_numeric(keyed["time:refine"], errors="coerce").where(ok & refined) \
         if "time:refine" in keyed else np.nan
     stage_cols = [f"time:{st}" for st in STAGES if f"time:{st}" in keyed]
     for col in stage_cols:
@@ -311,7 +310,7 @@ def aggregate(jobs: pd.DataFrame, root: Path) -> Summary:
         gkey = gkey if isinstance(gkey, tuple) else (gkey,)
         good = members[members["ok"].astype(bool)]
         good = good.iloc[sorted(range(len(good)), key=lambda i: sort_key(good["seed"].iloc[i]))]
-        flat = {k[4:]: v for k, v in members.iloc[0][cfg_cols].items() if not _isnan(v)}
+        flat = {str(k)[4:]: v for k, v in members.iloc[0][cfg_cols].items() if not _isnan(v)}
         cells.append(Cell(
             tuple(gkey), list(good["seed"]), int(row["size"] - row["n"]), _none(row["fp_top1"]),
             _none(row["top1_mean"]), _none(row["top1_std"]), _none(row["top5_mean"]),
@@ -325,8 +324,13 @@ def aggregate(jobs: pd.DataFrame, root: Path) -> Summary:
           *(None if m is None else round(m, 4) for m in
             (c.fp_top1, c.top1_mean, c.top1_std, c.top5_mean, c.top5_std, c.refine_s_mean))]
          for c in cells], columns=[*columns, "n", "n_failed", "seeds", *METRICS], dtype=object)
-    failures = jobs[~jobs["ok"].astype(bool)].to_dict("records")
+    failures = _records(jobs[~jobs["ok"].astype(bool)])
     return Summary(Path(root), columns, keys, table, cells, failures, int(jobs["ok"].sum()))
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """The rows as dicts keyed by column name (``to_dict("records")`` with str keys)."""
+    return [{str(k): v for k, v in row.items()} for row in frame.to_dict("records")]
 
 
 def _isnan(value: Any) -> bool:

@@ -40,7 +40,8 @@ def plot_bits(summary: Summary, out_dir: Path) -> list[Path]:
         for name, vc in variants.items():
             vc.sort(key=lambda c: ticks.index(v.bits_of(summary, c)))
             xs = [summary.value(c, "w_bits") if same else ticks.index(v.bits_of(summary, c)) for c in vc]
-            ax.errorbar(xs, [c.top1_mean for c in vc], yerr=[c.top1_std or 0.0 for c in vc],
+            means = [c.top1_mean for c in vc if c.top1_mean is not None]  # all: vc are measured cells
+            ax.errorbar(xs, means, yerr=[c.top1_std or 0.0 for c in vc],
                         marker="o", capsize=3, label=name)
         fps = [c.fp_top1 for c in measured if c.fp_top1 is not None]
         if fps:
@@ -111,7 +112,8 @@ def plot_selectq_heatmap(summary: Summary, out_dir: Path) -> list[Path]:
             ax.set_xlabel("gamma")
             ax.set_title(v.bits_label(*b), fontsize=9)
         axes[0].set_ylabel("num_centroids")
-        fig.colorbar(image, ax=list(axes), label="top-1 (%)")
+        if image is not None:  # one panel per bit pair, at least one
+            fig.colorbar(image, ax=list(axes), label="top-1 (%)")
         n_panel = len(v.panel_labels(summary))
         extra = [f"{o.split('.', 1)[-1]}={val}" for o, val in zip(others, gkey[n_panel:])]
         title = " · ".join([v.panel_title(summary, gkey[:n_panel]), *extra])

@@ -40,7 +40,7 @@ class PairedDiff:
 
     @property
     def excludes_zero(self) -> bool:
-        return self.has_interval and (self.low > 0 or self.high < 0)  # type: ignore[operator]
+        return self.low is not None and self.high is not None and (self.low > 0 or self.high < 0)
 
     def text(self) -> str:
         """``+2.10 [0.40, 3.80] *`` (``*``: the interval excludes 0) or the mean with the reason."""

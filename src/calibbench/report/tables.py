@@ -73,8 +73,9 @@ def summary_frame(summary: Summary, diffs: dict[int, sig.PairedDiff]) -> pd.Data
     extra = [[d.mean, d.low, d.high, d.n] if (d := diffs.get(id(c))) else [None] * 4 for c in summary.cells]
     frame = summary.table.copy()
     for i, name in enumerate(PAIRED_COLUMNS):
-        frame[name] = pd.Series([None if e[i] is None else (round(e[i], 4) if i < 3 else int(e[i]))
-                                 for e in extra], dtype=object)
+        values: list[Optional[float]] = [None if (x := e[i]) is None else (round(x, 4) if i < 3 else int(x))
+                                         for e in extra]
+        frame[name] = pd.Series(values, dtype=object)
     return frame
 
 
@@ -155,7 +156,9 @@ def diagnostic_numbers(run: dict) -> Optional[tuple[float, float, float]]:
     acts = [layer for layer in run.get("layers", []) if layer.get("kind") == "activation"]
     if not acts:
         return None
-    col = lambda key: pd.Series([layer.get(key) for layer in acts], dtype=float)  # noqa: E731
+    def col(key: str) -> pd.Series:
+        return pd.Series([layer.get(key) for layer in acts], dtype=float)
+
     return (float(col("range_inflation").median()), float(col("clip_rate").mean() * 100),
             float(col("act_quant_snr_db").mean()))
 

@@ -54,7 +54,8 @@ def preset_defaults(preset: str) -> dict[str, Any]:
     path = Path(__file__).resolve().parents[1] / "conf" / "quant" / f"{preset}.yaml"
     if path.is_file():
         data = OmegaConf.to_container(OmegaConf.load(path))
-        out.update({f"quant.{k}": val for k, val in data.items() if k != "defaults"})  # type: ignore[union-attr]
+        if isinstance(data, dict):  # a preset file is a mapping
+            out.update({f"quant.{str(k)}": val for k, val in data.items() if k != "defaults"})
     return out
 
 

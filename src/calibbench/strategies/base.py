@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
-from calibbench.config import BudgetConfig, StrategyConfig
+from calibbench.config import BudgetConfig, GuardConfig, RunConfig, StrategyConfig, to_container
 from calibbench.registry import Registry
 from calibbench.seeding import stream_seed
 
@@ -81,7 +81,7 @@ class StrategyContext:
     num_samples: int
     budget: BudgetConfig
     progress: bool = True
-    guard: Any = None  # the run's guard config (refine/guard.py); not part of any cache key
+    guard: Optional[GuardConfig] = None  # the run's guard config (refine/guard.py); not part of any cache key
 
     def generator(self, stream: str) -> torch.Generator:
         """A CPU generator for the named random ``stream`` of this run (same on any device).
@@ -116,7 +116,7 @@ class Strategy(ABC):
     # SelectQ's select: the paper says "highest"). A run that departs is labelled as such.
     paper_reading: dict[str, Any] = {}
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: StrategyConfig) -> None:
         self.cfg = cfg
 
     @abstractmethod
@@ -137,16 +137,16 @@ class Strategy(ABC):
         """
         cfg = self.cfg
         if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+            return to_container(cfg)
         return dict(asdict(cfg)) if is_dataclass(cfg) else dict(cfg)
 
     @classmethod
-    def check(cls, cfg: Any) -> None:
+    def check(cls, cfg: RunConfig) -> None:
         """The class-level preflight hook: every option of this strategy in the run config ``cfg``
         (``cfg.strategy`` and the budget fields the strategy reads); raise ConfigError naming the
         key. Called by :func:`calibbench.preflight.preflight` before the model or data exist."""
 
-    def check_run(self, cfg: Any) -> None:
+    def check_run(self, cfg: RunConfig) -> None:
         """Checks of the whole run config that only this strategy knows (e.g. a generator strategy
         needs a refinement stage); raise ConfigError. Called before any work."""
 
@@ -191,6 +191,6 @@ def get(name: str) -> type[Strategy]:
     return _REGISTRY.get(name)
 
 
-def build(cfg: Any) -> Strategy:
+def build(cfg: StrategyConfig) -> Strategy:
     """Construct the strategy named by ``cfg.name``; an unknown name lists the valid ones."""
     return _REGISTRY.get(cfg.name)(cfg)

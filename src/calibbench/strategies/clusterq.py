@@ -72,18 +72,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from calibbench.bnstats import bn_targets
-from calibbench.config import ConfigError, check_choice
+from calibbench.config import BudgetConfig, ConfigError, RunConfig, check_choice
 from calibbench.generator import GenLossTerm, GenStepOutputs, gen_term
 from calibbench.refine import register as register_refiner
 from calibbench.refine.generative import GeneratorRefiner
-from calibbench.strategies.base import CalibrationSet, StrategyContext, register
+from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext, register
 from calibbench.strategies.generative import (
     K_INDEXING,
     GeneratorStrategy,
@@ -91,6 +91,9 @@ from calibbench.strategies.generative import (
     class_stats,
     deep_start,
 )
+
+if TYPE_CHECKING:
+    from calibbench.tracking import Tracker
 
 DIV_LEVELS = ("image", "class")
 SHIFT_POINTS = 200  # as many points as a loss curve keeps (refine/distill.py CURVE_POINTS)
@@ -190,14 +193,16 @@ class ClusterQConfig(GeneratorStrategyConfig):
 class ClusterQ(GeneratorStrategy):
     """Generator with class-wise centroid alignment, EMA centroids and a diversity term."""
 
-    def __init__(self, cfg: Any) -> None:
+    cfg: ClusterQConfig
+
+    def __init__(self, cfg: ClusterQConfig) -> None:
         super().__init__(cfg)
         self.shifts: list[tuple[int, int, float]] = []  # (step, classes updated, RMS shift)
         self._state: Optional[dict[str, Any]] = None  # the live state of the last training (records)
         self._ema_warmup = 0
 
     # -- config ---------------------------------------------------------------------------------
-    def ema_warmup(self, budget: Any) -> int:
+    def ema_warmup(self, budget: BudgetConfig) -> int:
         value = self.cfg.ema_warmup_steps
         return int(budget.gen_warmup_steps) if value is None else int(value)
 
@@ -206,7 +211,7 @@ class ClusterQ(GeneratorStrategy):
         resolved["ema_warmup_steps"] = self.ema_warmup(ctx.budget)
         return resolved
 
-    def check_run(self, cfg: Any) -> None:
+    def check_run(self, cfg: RunConfig) -> None:
         super().check_run(cfg)
         c = self.cfg
         if not 0 < float(c.ema_decay) <= 1:
@@ -288,8 +293,8 @@ class ClusterQRefiner(GeneratorRefiner):
     """ClusterQ's quantized-model side (KD + CE, conf/refine/clusterq.yaml): the alternating stage
     of ``refine=gdfq``, plus the centroid shifts of the refinement stage in the record."""
 
-    def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any,
-            track: Any = None) -> dict[str, Any]:
+    def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Strategy, ctx: StrategyContext,
+            calib: CalibrationSet, track: Optional[Tracker] = None) -> dict[str, Any]:
         record = super().run(qmodel, teacher, strategy, ctx, calib, track)
         if isinstance(strategy, ClusterQ) and record.get("steps") and strategy._state is not None:
             record["centroid_shift"] = strategy.shift_record()

@@ -170,6 +170,8 @@ class DSG(ZeroQ):
     """ZeroQ's loop and setting (Adam lr 0.5, plateau schedule, budget iterations) with DSG's loss,
     on batches of L images (the number of BN layers) by default."""
 
+    cfg: DSGConfig
+
     paper_reading = {"batch_size": "layers"}  # the paper's N = L
 
     @classmethod

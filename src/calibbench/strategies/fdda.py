@@ -54,7 +54,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from calibbench.bnstats import BNStatsRecorder
-from calibbench.config import ConfigError, check_choice
+from calibbench.config import ConfigError, RunConfig, check_choice
 from calibbench.generator import GenLossTerm, GenStepOutputs, gen_term
 from calibbench.refine import register as register_refiner
 from calibbench.refine.generative import GeneratorRefiner
@@ -156,11 +156,13 @@ class FDDARefiner(GeneratorRefiner):
 class FDDA(GeneratorStrategy):
     """GDFQ's generator with FDDA's fine-grained BNS terms, real images in every student batch."""
 
-    def __init__(self, cfg: Any) -> None:
+    cfg: FDDAConfig
+
+    def __init__(self, cfg: FDDAConfig) -> None:
         super().__init__(cfg)
         self._real: Optional[dict[str, Any]] = None
 
-    def check_run(self, cfg: Any) -> None:
+    def check_run(self, cfg: RunConfig) -> None:
         super().check_run(cfg)
         check_choice("strategy fdda real_labels", self.cfg.real_labels, REAL_LABELS)
         check_choice("strategy fdda k_indexing", self.cfg.k_indexing, K_INDEXING)

@@ -32,3 +32,5 @@ class GDFQConfig(GeneratorStrategyConfig):
 @register("gdfq", GDFQConfig)
 class GDFQ(GeneratorStrategy):
     """The plain GDFQ generator: terms ``ce`` and ``bns`` (calibbench.generator)."""
+
+    cfg: GDFQConfig

@@ -34,8 +34,16 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from calibbench.bnstats import find_bn_layers
-from calibbench.config import ConfigError, StrategyConfig, check_choice
-from calibbench.generator import LATENT_DIM, VARIANTS, Generator, GenStepOutputs, build_gen_terms, build_generator
+from calibbench.config import ConfigError, RunConfig, StrategyConfig, check_choice
+from calibbench.generator import (
+    LATENT_DIM,
+    VARIANTS,
+    Generator,
+    GenLossTerm,
+    GenStepOutputs,
+    build_gen_terms,
+    build_generator,
+)
 from calibbench.seeding import stream_seed
 from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext
 
@@ -86,6 +94,8 @@ class GeneratorStrategyConfig(StrategyConfig):
 class GeneratorStrategy(Strategy):
     """A strategy whose images come from a conditional generator trained against the FP model."""
 
+    cfg: GeneratorStrategyConfig
+
     synthetic = True
     trains_generator = True
     bn_correction = 0  # batch statistics as a BN layer in training mode sees them (biased variance)
@@ -112,7 +122,7 @@ class GeneratorStrategy(Strategy):
         return None
 
     # -- the generator player -------------------------------------------------------------------
-    def check_run(self, cfg: Any) -> None:
+    def check_run(self, cfg: RunConfig) -> None:
         from calibbench.refine.generative import GeneratorRefiner, refiner_class
 
         if cfg.refine.name == "none":
@@ -127,7 +137,7 @@ class GeneratorStrategy(Strategy):
         check_choice(f"strategy {self.name} labels", self.cfg.labels, LABEL_MODES)
         check_choice(f"strategy {self.name} bns_moment", self.cfg.bns_moment, BNS_MOMENTS)
 
-    def gen_terms(self) -> list[tuple[str, float, Any]]:
+    def gen_terms(self) -> list[tuple[str, float, GenLossTerm]]:
         return build_gen_terms(self.cfg, self.name)
 
     def model_classes(self, ctx: StrategyContext) -> int:

@@ -78,6 +78,8 @@ class PLFObjective(ZeroQObjective):
     def __call__(self, images: Tensor, logits: Tensor, labels: Optional[Tensor]) -> dict[str, Tensor]:
         mean, std = self.recorder.flat_batch_stats()
         bn = (mean - self.target_mean).pow(2).sum() + (std.pow(2) - self.target_var).pow(2).sum()  # eq. 1
+        if labels is None:  # PLF synthesizes labelled, class-balanced batches
+            raise ValueError("PLF's objective needs the batch labels")
         ce = F.cross_entropy(logits, labels)  # L_IL of eq. 2, batch mean
         terms = {"total": bn + self.gamma * ce, "bn": bn, "ce": ce}  # eq. 2
         if self.input_weight > 0:
@@ -92,6 +94,8 @@ class PLFObjective(ZeroQObjective):
 @register("plf", PLFConfig)
 class PLF(ZeroQ):
     """Class-balanced labelled synthesis; the reliability split happens in ``refine=plf``."""
+
+    cfg: PLFConfig
 
     images_key, iterations_key = "plf_samples", "plf_iterations"
 

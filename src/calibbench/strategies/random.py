@@ -25,6 +25,8 @@ def check_pool(num_samples: int, pool: int, what: str = "the train split outside
 
 @register("random", RandomConfig)
 class RandomSelection(Strategy):
+    cfg: RandomConfig
+
     def calibration_set(self, ctx: StrategyContext) -> CalibrationSet:
         check_pool(ctx.num_samples, len(ctx.data.pool))
         if self.cfg.class_balanced:

@@ -67,13 +67,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from calibbench.config import ConfigError, StrategyConfig, check_choice
+from calibbench.config import ConfigError, RunConfig, StrategyConfig, check_choice
 from calibbench.datasets import CORRUPT_LABEL, warn_skipped
 from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext, register
 from calibbench.strategies.random import check_pool
@@ -113,7 +113,7 @@ class SelectQConfig(StrategyConfig):
     batch_size: Optional[int] = None  # forward batch (speed only); None → budget.eval_batch_size
 
 
-def validate(cfg: Any) -> None:
+def validate(cfg: SelectQConfig) -> None:
     """Range and choice checks with one readable message (Hydra only checks types)."""
     check_choice("strategy.stats", cfg.stats, STATS)
     check_choice("strategy.update_rule", cfg.update_rule, UPDATE_RULES)
@@ -167,7 +167,7 @@ class ActivationStats:
             handle.remove()
         self._handles.clear()
 
-    def _hook(self, name: str):  # noqa: ANN202 - a forward hook
+    def _hook(self, name: str) -> Callable[[nn.Module, Any, torch.Tensor], None]:
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
             mu, sigma = self.reduce(output)
             self._mu.append(mu)
@@ -229,7 +229,7 @@ class ActivationStats:
 # Pool and traversal
 
 
-def resolve_pool_size(cfg: Any, ctx: StrategyContext) -> int:
+def resolve_pool_size(cfg: SelectQConfig, ctx: StrategyContext) -> int:
     """The number of images SelectQ traverses: ``strategy.pool_size`` → ``budget.pool_size`` →
     the whole calibration pool, capped at the pool's size."""
     size = cfg.pool_size if cfg.pool_size is not None else ctx.budget.pool_size
@@ -270,7 +270,7 @@ def residual_summary(residual: torch.Tensor, moves: torch.Tensor, sizes: torch.T
     number of centroids that never moved; overall the worst layer of each."""
     residual, moves = residual.double().cpu(), moves.cpu()
     weights = sizes.t().double()  # (K, L)
-    per_layer = []
+    per_layer: list[dict[str, Any]] = []
     for j, name in enumerate(names):
         moved = moves[:, j] > 0
         r = residual[moved, j]
@@ -322,11 +322,13 @@ class ClusteringResult:
 class SelectQ(Strategy):
     """Rank the pool by distance to activation-statistics centroids learned in one pass."""
 
+    cfg: SelectQConfig
+
     # The paper's text picks the highest scores and moves the nearest centroid per image.
     paper_reading = {"select": "highest", "update_batch_size": 1}
 
     @classmethod
-    def check(cls, cfg: Any) -> None:
+    def check(cls, cfg: RunConfig) -> None:
         """``strategy.*`` ranges and choices, before any work (preflight)."""
         validate(cfg.strategy)
 

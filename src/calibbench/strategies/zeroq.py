@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from calibbench.bnstats import BNStatsRecorder, BNTargets, channel_stats, frozen
-from calibbench.config import ConfigError, StrategyConfig, check_choice
+from calibbench.config import ConfigError, RunConfig, StrategyConfig, check_choice
 from calibbench.datasets import DataModule
 from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext, register
 
@@ -140,24 +140,26 @@ class ZeroQ(Strategy):
     """Pixels optimized with Adam against the BN statistics; several independent batches when
     ``num_samples`` exceeds ``budget.synth_batch_size`` (the last one smaller)."""
 
+    cfg: ZeroQConfig
+
     synthetic = True
 
     # Budget fields this strategy's synthesis reads: (images, iterations); PLF reads its own.
     images_key: Optional[str] = None  # None: the run's num_samples
     iterations_key = "synth_iterations"
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: ZeroQConfig) -> None:
         super().__init__(cfg)
         self.check_options(cfg)
 
     @classmethod
-    def check(cls, cfg: Any) -> None:
+    def check(cls, cfg: RunConfig) -> None:
         """The strategy's options and the synthesis budget, before any work (preflight)."""
         cls.check_options(cfg.strategy)
         budget = cfg.budget
         for key in ("synth_batch_size", cls.iterations_key, cls.images_key):
-            if key is not None and int(budget[key]) < 1:
-                raise ConfigError(f"budget.{key}={budget[key]} is out of range for strategy={cls.name}: "
+            if key is not None and int(getattr(budget, key)) < 1:
+                raise ConfigError(f"budget.{key}={getattr(budget, key)} is out of range for strategy={cls.name}: "
                                   f"it synthesizes images by optimization, must be >= 1")
 
     @classmethod
