@@ -243,20 +243,19 @@ class UniformQuantizer(nn.Module):
         """``scale * clamp(round(x / scale), qmin - zp, qmax - zp)`` with a clipped STE."""
         if self._fast is not None:  # per-tensor: clamp bounds as python floats
             scale, inv, flo, fhi = self._fast
-            if torch.is_grad_enabled() and x.requires_grad:
-                return _FakeQuantSTE.apply(x, inv, scale, flo, fhi)
-            out = x.mul_(inv) if inplace else x.mul(inv)
-            return out.round_().clamp_(flo, fhi).mul_(scale)
+            return self._round_clamp(x, inplace, scale, inv, flo, fhi)
         shape = _broadcast_shape(x, self.ch_axis if self.ch_axis is not None else 0)
         s = self.scale.to(x.dtype)
         zp = self.zero_point.to(x.dtype)
-        scale = s.view(shape)
-        inv = torch.reciprocal(s).view(shape)
-        lo = (self.qmin - zp).view(shape)
-        hi = (self.qmax - zp).view(shape)
+        return self._round_clamp(x, inplace, s.view(shape), torch.reciprocal(s).view(shape),
+                                 (self.qmin - zp).view(shape), (self.qmax - zp).view(shape))
+
+    def _round_clamp(self, x: Tensor, inplace: bool, scale: Any, inv: Any, lo: Any, hi: Any) -> Tensor:
+        """The grid for either form of the qparams (``lo``/``hi`` floats per tensor, tensors per
+        channel: torch's stubs type ``clamp_`` for one or the other, hence ``Any``)."""
         if torch.is_grad_enabled() and x.requires_grad:
             return _FakeQuantSTE.apply(x, inv, scale, lo, hi)
-        if self.divide:
+        if self.divide:  # onnxruntime's QuantizeLinear divides (quant/export.py: exact form)
             out = x.div_(scale) if inplace else x.div(scale)
         else:
             out = x.mul_(inv) if inplace else x.mul(inv)
