@@ -4,11 +4,12 @@
 (``distill.py``), fed by ``strategy.batches(ctx, calib, batch_size, generator)`` (``stream.py``)
 with a weighted sum of loss terms (``losses.py``: kd, ce, feature). Reconstruction
 (``refine=adaround|brecq|qdrop``, ``recon.py``) learns each unit's weight rounding on the
-calibration images. Method-specific refiners
-(FDDA, ClusterQ, PLF) are the same loop with their own terms and streams: a class registered here
-with ``@register("name")`` plus ``conf/refine/<name>.yaml``. ``refine=gdfq`` (``generative.py``,
-``alternating.py``) trains a generator strategy's generator and the quantized model alternately
-(Lightning manual optimization, the same module family as ``kd``).
+calibration images. Method-specific refiners (PLF here; FDDA, ClusterQ in the generator stage)
+are the same loop with their own terms and streams: a class registered here with
+``@register("name")`` plus ``conf/refine/<name>.yaml``. The generator stage
+(``calibbench.generative``: ``refine=gdfq|fdda|clusterq``) registers its refiners here too; they
+train a generator strategy's generator and the quantized model alternately (Lightning manual
+optimization, the same module family as ``kd``). This package never imports that one.
 
 Public doors: :func:`available` (registered names), :func:`validate` (every refine option, before
 any work), :func:`run` (train in place, return what ``result.json`` records under ``refine``).
@@ -71,9 +72,10 @@ def build(cfg: Any) -> Refiner:
     return _REGISTRY.get(cfg.name)(cfg)
 
 
-def _empty(batch_size: Optional[int] = None) -> dict[str, Any]:
+def empty_record(batch_size: Optional[int] = None, **extra: Any) -> dict[str, Any]:
+    """The ``refine`` record of a stage that trained nothing (``extra`` appended)."""
     return {"steps": 0, "batch_size": batch_size, "images_seen": 0, "seconds": 0.0,
-            "loss_first": None, "loss_last": None, "terms": {}, "curve": {}}
+            "loss_first": None, "loss_last": None, "terms": {}, "curve": {}, **extra}
 
 
 @register("none")
@@ -82,7 +84,7 @@ class NoRefine(Refiner):
 
     def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any,
             track: Any = None) -> dict[str, Any]:
-        return _empty()
+        return empty_record()
 
 
 @register("kd")
@@ -104,7 +106,7 @@ class Distill(Refiner):
         steps = int(ctx.budget.refine_steps)
         batch_size = int(self.cfg.batch_size or ctx.budget.refine_batch_size)
         if steps == 0:
-            return _empty(batch_size)
+            return empty_record(batch_size)
         check_feature_modules(self.cfg, teacher, qmodel)
         record = distill(qmodel, teacher, strategy, ctx, calib, self.cfg, steps, batch_size, track,
                          terms=self.terms())
@@ -238,9 +240,9 @@ def run(qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: A
     return build(cfg).run(qmodel, teacher, strategy, ctx, calib, track)
 
 
-# Generator-based refiners (refine=gdfq, ...), PLF's loss terms and reconstruction (adaround,
-# brecq, qdrop) register themselves on import.
-from calibbench.refine import generative, plf, recon  # noqa: E402,F401
+# PLF's loss terms and reconstruction (adaround, brecq, qdrop) register themselves on import; the
+# generator stage's refiners (gdfq, fdda, clusterq) register when calibbench.generative is imported.
+from calibbench.refine import plf, recon  # noqa: E402,F401
 
 __all__ = ["Refiner", "register", "available", "build", "validate", "run", "TERMS",
-           "check_feature_modules", "build_optimizer"]
+           "check_feature_modules", "build_optimizer", "empty_record"]

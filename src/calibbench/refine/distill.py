@@ -1,8 +1,8 @@
 """Distillation of the FP teacher into the fake-quant student, on Lightning (``refine=kd``).
 
-:class:`StudentModule` holds what every refinement module shares (``alternating.py``'s
-generator/student module extends it too); :class:`DistillModule` is ``refine=kd``'s. It owns the
-student (the calibrated fake-quant model; its weights train through the straight-through
+:class:`StudentModule` holds what every refinement module shares (the generator stage's
+``calibbench.generative.alternating.GenerativeModule`` extends it too); :class:`DistillModule`
+is ``refine=kd``'s. It owns the student (the calibrated fake-quant model; its weights train through the straight-through
 estimator of ``quant/``), the frozen FP teacher and a list of weighted loss terms (``losses.py``).
 Lightning runs the loop: optimizer and cosine schedule stepping, device placement, progress bar.
 :class:`CurveRecorder` (a Callback) keeps every step's loss terms and learning rate for
@@ -57,7 +57,8 @@ class StudentModule(L.LightningModule):
     needs), the mode rules, the NaN check and the student's optimizer + cosine schedule.
 
     :class:`DistillModule` (``refine=kd``) trains it with Lightning's automatic optimization;
-    ``generative.GenerativeModule`` adds a second player (a generator) with manual optimization.
+    ``calibbench.generative.alternating.GenerativeModule`` adds a second player (a generator)
+    with manual optimization.
     Lightning (>= 2.5) keeps the train/eval mode the module has when ``fit`` starts, so the
     caller switches it with ``train()``, which leaves the teacher and frozen BN in eval mode.
     """

@@ -55,7 +55,7 @@ from calibbench.config import ConfigError, check_choice
 from calibbench.quant import QuantAct, QuantConv2d, QuantLinear, UniformQuantizer, mse_init, quantizers
 from calibbench.quant.adaround import AdaRound, attach
 from calibbench.quant.quantizer import MIN_RANGE
-from calibbench.refine import Refiner, build_optimizer, register
+from calibbench.refine import Refiner, build_optimizer, empty_record, register
 from calibbench.refine.guard import LossGuard, check_unit, factors
 from calibbench.refine.ranges import (
     LearnedRangeQuantizer,
@@ -769,8 +769,7 @@ class ReconRefiner(Refiner):
             track: Any = None) -> dict[str, Any]:
         steps = self.cfg.iterations if self.cfg.iterations is not None else ctx.budget.refine_unit_steps
         if int(steps) == 0:
-            return {"steps": 0, "batch_size": None, "images_seen": 0, "seconds": 0.0, "loss_first": None,
-                    "loss_last": None, "terms": {}, "curve": {}, "units": []}
+            return empty_record(units=[])
         sampler = generator_sampler(strategy, ctx, calib) if self.cfg.source == "generator" else None
         return reconstruct(qmodel, calib.images, ctx, self.cfg, self.cfg.name, track, sampler)
 
@@ -778,21 +777,13 @@ class ReconRefiner(Refiner):
 def generator_sampler(strategy: Any, ctx: Any, calib: Any) -> Any:
     """``n -> n fresh images`` from a generator strategy's warmed-up generator (the state it
     handed on with its calibration set), seeded by the run (``refine.source=generator``: Genie's
-    data-free reconstruction on a generator's stream). The generator is not trained further."""
+    data-free reconstruction on a generator's stream). The generator is not trained further:
+    the strategy's declared ``sampler`` (``GeneratorStrategy.sampler``) reads the hand-over."""
     if not getattr(strategy, "trains_generator", False) or "generator" not in calib.state:
         raise ConfigError(f"refine.source=generator reconstructs on a generator strategy's images; "
                           f"strategy {getattr(strategy, 'name', strategy)!r} has no generator "
                           f"(use gdfq, fdda or clusterq, or refine.source=calibration)")
-    gen = strategy.build_generator(ctx)
-    gen.load_state_dict(calib.state["generator"])
-    gen.requires_grad_(False)
-    rng = torch.Generator().manual_seed(stream_seed(ctx.seed, "refine/recon/generator"))
-
-    def sample(n: int) -> Tensor:
-        images, _ = strategy.sample(gen, int(n), int(n), rng)
-        return images
-
-    return sample
+    return strategy.sampler(ctx, calib, torch.Generator().manual_seed(stream_seed(ctx.seed, "refine/recon/generator")))
 
 
 @register("adaround")
