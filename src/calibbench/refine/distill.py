@@ -13,7 +13,7 @@ What trains and what does not:
 - student weights and biases (and BN affine parameters) always; the weight grid follows the
   weight (its per-channel min/max is recomputed whenever the weight changes, as in calibration);
 - activation ranges: frozen at the calibrated grid (``act_ranges=frozen``, no gradient reaches
-  it) or learned (``act_ranges=learned``, see ``ranges.py``);
+  it) or learned (``act_ranges=learned``, see ``quant/learned.py``);
 - student BatchNorm: ``bn=frozen`` keeps BN layers in eval mode, so they normalise with, and never
   update, the running statistics computed on real data; ``bn=train`` uses batch statistics and
   updates the running ones (momentum as in the model);
@@ -40,10 +40,10 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from calibbench.quant.learned import learned_act_ranges
 from calibbench.refine import build_optimizer, stream
 from calibbench.refine.guard import LossGuard, factors
 from calibbench.refine.losses import LossTerm, RefinePlan, StepOutputs, build_terms
-from calibbench.refine.ranges import learned_act_ranges
 from calibbench.seeding import stream_seed
 
 log = logging.getLogger(__name__)
