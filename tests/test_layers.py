@@ -8,7 +8,7 @@ Layers, bottom to top (DESIGN.md "Layers"; docs/architecture.md):
     config, registry                        schemas, validation, errors, the name registry
     quant, datasets, models, bnstats,       building blocks and leaf services
     evaluate, cache, seeding, tracking,
-    figures, record
+    figures, record, modes
     strategies, refine, generative          the stages (generative: the generator stage, which
                                             builds on strategies and refine; neither imports it)
     diagnostics, deploy, preflight          what runs around the stages
@@ -29,7 +29,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "calibbench"
 
 LAYERS: list[set[str]] = [
     {"config", "registry"},
-    {"quant", "datasets", "models", "bnstats", "evaluate", "cache", "seeding", "tracking", "figures", "record"},
+    {"quant", "datasets", "models", "bnstats", "evaluate", "cache", "seeding", "tracking", "figures", "record",
+     "modes"},
     {"strategies", "refine", "generative"},
     {"diagnostics", "deploy", "preflight"},
     {"pipeline"},

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from calibbench.bnstats import BNStatsRecorder, channel_stats, find_bn_layers, frozen, spatial_moments
+from calibbench.bnstats import BNStatsRecorder, channel_stats, find_bn_layers, spatial_moments
 from calibbench.config import ConfigError
+from calibbench.modes import frozen
 from calibbench.seeding import stream_seed
 from calibbench.strategies import build
 from calibbench.strategies import synthesis as synthesis_module

@@ -42,7 +42,7 @@ from calibbench.bnstats import BNStatsRecorder, BNTargets
 from calibbench.generative.handover import GeneratorHandover
 from calibbench.generative.network import Generator
 from calibbench.generative.terms import GenLossTerm, GenStepOutputs
-from calibbench.refine import stream
+from calibbench.refine import refine_record, stream
 from calibbench.refine.distill import CurveRecorder, StudentModule, check_length, fit, training
 from calibbench.refine.guard import factors
 from calibbench.refine.losses import LossTerm, build_terms
@@ -243,11 +243,11 @@ def train_alternating(student: nn.Module, teacher: nn.Module, strategy: Any, ctx
     counts = before + module.class_counts
     if calib.labels is not None:
         counts = counts + torch.bincount(calib.labels, minlength=gen.num_classes)
-    record = {"steps": len(rows), "batch_size": batch_size, "images_seen": module.images_seen,
-              "seconds": round(seconds, 3), "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
-              "terms": {name: weight for name, weight, _ in terms},
-              "generator_terms": {name: w for name, w, _ in module.gen_terms},
-              "warmup_steps": warmup, "images_generated": module.images_generated,
-              "images_generated_total": int(calib.info.get("images_generated", 0)) + module.images_generated,
-              "per_class_counts": counts.tolist(), "curve": recorder.curve()}
+    record = refine_record(
+        len(rows), batch_size, module.images_seen, round(seconds, 3), rows[0]["loss"], rows[-1]["loss"],
+        {name: weight for name, weight, _ in terms}, recorder.curve(),
+        generator_terms={name: w for name, w, _ in module.gen_terms}, warmup_steps=warmup,
+        images_generated=module.images_generated,
+        images_generated_total=int(calib.info.get("images_generated", 0)) + module.images_generated,
+        per_class_counts=counts.tolist())
     return record, module.state

@@ -91,11 +91,11 @@ from calibbench.generative.strategy import (
     deep_start,
 )
 from calibbench.generative.terms import GenLossTerm, GenStepOutputs, gen_term, moment_mse, noisy_targets, spread
+from calibbench.record import CURVE_POINTS, thin
 from calibbench.refine import register as register_refiner
 from calibbench.strategies.base import CalibrationSet, StrategyContext, register
 
 DIV_LEVELS = ("image", "class")
-SHIFT_POINTS = 200  # as many points as a loss curve keeps (refine/distill.py CURVE_POINTS)
 
 
 def deep_image_stats(out: GenStepOutputs) -> tuple[Tensor, Tensor]:
@@ -236,14 +236,9 @@ class ClusterQ(GeneratorStrategy):
         self.shifts.append((int(step), *ema_update(state, out, float(self.cfg.ema_decay))))
 
     # -- records --------------------------------------------------------------------------------
-    def shift_record(self, max_points: int = SHIFT_POINTS) -> dict[str, list]:
+    def shift_record(self, max_points: int = CURVE_POINTS) -> dict[str, list]:
         """The centroid shift per EMA update (thinned to ``max_points``, first and last kept)."""
-        n = len(self.shifts)
-        if n == 0:
-            return {"step": [], "classes_updated": [], "shift": []}
-        k = min(n, max_points)
-        keep = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
-        rows = [self.shifts[i] for i in keep]
+        rows = [self.shifts[i] for i in thin(len(self.shifts), max_points)]
         return {"step": [r[0] for r in rows], "classes_updated": [r[1] for r in rows],
                 "shift": [r[2] for r in rows]}
 

@@ -64,6 +64,7 @@ from calibbench.generative.strategy import (
     deep_start,
 )
 from calibbench.generative.terms import GenLossTerm, GenStepOutputs, gen_term, moment_mse, noisy_targets, spread
+from calibbench.modes import eval_mode
 from calibbench.refine import register as register_refiner
 from calibbench.seeding import stream_seed
 from calibbench.strategies.base import CalibrationSet, StrategyContext, register
@@ -215,20 +216,19 @@ class FDDA(GeneratorStrategy):
         batch = int(ctx.budget.calib_batch_size)
         found: dict[int, tuple[int, Tensor]] = {}
         scanned = 0
-        was = ctx.model.training
-        ctx.model.eval()
-        for start in range(0, limit, batch):
-            x, _, idx, _ = ctx.data.load_valid(order[start:min(limit, start + batch)].tolist(), "train", batch)
-            scanned += len(idx)
-            if not idx:
-                continue
-            pred = ctx.model(x.to(ctx.device)).argmax(1).cpu().tolist()
-            for i, c in enumerate(pred):
-                if c not in found:
-                    found[c] = (idx[i], x[i])
-            if len(found) == k:
-                break
-        ctx.model.train(was)
+        with eval_mode(ctx.model):
+            for start in range(0, limit, batch):
+                x, _, idx, _ = ctx.data.load_valid(order[start:min(limit, start + batch)].tolist(), "train",
+                                                   batch)
+                scanned += len(idx)
+                if not idx:
+                    continue
+                pred = ctx.model(x.to(ctx.device)).argmax(1).cpu().tolist()
+                for i, c in enumerate(pred):
+                    if c not in found:
+                        found[c] = (idx[i], x[i])
+                if len(found) == k:
+                    break
         classes = sorted(found)
         images = torch.stack([found[c][1] for c in classes]) if classes else torch.empty(0)
         return images, torch.tensor(classes, dtype=torch.long), [found[c][0] for c in classes], scanned
@@ -241,19 +241,17 @@ class FDDA(GeneratorStrategy):
         start = deep_start(len(layers), self.cfg.k_indexing)
         deep = list(layers[start:])
         k = real["num_classes"]
-        was = ctx.model.training
-        ctx.model.eval()
-        # Per-image statistics in eval mode do not depend on the batch: forwarded in chunks of
-        # budget.calib_batch_size, so ImageNet's 1000 real images never form one 224x224 batch.
-        chunk = max(1, int(ctx.budget.calib_batch_size))
-        parts: list[list[tuple[Tensor, Tensor]]] = []
-        with torch.no_grad(), BNStatsRecorder(ctx.model, layers=deep, per_image=True, detach=True,
-                                              correction=self.bn_correction) as rec:
-            for begin in range(0, len(real["images"]), chunk):
-                rec.clear()
-                ctx.model(real["images"][begin:begin + chunk].to(ctx.device))
-                parts.append([(m.cpu(), s.cpu()) for m, s in rec.image_stats()])
-        ctx.model.train(was)
+        with eval_mode(ctx.model):
+            # Per-image statistics in eval mode do not depend on the batch: forwarded in chunks of
+            # budget.calib_batch_size, so ImageNet's 1000 real images never form one 224x224 batch.
+            chunk = max(1, int(ctx.budget.calib_batch_size))
+            parts: list[list[tuple[Tensor, Tensor]]] = []
+            with torch.no_grad(), BNStatsRecorder(ctx.model, layers=deep, per_image=True, detach=True,
+                                                  correction=self.bn_correction) as rec:
+                for begin in range(0, len(real["images"]), chunk):
+                    rec.clear()
+                    ctx.model(real["images"][begin:begin + chunk].to(ctx.device))
+                    parts.append([(m.cpu(), s.cpu()) for m, s in rec.image_stats()])
         stats = [(torch.cat([p[j][0] for p in parts]), torch.cat([p[j][1] for p in parts]))
                  for j in range(len(parts[0]))]
         labels = real["labels"]

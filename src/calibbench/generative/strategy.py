@@ -44,6 +44,7 @@ from calibbench.generative.handover import GeneratorHandover
 from calibbench.generative.network import LATENT_DIM, VARIANTS, Generator, build_generator
 from calibbench.generative.refiners import refiner_class
 from calibbench.generative.terms import BNS_MOMENTS, GenStepOutputs, build_gen_terms
+from calibbench.modes import eval_mode
 from calibbench.seeding import stream_seed
 from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext
 
@@ -143,12 +144,8 @@ class GeneratorStrategy(Strategy):
     def model_classes(self, ctx: StrategyContext) -> int:
         """The FP model's number of outputs (one forward pass of a zero image)."""
         x = torch.zeros(1, len(ctx.data.mean), ctx.data.input_size, ctx.data.input_size, device=ctx.device)
-        was = ctx.model.training
-        ctx.model.eval()
-        with torch.no_grad():
-            n = int(ctx.model(x).shape[1])
-        ctx.model.train(was)
-        return n
+        with eval_mode(ctx.model), torch.no_grad():
+            return int(ctx.model(x).shape[1])
 
     def build_generator(self, ctx: StrategyContext) -> Generator:
         """The generator, initialised from the run's ``generator/init`` stream."""

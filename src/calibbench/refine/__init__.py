@@ -72,10 +72,18 @@ def build(cfg: Any) -> Refiner:
     return _REGISTRY.get(cfg.name)(cfg)
 
 
+def refine_record(steps: int, batch_size: Optional[int], images_seen: int, seconds: float,
+                  loss_first: Optional[float], loss_last: Optional[float], terms: dict[str, float],
+                  curve: dict[str, list], **extra: Any) -> dict[str, Any]:
+    """What ``result.json`` records under ``refine``, in one shape for every refiner: the common
+    fields, the refiner's own (``extra``), the thinned curve last."""
+    return {"steps": steps, "batch_size": batch_size, "images_seen": images_seen, "seconds": seconds,
+            "loss_first": loss_first, "loss_last": loss_last, "terms": terms, **extra, "curve": curve}
+
+
 def empty_record(batch_size: Optional[int] = None, **extra: Any) -> dict[str, Any]:
-    """The ``refine`` record of a stage that trained nothing (``extra`` appended)."""
-    return {"steps": 0, "batch_size": batch_size, "images_seen": 0, "seconds": 0.0,
-            "loss_first": None, "loss_last": None, "terms": {}, "curve": {}, **extra}
+    """The ``refine`` record of a stage that trained nothing (``extra`` after the curve)."""
+    return {**refine_record(0, batch_size, 0, 0.0, None, None, {}, {}), **extra}
 
 
 @register("none")
@@ -245,4 +253,4 @@ def run(qmodel: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: A
 from calibbench.refine import plf, recon  # noqa: E402,F401
 
 __all__ = ["Refiner", "register", "available", "build", "validate", "run", "TERMS",
-           "check_feature_modules", "build_optimizer", "empty_record"]
+           "check_feature_modules", "build_optimizer", "empty_record", "refine_record"]

@@ -41,14 +41,14 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from calibbench.quant.learned import learned_act_ranges
-from calibbench.refine import build_optimizer, stream
+from calibbench.record import CURVE_POINTS, thin
+from calibbench.refine import build_optimizer, refine_record, stream
 from calibbench.refine.guard import LossGuard, factors
 from calibbench.refine.losses import LossTerm, RefinePlan, StepOutputs, build_terms
 from calibbench.seeding import stream_seed
 
 log = logging.getLogger(__name__)
 
-CURVE_POINTS = 200  # result.json keeps at most this many points of the loss curve
 
 
 class StudentModule(L.LightningModule):
@@ -211,11 +211,9 @@ class CurveRecorder(L.Callback):
     def curve(self, max_points: int = CURVE_POINTS) -> dict[str, list[float]]:
         """Columns ``step, loss, <terms>, lr`` (and any other column of a row) at evenly spaced
         steps, first and last included."""
-        n = len(self.rows)
-        if n == 0:
+        if not self.rows:
             return {}
-        k = min(n, max_points)
-        keep = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
+        keep = thin(len(self.rows), max_points)
         columns = list(dict.fromkeys(key for row in self.rows for key in row))
         return {key: [self.rows[i].get(key) for i in keep] for key in columns}
 
@@ -361,6 +359,5 @@ def distill(student: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, cal
     check_length(rows, steps, strategy)
     log.info("refine: %d steps x %d images in %.1f s, loss %.4f -> %.4f", steps, batch_size, seconds,
              rows[0]["loss"], rows[-1]["loss"])
-    return {"steps": len(rows), "batch_size": batch_size, "images_seen": module.images_seen,
-            "seconds": round(seconds, 3), "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
-            "terms": {name: weight for name, weight, _ in terms}, "curve": recorder.curve()}
+    return refine_record(len(rows), batch_size, module.images_seen, round(seconds, 3), rows[0]["loss"],
+                         rows[-1]["loss"], {name: weight for name, weight, _ in terms}, recorder.curve())

@@ -64,7 +64,7 @@ from calibbench.quant.drop import bernoulli_mask, mix_
 from calibbench.quant.learned import LearnedStepQuantizer, learned_act_steps
 from calibbench.quant.switches import activations_off, quantization_off
 from calibbench.quant.unit_act import unwrap_acts, wrap_acts
-from calibbench.refine import Refiner, build_optimizer, empty_record, register
+from calibbench.refine import Refiner, build_optimizer, empty_record, refine_record, register
 from calibbench.refine.capture import CachedUnitData, StreamedUnitData, UnitData, unit_data_bytes
 from calibbench.refine.guard import LossGuard, check_unit, factors
 from calibbench.refine.units import GRANULARITIES, Unit, build_units
@@ -402,16 +402,14 @@ def reconstruct(qmodel: nn.Module, images: Tensor, ctx: Any, cfg: Any, name: str
              "away from nearest", name, len(weight_recs), seconds, loss_start, loss_end,
              100 * changed / max(1, weights))
     total_steps = sum(s.steps * len(units) for s in stages)
-    record = {"steps": total_steps, "batch_size": batch_size,
-              "images_seen": total_steps * min(batch_size, len(images)),
-              "seconds": round(seconds, 3), "loss_first": loss_start, "loss_last": loss_end,
-              "terms": {"recon": 1.0, "round": float(cfg.round_lambda)},
-              "granularity": used, "units": weight_recs, "iterations_per_unit": steps,
-              "stages": stage_records, "init": init,
-              "act_steps": {k: [v, final_steps.get(k, v)] for k, v in initial_steps.items()},
-              "source": "generator" if sampler is not None else "calibration",
-              "weights": weights, "changed": changed, "changed_share": changed / weights if weights else 0.0,
-              "curve": {key: [r[key] for r in weight_recs] for key in ("loss_start", "loss_end", "changed_share")}}
+    record = refine_record(
+        total_steps, batch_size, total_steps * min(batch_size, len(images)), round(seconds, 3), loss_start,
+        loss_end, {"recon": 1.0, "round": float(cfg.round_lambda)},
+        {key: [r[key] for r in weight_recs] for key in ("loss_start", "loss_end", "changed_share")},
+        granularity=used, units=weight_recs, iterations_per_unit=steps, stages=stage_records, init=init,
+        act_steps={k: [v, final_steps.get(k, v)] for k, v in initial_steps.items()},
+        source="generator" if sampler is not None else "calibration",
+        weights=weights, changed=changed, changed_share=changed / weights if weights else 0.0)
     if "activations" in records:
         record["act_units"] = records["activations"]
     return record

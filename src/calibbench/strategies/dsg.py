@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from calibbench.bnstats import BNStatsRecorder, BNTargets, find_bn_layers, frozen
+from calibbench.bnstats import BNStatsRecorder, BNTargets, find_bn_layers
 from calibbench.config import ConfigError, check_choice
+from calibbench.modes import frozen
 from calibbench.strategies import synthesis
 from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext, register
 from calibbench.strategies.random import check_pool

@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from calibbench.bnstats import BNStatsRecorder, BNTargets, frozen
+from calibbench.bnstats import BNStatsRecorder, BNTargets
 from calibbench.config import ConfigError, check_plf_values
+from calibbench.modes import frozen
 from calibbench.strategies import synthesis
 from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext, register
 from calibbench.strategies.synthesis import Synthesis, input_loss, synthesize

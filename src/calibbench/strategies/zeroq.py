@@ -20,8 +20,9 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-from calibbench.bnstats import BNStatsRecorder, BNTargets, frozen
+from calibbench.bnstats import BNStatsRecorder, BNTargets
 from calibbench.config import StrategyConfig
+from calibbench.modes import frozen
 from calibbench.strategies import synthesis
 from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext, register
 from calibbench.strategies.synthesis import Synthesis, input_loss, synthesize
