@@ -100,6 +100,15 @@ def test_imports_only_go_down_except_the_known_circles():
     assert circles == KNOWN_CIRCLES, f"circles now: {sorted(map(sorted, circles))}"
 
 
+def test_the_generator_stage_builds_on_strategies_and_refine_and_neither_imports_it():
+    """generative/ subclasses Strategy and Refiner (and registers there); strategies/ and refine/
+    never import it, and strategies/ never imports refine/ (a refiner's needs are declared)."""
+    edges = import_graph()
+    assert {"strategies", "refine"} <= edges["generative"]
+    assert "generative" not in edges["strategies"] | edges["refine"]
+    assert "refine" not in edges["strategies"]
+
+
 def test_config_imports_nothing_of_the_package():
     assert not import_graph().get("config"), "config.py is the bottom layer: it imports no calibbench unit"
 
