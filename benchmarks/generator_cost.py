@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     offline_env()
     from calibbench import models, quant
-    from calibbench.generator import build_generator
+    from calibbench.generative.network import build_generator
 
     overrides = [f"strategy={args.strategy}", f"bits={args.bits}", "budget=cpu",
                  f"budget.gen_batch_size={args.batch_size}", "budget.gen_warmup_steps=2",

@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     offline_env()
     from calibbench import quant
-    from calibbench.refine.recon import UnitTrainer, quantization_off, recon_loss, unit_data
+    from calibbench.quant.switches import quantization_off
+    from calibbench.refine.recon import UnitTrainer, recon_loss, unit_data
     from calibbench.refine.units import build_units
 
     cfg = compose(f"bits={args.bits}", f"refine={args.refine}")

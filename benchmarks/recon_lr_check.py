@@ -25,7 +25,8 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     offline_env()
     from calibbench import quant
-    from calibbench.refine.recon import quantization_off, reconstruct_unit
+    from calibbench.quant.switches import quantization_off
+    from calibbench.refine.recon import reconstruct_unit
     from calibbench.refine.units import build_units
 
     cfg = compose("bits=3", "refine=qdrop")

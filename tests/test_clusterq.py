@@ -15,9 +15,10 @@ from test_refine import _qweights, _same, _state
 from calibbench import refine, strategies
 from calibbench.bnstats import BNStatsRecorder, BNTargets, find_bn_layers
 from calibbench.config import ConfigError, validate
-from calibbench.generator import GenStepOutputs, build_gen_terms, build_generator
-from calibbench.strategies.clusterq import AlignTerm, ClusterQConfig, DiversityTerm, ema_update
-from calibbench.strategies.generative import class_stats, deep_start
+from calibbench.generative.clusterq import AlignTerm, ClusterQConfig, DiversityTerm, ema_update
+from calibbench.generative.network import build_generator
+from calibbench.generative.strategy import class_stats, deep_start
+from calibbench.generative.terms import GenStepOutputs, build_gen_terms
 
 TERMS = ("ce", "bns", "align", "diversity")
 
@@ -177,7 +178,7 @@ def test_centroids_start_at_the_bn_statistics_of_the_deep_layers(compose, make_c
 def test_clusterq_smoke_trains_the_quantized_model_and_records_the_centroids(compose, make_ctx, monkeypatch):
     import dataclasses
 
-    from calibbench.strategies import clusterq
+    from calibbench.generative import clusterq
 
     # Every synthetic image counts as correctly classified, so the EMA runs at every step after
     # its warm-up and the assertions below cannot pass on an EMA that never ran.
@@ -290,7 +291,7 @@ def test_clusterq_end_to_end_changes_the_quantized_model(compose, tmp_path):
 def test_diversity_target_is_unbiased_for_the_moment(moment):
     """E[target] is the centroid for the compared moment: the default (var) used to add N(0, 1) to
     the std and square it, E = sigma^2 + 1."""
-    from calibbench.strategies.clusterq import ClusterQConfig, diversity_targets
+    from calibbench.generative.clusterq import ClusterQConfig, diversity_targets
 
     assert ClusterQConfig().bns_moment == "var"
     t_mean, t_std = torch.full((200_000, 1), 0.3), torch.full((200_000, 1), 0.5)
@@ -304,7 +305,7 @@ def test_diversity_target_is_unbiased_for_the_moment(moment):
 def test_image_level_diversity_compares_the_spread_about_the_class_mean():
     """At div_level=image the image's spread about the centroid mean is compared with the
     centroid's pooled std: images whose means differ but whose own std is 0 are not 'too narrow'."""
-    from calibbench.strategies.clusterq import DiversityTerm
+    from calibbench.generative.clusterq import DiversityTerm
 
     cfg = ClusterQConfig(div_var_mean=1e-12, div_var_std=1e-12, div_level="image", bns_moment="std")
     means = torch.tensor([[-1.0], [1.0]])

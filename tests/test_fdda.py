@@ -16,9 +16,10 @@ from test_refine import _same, _state
 from calibbench import strategies
 from calibbench.bnstats import BNStatsRecorder, BNTargets, find_bn_layers
 from calibbench.config import ConfigError
-from calibbench.generator import GenStepOutputs, build_gen_terms, build_generator
-from calibbench.strategies.fdda import CBNSTerm, DBNSTerm
-from calibbench.strategies.generative import class_stats, deep_start
+from calibbench.generative.fdda import CBNSTerm, DBNSTerm
+from calibbench.generative.network import build_generator
+from calibbench.generative.strategy import class_stats, deep_start
+from calibbench.generative.terms import GenStepOutputs, build_gen_terms
 
 
 def _fdda(compose, *overrides):

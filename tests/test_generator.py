@@ -17,14 +17,8 @@ from torch import nn
 from calibbench import quant, refine, strategies
 from calibbench.bnstats import BNStatsRecorder, find_bn_layers
 from calibbench.config import ConfigError, validate
-from calibbench.generator import (
-    ConditionalBatchNorm2d,
-    GenBNSTerm,
-    Generator,
-    GenStepOutputs,
-    build_gen_terms,
-    build_generator,
-)
+from calibbench.generative.network import ConditionalBatchNorm2d, Generator, build_generator
+from calibbench.generative.terms import GenBNSTerm, GenStepOutputs, build_gen_terms
 from calibbench.pipeline import run
 from calibbench.refine.losses import KDTerm
 

@@ -8,8 +8,9 @@ Layers, bottom to top (DESIGN.md "Layers"; docs/architecture.md):
     config, registry                        schemas, validation, errors, the name registry
     quant, datasets, models, bnstats,       building blocks and leaf services
     evaluate, cache, seeding, tracking,
-    generator, figures, record
-    strategies, refine                      the stages
+    figures, record, modes
+    strategies, refine, generative          the stages (generative: the generator stage, which
+                                            builds on strategies and refine; neither imports it)
     diagnostics, deploy, preflight          what runs around the stages
     pipeline                                one run
     report, store, cli, __main__, (root)    entry points (store: Hydra's ConfigStore registration)
@@ -28,21 +29,18 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "calibbench"
 
 LAYERS: list[set[str]] = [
     {"config", "registry"},
-    {"quant", "datasets", "models", "bnstats", "evaluate", "cache", "seeding", "tracking", "generator", "figures",
-     "record"},
-    {"strategies", "refine"},
+    {"quant", "datasets", "models", "bnstats", "evaluate", "cache", "seeding", "tracking", "figures", "record",
+     "modes"},
+    {"strategies", "refine", "generative"},
     {"diagnostics", "deploy", "preflight"},
     {"pipeline"},
     {"report", "store", "cli", "__main__", ""},
 ]
 
-# The generator stage lives on both sides of the strategy/refiner line: a generator strategy
-# trains its generator through refine/ (alternating.py, generative.py) and fdda/clusterq register
-# their refiners, while refine/ looks strategies up in their registry (the generator requirement is
-# declared on both sides: Refiner.requires, Strategy.trains_generator, so no *module* circle is
-# left; see test_no_module_level_circle). Until the stage gets one home (issue 24, item 2) the two
-# units import each other.
-KNOWN_CIRCLES = {frozenset({"strategies", "refine"})}
+# None left: the generator stage (network, terms, strategy base, alternating module, its methods and
+# refiners) has one home, calibbench.generative, which imports strategies and refine; strategies
+# never imports refine or generative, and refine reads the strategy registry only (refine → strategies).
+KNOWN_CIRCLES: set[frozenset[str]] = set()
 
 
 def unit_of(module: str) -> str:
@@ -100,6 +98,15 @@ def test_imports_only_go_down_except_the_known_circles():
     assert not upward, "imports against the layers:\n" + "\n".join(upward)
     circles = {frozenset({a, b}) for a, targets in edges.items() for b in targets if a in edges.get(b, ())}
     assert circles == KNOWN_CIRCLES, f"circles now: {sorted(map(sorted, circles))}"
+
+
+def test_the_generator_stage_builds_on_strategies_and_refine_and_neither_imports_it():
+    """generative/ subclasses Strategy and Refiner (and registers there); strategies/ and refine/
+    never import it, and strategies/ never imports refine/ (a refiner's needs are declared)."""
+    edges = import_graph()
+    assert {"strategies", "refine"} <= edges["generative"]
+    assert "generative" not in edges["strategies"] | edges["refine"]
+    assert "refine" not in edges["strategies"]
 
 
 def test_config_imports_nothing_of_the_package():

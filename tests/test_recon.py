@@ -15,8 +15,10 @@ from calibbench import quant, refine
 from calibbench.config import ConfigError, QuantConfig, validate
 from calibbench.quant import QuantConv2d, QuantLinear, quantize
 from calibbench.quant.adaround import AdaRound, attach, rectified_sigmoid
+from calibbench.quant.switches import quantization_off
 from calibbench.refine import recon
-from calibbench.refine.recon import quantization_off, reconstruct, reconstruct_unit
+from calibbench.refine.capture import capture_output
+from calibbench.refine.recon import reconstruct, reconstruct_unit
 from calibbench.refine.units import build_units
 
 DFQ = QuantConfig(name="dfq_legacy")
@@ -385,7 +387,7 @@ def test_first_last_bits_splits_f8l8_from_f4l4(compose):
 
 @pytest.mark.parametrize("drop", [0.0, 0.5])
 def test_fused_activation_quantizer_has_lsq_gradients(drop):
-    from calibbench.refine.recon import _FakeQuantDrop
+    from calibbench.quant.drop import FakeQuantDrop
 
     g = torch.Generator().manual_seed(0)
     x = (2 * torch.randn(4, 3, 5, 5, generator=g)).requires_grad_(True)
@@ -393,7 +395,7 @@ def test_fused_activation_quantizer_has_lsq_gradients(drop):
     zp = torch.tensor(3.0, requires_grad=True)
     keep = torch.rand(x.shape, generator=g) < drop if drop > 0 else torch.zeros(x.shape, dtype=torch.bool)
     weight = torch.randn(x.shape, generator=g)
-    out = _FakeQuantDrop.apply(x, scale, zp, 0.0, 7.0, (~keep).float() if drop > 0 else None)
+    out = FakeQuantDrop.apply(x, scale, zp, 0.0, 7.0, (~keep).float() if drop > 0 else None)
     gx, gs, gz = torch.autograd.grad((out * weight).sum(), (x, scale, zp))
     # LSQ (Esser et al.) written out: v = x/s; inside the code range round(v) - v for s, 1 for x;
     # clamped: the bound for s, -s for z, 0 for x; elements kept float (QDrop) pass x only
@@ -412,7 +414,7 @@ def test_fused_activation_quantizer_has_lsq_gradients(drop):
 
 @pytest.mark.parametrize("p", [0.0, 0.5, 1.0, 0.3])
 def test_bernoulli_mask_is_bernoulli_p_and_seeded(p):
-    from calibbench.refine.recon import bernoulli_mask
+    from calibbench.quant.drop import bernoulli_mask
 
     like = torch.empty(64, 17, 9, 9)  # an odd element count: the byte path trims its last word
     torch.manual_seed(3)
@@ -429,7 +431,7 @@ def test_bernoulli_mask_is_bernoulli_p_and_seeded(p):
 
 
 def test_mix_picks_exactly_and_in_place():
-    from calibbench.refine.recon import mix_
+    from calibbench.quant.drop import mix_
 
     a, b = torch.randn(1000), torch.randn(1000)
     quantized = (torch.arange(1000) % 3 == 0).float()
@@ -447,7 +449,6 @@ def test_brecq_is_two_stages_weights_without_activation_quantization(compose, ma
                                                                      monkeypatch):
     """Stage "weights" runs with every activation quantizer of the model off (the unit's input is
     the weight-only quantized model's), stage "activations" with them on and the rounding fixed."""
-    from calibbench.refine import recon
 
     seen: list[tuple[str, bool]] = []
     original = recon.reconstruct_unit
@@ -499,7 +500,7 @@ def test_learned_steps_move_at_the_cpu_budget_lr(compose, make_ctx, tiny_data):
 
 
 def test_learned_zero_point_is_a_parameter_only_when_asked():
-    from calibbench.refine.ranges import LearnedStepQuantizer
+    from calibbench.quant.learned import LearnedStepQuantizer
 
     base = quant.UniformQuantizer(3, False, None, True)
     base.set_range(torch.tensor(-1.0), torch.tensor(3.0))
@@ -554,7 +555,7 @@ def test_adaround_layer_unit_ends_after_bn_and_activation(cfg):
     # the unit runs as the model does: its output is what the activation returned
     with torch.no_grad(), quantization_off(qmodel):
         unit = units[0]
-        want = recon._capture_output(qmodel, qmodel.get_submodule(unit.paths[-1]), images)
+        want = capture_output(qmodel, qmodel.get_submodule(unit.paths[-1]), images)
         assert torch.allclose(unit.run(unit.modules(qmodel), images), want)
         assert float(want.min()) >= 0  # after the ReLU
 
@@ -620,7 +621,8 @@ def test_qdrop_mixes_in_the_float_input(compose, drop):
     """The unit's input: drop_prob=1 is the FP model's input exactly, 0 the quantized model's, in
     between an element-wise mix with a share drop_prob of FP elements (0.25: the exact byte path of
     bernoulli_mask, 0.3: its uniform path)."""
-    from calibbench.refine.recon import Stage, UnitTrainer, _capture_input, unit_data
+    from calibbench.refine.capture import capture_input
+    from calibbench.refine.recon import Stage, UnitTrainer, unit_data
 
     images = torch.randn(16, 3, 8, 8)
     qmodel = _calibrated(Toy().eval(), DFQ, 3, images).requires_grad_(False)
@@ -629,9 +631,9 @@ def test_qdrop_mixes_in_the_float_input(compose, drop):
     stage = Stage("weights", 1, True, True, 1e-3, drop)
     first = qmodel.get_submodule(unit.paths[0])
     with torch.no_grad():
-        q_in = _capture_input(qmodel, first, images)
+        q_in = capture_input(qmodel, first, images)
         with quantization_off(qmodel):
-            fp_in = _capture_input(qmodel, first, images)
+            fp_in = capture_input(qmodel, first, images)
     differ = q_in != fp_in
     assert float(differ.float().mean()) > 0.3  # post-ReLU zeros are the same in both
     got: list[torch.Tensor] = []
@@ -656,7 +658,7 @@ def test_qdrop_mixes_in_the_float_input(compose, drop):
 def test_unit_activation_quantizer_drops_to_the_float_value(drop):
     """QDrop inside the unit (UnitActQuantizer, the module that mixes): each output element is the
     quantizer's input x (unquantized) with probability drop_prob, else its fake-quantized value."""
-    from calibbench.refine.recon import UnitActQuantizer
+    from calibbench.quant.unit_act import UnitActQuantizer
 
     images = torch.randn(16, 3, 8, 8)
     qmodel = _calibrated(Toy().eval(), DFQ, 3, images)

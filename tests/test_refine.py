@@ -16,9 +16,9 @@ from torch import nn
 from calibbench import quant, refine, strategies
 from calibbench.config import ConfigError, QuantConfig, RefineConfig, validate
 from calibbench.pipeline import run, run_key
+from calibbench.quant.learned import LearnedRangeQuantizer
 from calibbench.refine.distill import CurveRecorder, DistillModule, trainer_kwargs
 from calibbench.refine.losses import build_terms
-from calibbench.refine.ranges import LearnedRangeQuantizer
 from calibbench.strategies.base import CalibrationSet, Strategy
 
 SMOKE = ("budget=smoke", "num_samples=16")

@@ -35,7 +35,7 @@ def test_a_second_class_under_one_name_and_an_unknown_name_are_errors():
 
 def test_every_project_registry_uses_it():
     from calibbench import refine, strategies
-    from calibbench.generator import GEN_TERMS
+    from calibbench.generative.terms import GEN_TERMS
     from calibbench.refine.losses import TERMS
 
     assert {"dsg", "gdfq", "random", "selectq", "zeroq"} <= set(strategies.available())

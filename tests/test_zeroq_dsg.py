@@ -10,21 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from calibbench.bnstats import BNStatsRecorder, channel_stats, find_bn_layers, frozen, spatial_moments
+from calibbench.bnstats import BNStatsRecorder, channel_stats, find_bn_layers, spatial_moments
 from calibbench.config import ConfigError
+from calibbench.modes import frozen
 from calibbench.seeding import stream_seed
 from calibbench.strategies import build
-from calibbench.strategies import zeroq as zeroq_module
+from calibbench.strategies import synthesis as synthesis_module
 from calibbench.strategies.dsg import DSG, DSGConfig, DSGObjective, enhancement_weights, quantile, slack_hinge
-from calibbench.strategies.zeroq import (
-    ZEROQ_CODE_DIVISOR,
-    SynthesisError,
-    ZeroQ,
-    ZeroQConfig,
-    ZeroQObjective,
-    init_images,
-    initial_images,
-)
+from calibbench.strategies.synthesis import ZEROQ_CODE_DIVISOR, SynthesisError, init_images, initial_images
+from calibbench.strategies.zeroq import ZeroQ, ZeroQConfig, ZeroQObjective
 
 
 class TwoBranch(nn.Module):
@@ -299,14 +293,14 @@ def test_several_batches_exactly_num_samples(resnet20, tiny_data, make_ctx):
 def _record_starts(monkeypatch) -> list[torch.Tensor]:  # noqa: ANN001
     """Capture the starting images of every batch the synthesis loop optimizes."""
     starts: list[torch.Tensor] = []
-    real = zeroq_module.initial_images
+    real = synthesis_module.initial_images
 
     def spy(kind, ctx, start, size):  # noqa: ANN001, ANN202
         x = real(kind, ctx, start, size)
         starts.append(x.clone())
         return x
 
-    monkeypatch.setattr(zeroq_module, "initial_images", spy)
+    monkeypatch.setattr(synthesis_module, "initial_images", spy)
     return starts
 
 

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -340,25 +339,3 @@ class BNStatsRecorder:
     def targets(self, device: Optional[torch.device] = None) -> BNTargets:
         """The running statistics of the recorded layers, with the same ``eps`` as the recorder."""
         return bn_targets(self.layers, device, self.eps)
-
-
-@contextmanager
-def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and no parameter gradients for the body; both restored afterwards.
-
-    Eval mode keeps BN layers normalizing with (and not updating) their running statistics, so a
-    synthesis loop reads the model without changing it; frozen parameters mean a backward pass
-    computes only the input gradient.
-    """
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        for p, _ in grads:
-            p.requires_grad_(False)
-        model.eval()
-        yield model
-    finally:
-        for p, flag in grads:
-            p.requires_grad_(flag)
-        for m, flag in modes:
-            m.training = flag

@@ -54,7 +54,7 @@ def _calibbench_imports(name: str, source: str) -> set[str]:
 
 def _is_submodule(package: str, name: str) -> bool:
     """Whether ``package.name`` is a module file, found without importing it: asking
-    ``find_spec`` for ``module.attribute`` would execute ``module`` (for ``refine.alternating``
+    ``find_spec`` for ``module.attribute`` would execute ``module`` (for ``generative.alternating``
     that imports Lightning, ~3 s a process, only to learn that ``warm_up`` is a function)."""
     try:
         spec = importlib.util.find_spec(package)  # imports package's parents, never package itself

@@ -15,8 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from calibbench import refine, strategies
+from calibbench import generative, refine, strategies
 from calibbench.config import check_writable, validate
+
+_ = generative  # imported for its registrations: the generator stage's strategies and refiners
 
 
 def preflight(cfg: Any, run_dir: Optional[str | Path] = None) -> strategies.Strategy:

@@ -17,6 +17,16 @@ DIAGNOSTICS_FILE = "diagnostics.json"
 FIGURE_FILE = "diagnostics.png"
 STATE_FILE = "quant_state.pt"
 PACKAGES = ("torch", "torchvision", "pytorchcv", "hydra-core", "omegaconf", "lightning", "wandb", "numpy")
+CURVE_POINTS = 200  # result.json keeps at most this many points of a curve (loss curve, centroid shifts)
+
+
+def thin(n: int, max_points: int = CURVE_POINTS) -> list[int]:
+    """Indices of at most ``max_points`` evenly spaced entries of a length-``n`` series, first and
+    last included (how every curve in result.json is kept short)."""
+    if n == 0:
+        return []
+    k = min(n, max_points)
+    return sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
 
 
 def git_commit() -> str:

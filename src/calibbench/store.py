@@ -20,6 +20,8 @@ def register_configs() -> None:
         # stay out of Hydra's "Available options in 'strategy'" list. YAMLs extend them with
         # `- /schema/<group>/base_<name>@_here_`.
         cs.store(group=f"schema/{group}", name=f"base_{group}", node=schema)
-    # Importing the packages registers every strategy and refiner with its schema.
-    import calibbench.refine  # noqa: F401 - imported for its registrations
-    import calibbench.strategies  # noqa: F401 - likewise
+    # Importing the packages registers every strategy and refiner with its schema (the generator
+    # stage's strategies and refiners live in calibbench.generative).
+    import calibbench.generative  # noqa: F401
+    import calibbench.refine  # noqa: F401
+    import calibbench.strategies  # noqa: F401

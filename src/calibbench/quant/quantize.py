@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from calibbench.config import MAX_BITS, MIN_BITS, ConfigError, check_choice
+from calibbench.modes import eval_mode
 from calibbench.quant.modules import QuantAct, QuantConv2d, QuantLinear
 from calibbench.quant.observers import ACT_OBSERVERS, POOL_MAX_VALUES, WEIGHT_OBSERVERS, build_observer
 from calibbench.quant.quantizer import UniformQuantizer
@@ -161,13 +162,10 @@ def _verify_pairs(model: nn.Module, pairs: list, example: Tensor) -> set[int]:
 def probe_forward(model: nn.Module, example: Tensor, handles: list) -> None:
     """One eval-mode, no-grad forward pass of ``example`` for the given hooks to observe; the
     hooks are removed and the model's train/eval mode restored afterwards, also on error."""
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
 
@@ -368,21 +366,16 @@ def calibrate(qmodel: nn.Module, batches: Iterable[Any], device: Optional[Union[
     """
     if device is None:
         device = next((p.device for p in qmodel.parameters()), torch.device("cpu"))
-    was_training = qmodel.training
     start, images = time.perf_counter(), 0
-    try:
-        qmodel.eval()
-        with torch.inference_mode(False), torch.no_grad():
-            enable_calibration(qmodel, observe_quantized)
-            for batch in batches:
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                qmodel(x.to(device))
-                images += int(x.shape[0])
-            if images == 0:
-                raise ValueError("calibrate(): no calibration images")
-            freeze(qmodel)
-    finally:
-        qmodel.train(was_training)
+    with eval_mode(qmodel), torch.inference_mode(False), torch.no_grad():
+        enable_calibration(qmodel, observe_quantized)
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            qmodel(x.to(device))
+            images += int(x.shape[0])
+        if images == 0:
+            raise ValueError("calibrate(): no calibration images")
+        freeze(qmodel)
     log.info("calibrate: %d images in %.2f s", images, time.perf_counter() - start)
 
 

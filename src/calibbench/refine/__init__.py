@@ -4,11 +4,12 @@
 (``distill.py``), fed by ``strategy.batches(ctx, calib, batch_size, generator)`` (``stream.py``)
 with a weighted sum of loss terms (``losses.py``: kd, ce, feature). Reconstruction
 (``refine=adaround|brecq|qdrop``, ``recon.py``) learns each unit's weight rounding on the
-calibration images. Method-specific refiners
-(FDDA, ClusterQ, PLF) are the same loop with their own terms and streams: a class registered here
-with ``@register("name")`` plus ``conf/refine/<name>.yaml``. ``refine=gdfq`` (``generative.py``,
-``alternating.py``) trains a generator strategy's generator and the quantized model alternately
-(Lightning manual optimization, the same module family as ``kd``).
+calibration images. Method-specific refiners (PLF here; FDDA, ClusterQ in the generator stage)
+are the same loop with their own terms and streams: a class registered here with
+``@register("name")`` plus ``conf/refine/<name>.yaml``. The generator stage
+(``calibbench.generative``: ``refine=gdfq|fdda|clusterq``) registers its refiners here too; they
+train a generator strategy's generator and the quantized model alternately (Lightning manual
+optimization, the same module family as ``kd``). This package never imports that one.
 
 Public doors: :func:`available` (registered names), :func:`validate` (every refine option, before
 any work), :func:`run` (train in place, return what ``result.json`` records under ``refine``).
@@ -75,9 +76,18 @@ def build(cfg: RefineConfig) -> Refiner:
     return _REGISTRY.get(cfg.name)(cfg)
 
 
-def _empty(batch_size: Optional[int] = None) -> dict[str, Any]:
-    return {"steps": 0, "batch_size": batch_size, "images_seen": 0, "seconds": 0.0,
-            "loss_first": None, "loss_last": None, "terms": {}, "curve": {}}
+def refine_record(steps: int, batch_size: Optional[int], images_seen: int, seconds: float,
+                  loss_first: Optional[float], loss_last: Optional[float], terms: dict[str, float],
+                  curve: dict[str, list], **extra: Any) -> dict[str, Any]:
+    """What ``result.json`` records under ``refine``, in one shape for every refiner: the common
+    fields, the refiner's own (``extra``), the thinned curve last."""
+    return {"steps": steps, "batch_size": batch_size, "images_seen": images_seen, "seconds": seconds,
+            "loss_first": loss_first, "loss_last": loss_last, "terms": terms, **extra, "curve": curve}
+
+
+def empty_record(batch_size: Optional[int] = None, **extra: Any) -> dict[str, Any]:
+    """The ``refine`` record of a stage that trained nothing (``extra`` after the curve)."""
+    return {**refine_record(0, batch_size, 0, 0.0, None, None, {}, {}), **extra}
 
 
 @register("none")
@@ -86,7 +96,7 @@ class NoRefine(Refiner):
 
     def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Strategy, ctx: StrategyContext,
             calib: CalibrationSet, track: Optional[Tracker] = None) -> dict[str, Any]:
-        return _empty()
+        return empty_record()
 
 
 @register("kd")
@@ -108,7 +118,7 @@ class Distill(Refiner):
         steps = int(ctx.budget.refine_steps)
         batch_size = int(self.cfg.batch_size or ctx.budget.refine_batch_size)
         if steps == 0:
-            return _empty(batch_size)
+            return empty_record(batch_size)
         check_feature_modules(self.cfg, teacher, qmodel)
         record = distill(qmodel, teacher, strategy, ctx, calib, self.cfg, steps, batch_size, track,
                          terms=self.terms())
@@ -243,9 +253,9 @@ def run(qmodel: nn.Module, teacher: nn.Module, strategy: Strategy, ctx: Strategy
     return build(cfg).run(qmodel, teacher, strategy, ctx, calib, track)
 
 
-# Generator-based refiners (refine=gdfq, ...), PLF's loss terms and reconstruction (adaround,
-# brecq, qdrop) register themselves on import.
-from calibbench.refine import generative, plf, recon  # noqa: E402,F401 - last: they import this module
+# PLF's loss terms and reconstruction (adaround, brecq, qdrop) register themselves on import; the
+# generator stage's refiners (gdfq, fdda, clusterq) register when calibbench.generative is imported.
+from calibbench.refine import plf, recon  # noqa: E402,F401
 
 __all__ = ["Refiner", "register", "available", "build", "validate", "run", "TERMS",
-           "check_feature_modules", "build_optimizer"]
+           "check_feature_modules", "build_optimizer", "empty_record", "refine_record"]

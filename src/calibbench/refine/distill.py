@@ -1,8 +1,8 @@
 """Distillation of the FP teacher into the fake-quant student, on Lightning (``refine=kd``).
 
-:class:`StudentModule` holds what every refinement module shares (``alternating.py``'s
-generator/student module extends it too); :class:`DistillModule` is ``refine=kd``'s. It owns the
-student (the calibrated fake-quant model; its weights train through the straight-through
+:class:`StudentModule` holds what every refinement module shares (the generator stage's
+``calibbench.generative.alternating.GenerativeModule`` extends it too); :class:`DistillModule`
+is ``refine=kd``'s. It owns the student (the calibrated fake-quant model; its weights train through the straight-through
 estimator of ``quant/``), the frozen FP teacher and a list of weighted loss terms (``losses.py``).
 Lightning runs the loop: optimizer and cosine schedule stepping, device placement, progress bar.
 :class:`CurveRecorder` (a Callback) keeps every step's loss terms and learning rate for
@@ -13,7 +13,7 @@ What trains and what does not:
 - student weights and biases (and BN affine parameters) always; the weight grid follows the
   weight (its per-channel min/max is recomputed whenever the weight changes, as in calibration);
 - activation ranges: frozen at the calibrated grid (``act_ranges=frozen``, no gradient reaches
-  it) or learned (``act_ranges=learned``, see ``ranges.py``);
+  it) or learned (``act_ranges=learned``, see ``quant/learned.py``);
 - student BatchNorm: ``bn=frozen`` keeps BN layers in eval mode, so they normalise with, and never
   update, the running statistics computed on real data; ``bn=train`` uses batch statistics and
   updates the running ones (momentum as in the model);
@@ -44,10 +44,11 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 
 from calibbench.config import RefineConfig
-from calibbench.refine import build_optimizer, stream
+from calibbench.quant.learned import learned_act_ranges
+from calibbench.record import CURVE_POINTS, thin
+from calibbench.refine import build_optimizer, refine_record, stream
 from calibbench.refine.guard import LossGuard, factors
 from calibbench.refine.losses import LossTerm, RefinePlan, StepOutputs, build_terms
-from calibbench.refine.ranges import learned_act_ranges
 from calibbench.seeding import stream_seed
 
 if TYPE_CHECKING:  # strategies/ imports refine/: annotations only
@@ -56,7 +57,6 @@ if TYPE_CHECKING:  # strategies/ imports refine/: annotations only
 
 log = logging.getLogger(__name__)
 
-CURVE_POINTS = 200  # result.json keeps at most this many points of the loss curve
 
 
 class StudentModule(L.LightningModule):
@@ -65,13 +65,14 @@ class StudentModule(L.LightningModule):
     needs), the mode rules, the NaN check and the student's optimizer + cosine schedule.
 
     :class:`DistillModule` (``refine=kd``) trains it with Lightning's automatic optimization;
-    ``generative.GenerativeModule`` adds a second player (a generator) with manual optimization.
+    ``calibbench.generative.alternating.GenerativeModule`` adds a second player (a generator)
+    with manual optimization.
     Lightning (>= 2.5) keeps the train/eval mode the module has when ``fit`` starts, so the
     caller switches it with ``train()``, which leaves the teacher and frozen BN in eval mode.
     """
 
     def __init__(self, student: Optional[nn.Module], teacher: nn.Module,
-                 terms: Sequence[tuple[str, float, LossTerm]], cfg: RefineConfig, max_steps: int,
+                 terms: Sequence[tuple[str, float, LossTerm]], cfg: Optional[RefineConfig], max_steps: int,
                  range_params: Sequence[nn.Parameter] = ()) -> None:
         super().__init__()
         self.student = student
@@ -117,7 +118,7 @@ class StudentModule(L.LightningModule):
         """Lightning switches the whole module to train mode; teacher and frozen BN stay in eval."""
         super().train(mode)
         self.teacher.eval()
-        if self.student is not None and self.cfg.bn == "frozen":
+        if self.student is not None and self.cfg is not None and self.cfg.bn == "frozen":
             for module in self.student.modules():
                 if isinstance(module, _BatchNorm):
                     module.eval()
@@ -175,6 +176,8 @@ class StudentModule(L.LightningModule):
         """The student's optimizer (refine.optimizer, lr, weight decay; activation ranges without
         weight decay) and its cosine schedule over ``max_steps``."""
         cfg = self.cfg
+        if cfg is None:  # only the generator warm-up has no student config, and no student
+            raise RuntimeError("student_optimizer() needs the refine config (none: a warm-up)")
         ranges = {id(p) for p in self.range_params}
         weights = [p for p in self.trained.parameters() if p.requires_grad and id(p) not in ranges]
         groups = [{"params": weights, "weight_decay": float(cfg.weight_decay)}]
@@ -226,11 +229,9 @@ class CurveRecorder(L.Callback):
     def curve(self, max_points: int = CURVE_POINTS) -> dict[str, list[Optional[float]]]:
         """Columns ``step, loss, <terms>, lr`` (and any other column of a row) at evenly spaced
         steps, first and last included."""
-        n = len(self.rows)
-        if n == 0:
+        if not self.rows:
             return {}
-        k = min(n, max_points)
-        keep = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
+        keep = thin(len(self.rows), max_points)
         columns = list(dict.fromkeys(key for row in self.rows for key in row))
         return {key: [self.rows[i].get(key) for i in keep] for key in columns}
 
@@ -377,6 +378,5 @@ def distill(student: nn.Module, teacher: nn.Module, strategy: Strategy, ctx: Str
     check_length(rows, steps, strategy)
     log.info("refine: %d steps x %d images in %.1f s, loss %.4f -> %.4f", steps, batch_size, seconds,
              rows[0]["loss"], rows[-1]["loss"])
-    return {"steps": len(rows), "batch_size": batch_size, "images_seen": module.images_seen,
-            "seconds": round(seconds, 3), "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
-            "terms": {name: weight for name, weight, _ in terms}, "curve": recorder.curve()}
+    return refine_record(len(rows), batch_size, module.images_seen, round(seconds, 3), rows[0]["loss"],
+                         rows[-1]["loss"], {name: weight for name, weight, _ in terms}, recorder.curve())

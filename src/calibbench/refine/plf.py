@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from calibbench.config import ConfigError, RefineConfig, RunConfig, check_choice, check_plf_values
+from calibbench.modes import eval_mode
 from calibbench.refine.losses import LossTerm, RefinePlan, StepOutputs, term
 
 if TYPE_CHECKING:  # strategies/ imports refine/: annotations only
@@ -265,13 +266,11 @@ def reliability_record(teacher: nn.Module, images: Tensor, schedule: Reliability
                        device: torch.device, batch_size: int = 256) -> dict[str, Any]:
     """One FP pass over the set: the entropy histogram, and per epoch the threshold and the
     high/low split sizes (the set is the same every epoch; only t moves)."""
-    was_training = teacher.training
-    teacher.eval()
-    entropies = []
-    for start in range(0, images.shape[0], batch_size):
-        logits = teacher(images[start:start + batch_size].to(device))
-        entropies.append(self_entropy(F.softmax(logits.float(), dim=1)).cpu())
-    teacher.train(was_training)
+    with eval_mode(teacher):
+        entropies = []
+        for start in range(0, images.shape[0], batch_size):
+            logits = teacher(images[start:start + batch_size].to(device))
+            entropies.append(self_entropy(F.softmax(logits.float(), dim=1)).cpu())
     ent = torch.cat(entropies)
     counts = torch.histc(ent, bins=HIST_BINS, min=0.0, max=1.0)
     thresholds = schedule.thresholds()

@@ -8,7 +8,7 @@ round, one unit after the other in execution order:
 - **target**: the unit's output with quantization switched off in the same model (the FP model,
   BN folded exactly as the quantized one when the preset folds);
 - **inside the unit**: weights use learned rounding (``quant/adaround.py``), activation quantizers
-  are active, their ranges optionally learned (``learn_act``, LSQ-style, ``ranges.py``), and with
+  are active, their ranges optionally learned (``learn_act``, LSQ-style, ``quant/learned.py``), and with
   ``drop_prob > 0`` (QDrop) each activation quantizer's output — and, as in the QDrop code, the
   unit's input, which the previous unit's quantizer produced — is replaced element-wise by its
   float value with probability ``drop_prob``;
@@ -21,6 +21,13 @@ round, one unit after the other in execution order:
 Only one unit's tensors exist at a time: its inputs, targets (and float inputs / Fisher weights)
 over the calibration images, cached on the device when they fit in ``cache_mb``, otherwise
 recomputed batch by batch from the images at every step (:class:`StreamedUnitData`).
+
+Where the pieces live: the quantizer side in ``quant/`` — the activation-quantizer wrapper
+(``quant/unit_act.py``: :class:`UnitActQuantizer`, wrap/unwrap), QDrop's mask and mixing kernel
+(``quant/drop.py``), the quantization-off switches (``quant/switches.py``), learned steps
+(``quant/learned.py``); what is read from the models (inputs, targets, Fisher gradients, the
+unit's cached or streamed data) in ``capture.py``; the stages, the per-unit loop and the refiners
+here.
 
 Why a plain loop and not Lightning (as ``refine=kd``): a resnet20 run is ~11 units × 2,000 steps of
 a few milliseconds each; a Trainer per unit would add its setup and per-step hooks (the
@@ -43,27 +50,23 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from calibbench.config import ConfigError, RunConfig, check_choice
-from calibbench.quant import QuantAct, QuantConv2d, QuantLinear, UniformQuantizer, mse_init, quantizers
+from calibbench.quant import QuantConv2d, QuantLinear, mse_init, quantizers
 from calibbench.quant.adaround import AdaRound, attach
-from calibbench.quant.quantizer import MIN_RANGE
-from calibbench.refine import Refiner, build_optimizer, register
+from calibbench.quant.drop import bernoulli_mask, mix_
+from calibbench.quant.learned import LearnedStepQuantizer, learned_act_steps
+from calibbench.quant.switches import activations_off, quantization_off
+from calibbench.quant.unit_act import unwrap_acts, wrap_acts
+from calibbench.refine import Refiner, build_optimizer, empty_record, refine_record, register
+from calibbench.refine.capture import CachedUnitData, StreamedUnitData, UnitData, unit_data_bytes
 from calibbench.refine.guard import LossGuard, check_unit, factors
-from calibbench.refine.ranges import (
-    LearnedRangeQuantizer,
-    LearnedStepQuantizer,
-    _grad_scale,
-    _round_ste,
-    learned_act_steps,
-)
 from calibbench.refine.units import GRANULARITIES, Unit, build_units
 from calibbench.seeding import stream_seed
 
@@ -131,310 +134,6 @@ def check_config(cfg: Any) -> None:
     if int(cfg.budget.refine_unit_batch_size) < 1 or (r.batch_size is not None and int(r.batch_size) < 1):
         raise ConfigError("the reconstruction batch (refine.batch_size or budget.refine_unit_batch_size) "
                           "must be >= 1")
-
-
-# -- quantization switches -----------------------------------------------------------------------
-def bernoulli_mask(like: Tensor, p: float) -> Tensor:
-    """A fresh 0/1 mask shaped and typed like ``like``, each element 1 independently with
-    probability ``p`` (QDrop: the "stays quantized" mask is drawn with ``1 − drop_prob``).
-
-    For ``p`` a multiple of 1/256 (QDrop's 0.5, and 0, 1) the draw is exact and cheap: one random
-    byte per element, 8 per 64-bit draw, compared with ``256·p``; any other ``p`` draws a uniform
-    float per element. Float, not bool, because its consumers multiply: on the CPU a bool-masked
-    ``where``/``masked_fill`` over a random mask cost ~25× a multiply here (one thread, a
-    32×16×32×32 tensor: 2.4 ms vs 0.08 ms; ``rand_like`` 1.95 ms vs 0.5 ms for the bytes).
-    """
-    levels = float(p) * 256.0
-    if levels != int(levels):
-        return (torch.rand_like(like) < p).to(like.dtype)
-    n = like.numel()
-    words = torch.randint(-2**63, 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=like.device)
-    codes = words.view(torch.uint8)[:n].to(like.dtype)
-    return codes.neg_().add_(levels).clamp_(0.0, 1.0).view(like.shape)  # 1 where byte < 256·p
-
-
-def mix_(a: Tensor, b: Tensor, quantized: Tensor) -> Tensor:
-    """``a`` where ``quantized`` is 1 and ``b`` where it is 0, written into ``a``, exactly
-    (products with 0 and 1); ``quantized`` is consumed. In place because each new full-size
-    tensor costs more than the arithmetic on it (fresh pages; profiled in a resnet20 block step)."""
-    a.mul_(quantized)
-    return a.add_(quantized.neg_().add_(1.0).mul_(b))
-
-
-class _FakeQuantDrop(torch.autograd.Function):
-    """Per-tensor fake quantization with LSQ gradients for (scale, zero point) and QDrop's
-    element-wise dropping, in one pass: ``s · (clamp(round(x / s) + z, qmin, qmax) − z)`` where
-    ``quantized`` is 1, ``x`` (dropped to float) where it is 0; ``quantized`` is a fresh 0/1 float
-    mask (:func:`bernoulli_mask`, consumed) or ``None`` (everything quantized).
-
-    The gradients are LSQ's (Esser et al. 2020) for the expression with a straight-through round:
-    for x, 1 inside the code range and where kept float, 0 where clamped; for s, ``round(x/s) − x/s``
-    inside and ``bound − z`` where clamped; for z, ``−s`` where clamped; dropped elements give s and
-    z nothing. "Inside" includes the end codes (a value that rounds *to* the last level is not
-    clipped), as LSQ says; autograd through ``torch.clamp`` (``ranges.py``'s version) gives those
-    elements the clipped gradients instead. Written out because the autograd version of this one
-    line costs ~20 full-size tensors per activation per step, which dominated a block's
-    reconstruction step (benchmarks/recon_cost.py): here 3 new tensors in the forward (the rest in
-    place), float masks and arithmetic instead of bool ``where``s.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, scale: Tensor, zp: Tensor, qmin: float, qmax: float,
-                quantized: Optional[Tensor]) -> Tensor:  # noqa: D102
-        s, z = float(scale), float(zp)
-        lo, hi = qmin - z, qmax - z  # code bounds relative to the zero point
-        u = x * (1.0 / s)
-        r = torch.round(u)
-        codes = r.clamp(lo, hi)
-        clipped = r.sub_(codes).abs_().sign_()  # 1 where the code was clamped, else 0
-        if quantized is not None:
-            clipped.mul_(quantized)
-        passed = clipped.neg_().add_(1.0)  # d out / d x: 1 inside the code range or kept float
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            # d out / d s: codes − u inside, the bound where clamped (codes − u·passed: the same
-            # floats as round(u) − u, no rounding error at the bounds), 0 where kept float
-            e = u.mul_(passed).neg_().add_(codes)
-            if quantized is not None:
-                e.mul_(quantized)
-            ctx.save_for_backward(passed, e)
-        else:
-            ctx.save_for_backward(passed)
-        ctx.s = s
-        q = codes.mul_(s)
-        return q if quantized is None else mix_(q, x, quantized)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:  # noqa: D102
-        passed = ctx.saved_tensors[0]
-        grad_x = grad * passed if ctx.needs_input_grad[0] else None
-        grad_s = grad_z = None
-        if len(ctx.saved_tensors) == 2:
-            e = ctx.saved_tensors[1]
-            flat = grad.reshape(-1)
-            grad_s = torch.dot(flat, e.reshape(-1)).reshape(())
-            # the clamped elements are the ones not passed: Σ grad·clipped = Σ grad − Σ grad·passed
-            grad_z = (flat.sum() - torch.dot(flat, passed.reshape(-1))).mul_(-ctx.s).reshape(())
-        return grad_x, grad_s, grad_z, None, None, None
-
-
-class UnitActQuantizer(nn.Module):
-    """Stands in for an activation quantizer inside the unit being reconstructed: the calibrated
-    grid (or, with ``learn_act``, a ``LearnedRangeQuantizer``'s learned one), QDrop's element-wise
-    dropping, an off switch; per-tensor grids run through :class:`_FakeQuantDrop`."""
-
-    def __init__(self, inner: UniformQuantizer, drop_prob: float) -> None:
-        super().__init__()
-        self.inner = inner
-        self.drop_prob = float(drop_prob)
-        self.enabled = True
-        self.observing = False
-        self._fast = None
-        self._top = float("inf")
-
-    @property
-    def active(self) -> bool:
-        return self.enabled and bool(self.inner.active)
-
-    def _grid(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(scale, zero point) as 0-dim tensors; learned ones carry LSQ's gradient scale."""
-        q = self.inner
-        if isinstance(q, LearnedStepQuantizer):
-            return q.grid(1.0 / math.sqrt(max(1, x[0].numel()) * q.qmax))
-        if isinstance(q, LearnedRangeQuantizer):
-            g = 1.0 / math.sqrt(max(1, x[0].numel()) * q.qmax)
-            lo, hi = q.bounds()
-            lo, hi = _grad_scale(lo, g), _grad_scale(hi, g)
-            if q.symmetric:
-                return (hi / q.qmax).clamp(min=MIN_RANGE), torch.zeros((), device=x.device)
-            scale = ((hi - lo) / (q.qmax - q.qmin)).clamp(min=MIN_RANGE)
-            return scale, _round_ste(-lo / scale)
-        return q.scale.reshape(()), q.zero_point.reshape(()).float()
-
-    def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
-        if not self.enabled:
-            return x
-        q = self.inner
-        if q.ch_axis is not None:  # per-channel activation grids (not used by the presets)
-            out = q(x)
-            if self.drop_prob == 0:
-                return out
-            kept = bernoulli_mask(x, 1.0 - self.drop_prob)
-            return out * kept + x * (1.0 - kept)  # out is in the graph: not in place
-        quantized = bernoulli_mask(x, 1.0 - self.drop_prob) if self.drop_prob > 0 else None
-        scale, zp = self._grid(x)
-        return _FakeQuantDrop.apply(x, scale, zp, float(q.qmin), float(q.qmax), quantized)
-
-
-def _act_slots(modules: list[nn.Module]) -> Iterator[tuple[nn.Module, str]]:
-    for root in modules:
-        for m in root.modules():
-            if isinstance(m, QuantAct):
-                yield m, "quantizer"
-            elif isinstance(m, (QuantConv2d, QuantLinear)) and m.input_quantizer is not None:
-                yield m, "input_quantizer"
-
-
-@contextmanager
-def quantization_off(model: nn.Module) -> Iterator[None]:
-    """The model in full precision (every weight/activation quantizer off), then as it was."""
-    states: list[tuple[UnitActQuantizer | UniformQuantizer, bool]] = []
-    for m in model.modules():
-        if isinstance(m, UnitActQuantizer):
-            states.append((m, m.enabled))
-            m.enabled = False
-        elif isinstance(m, UniformQuantizer):
-            states.append((m, m.quant_enabled))
-            m.enable_quant(False)
-    try:
-        yield
-    finally:
-        for m, flag in states:
-            if isinstance(m, UnitActQuantizer):
-                m.enabled = flag
-            else:
-                m.enable_quant(flag)
-
-
-# -- one unit's data -----------------------------------------------------------------------------
-class _Stop(Exception):
-    pass
-
-
-def _capture(model: nn.Module, module: nn.Module, x: Tensor, output: bool) -> Tensor:
-    """What ``module`` receives (``output=False``) or returns when ``model`` runs on ``x``; the
-    forward stops there."""
-    box: list[Tensor] = []
-
-    def grab(value: Tensor) -> None:
-        box.append(value.detach().clone())
-        raise _Stop
-
-    handle = (module.register_forward_hook(lambda mod, args, out: grab(out)) if output
-              else module.register_forward_pre_hook(lambda mod, args: grab(args[0])))
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if not box:
-        raise RuntimeError(f"refine: unit module {type(module).__name__} was not reached by the forward pass")
-    return box[0]
-
-
-def _capture_input(model: nn.Module, module: nn.Module, x: Tensor) -> Tensor:
-    return _capture(model, module, x, output=False)
-
-
-def _capture_output(model: nn.Module, module: nn.Module, x: Tensor) -> Tensor:
-    return _capture(model, module, x, output=True)
-
-
-def _fisher_grad(model: nn.Module, module: nn.Module, x: Tensor) -> Tensor:
-    """d CE(FP logits, FP argmax) / d (unit output), per image (the loss is summed)."""
-    box: list[Tensor] = []
-
-    def hook(mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
-        leaf = out.detach().requires_grad_(True)
-        box.append(leaf)
-        return leaf + 0.0  # later in-place ops (ReLU(inplace)) must not touch the leaf
-
-    handle = module.register_forward_hook(hook)
-    try:
-        with torch.enable_grad():
-            logits = model(x)
-            logits = logits.reshape(logits.shape[0], -1)
-            loss = F.cross_entropy(logits, logits.argmax(dim=1), reduction="sum")
-            (grad,) = torch.autograd.grad(loss, box[0])
-    finally:
-        handle.remove()
-    return grad.detach()
-
-
-class UnitData:
-    """A unit's quantized inputs, targets, and (QDrop) float inputs / (Fisher) weights, cached."""
-
-    def __init__(self, model: nn.Module, first: nn.Module, last: nn.Module, images: Tensor,
-                 device: torch.device, batch: int, float_inputs: bool, fisher: bool,
-                 input_float: bool = False, sampler: Any = None) -> None:
-        self.model, self.first, self.last = model, first, last
-        self.images, self.device, self.batch = images, device, batch
-        self.float_inputs, self.fisher = float_inputs, fisher
-        self.input_float = input_float  # the unit's input from the FP model (BRECQ's act stage)
-        self.sampler = sampler  # n -> fresh images (refine.source=generator); None: the images
-        self.fisher_scale = 1.0
-        if fisher:  # the mean squared gradient over the unit's data: weights average 1
-            total, count = 0.0, 0
-            for start in range(0, len(images), batch):
-                g = self._grad(images[start:start + batch].to(device))
-                total += float(g.pow(2).sum())
-                count += g.numel()
-            self.fisher_scale = count / max(total, 1e-30)
-
-    def _grad(self, x: Tensor) -> Tensor:
-        with quantization_off(self.model):
-            return _fisher_grad(self.model, self.last, x)
-
-    def compute(self, x: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
-        with torch.no_grad():
-            if self.input_float:
-                with quantization_off(self.model):
-                    q_in = _capture_input(self.model, self.first, x)
-            else:
-                q_in = _capture_input(self.model, self.first, x)
-            with quantization_off(self.model):
-                fp_in = _capture_input(self.model, self.first, x) if self.float_inputs else None
-                target = _capture_output(self.model, self.last, x)
-        weight = self._grad(x).pow(2) * self.fisher_scale if self.fisher else None
-        return q_in, fp_in, target, weight
-
-    def get(self, idx: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
-        """A training batch: the images ``idx`` (or, with a sampler, as many fresh images)."""
-        if self.sampler is not None:
-            return self.compute(self.sampler(len(idx)).to(self.device))
-        return self.compute(self.images[idx].to(self.device))
-
-    def fixed(self, idx: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
-        return self.compute(self.images[idx].to(self.device))
-
-    def batches(self) -> Iterator[tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]]:
-        """The unit's whole image set in order (the losses recorded before and after)."""
-        for start in range(0, len(self.images), self.batch):
-            yield self.fixed(torch.arange(start, min(start + self.batch, len(self.images))))
-
-
-class CachedUnitData(UnitData):
-    """Everything computed once on the calibration images and indexed per step."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        parts = [self.compute(self.images[s:s + self.batch].to(self.device))
-                 for s in range(0, len(self.images), self.batch)]
-        self.tensors: list[Optional[Tensor]] = [  # the same parts are None in every batch
-            None if parts[0][k] is None else torch.cat([t for p in parts if (t := p[k]) is not None])
-            for k in range(4)]
-        self.tensors_device = parts[0][0].device  # where the cache lives (the inputs are always there)
-
-    def get(self, idx: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
-        idx = idx.to(self.tensors_device)
-        # inputs and targets (positions 0, 2) are never None: the tuple has compute()'s types
-        return tuple(None if t is None else t[idx] for t in self.tensors)  # type: ignore[return-value]
-
-    fixed = get
-
-
-class StreamedUnitData(UnitData):
-    """Recomputed from the images at every step (units whose data would not fit in ``cache_mb``)."""
-
-
-def unit_data_bytes(model: nn.Module, unit: Unit, modules: list[nn.Module], example: Tensor,
-                    n_images: int, float_inputs: bool, fisher: bool) -> int:
-    """Bytes the cached tensors of ``unit`` would take for ``n_images`` images."""
-    with torch.no_grad(), quantization_off(model):
-        x_in = _capture_input(model, modules[0], example)
-        out = _capture_output(model, modules[-1], example)
-    per_image = x_in[0].numel() * (2 if float_inputs else 1) + out[0].numel() * (2 if fisher else 1)
-    return per_image * n_images * x_in.element_size()
 
 
 # -- the loss ------------------------------------------------------------------------------------
@@ -529,7 +228,7 @@ class UnitTrainer:
         self.learned: list[LearnedStepQuantizer] = (
             self._stack.enter_context(learned_act_steps(holder, bool(cfg.learn_zero_point)))
             if stage.learn_act else [])
-        self._stack.callback(_unwrap_acts, _wrap_acts(self.modules, self.drop))
+        self._stack.callback(unwrap_acts, wrap_acts(self.modules, self.drop))
         act_params = [p for q in self.learned for p in q.parameters_to_learn()]
         groups = [{"params": [r.V for r in self.roundings], "lr": float(cfg.lr)}] if self.roundings else []
         if act_params:
@@ -629,41 +328,6 @@ def unit_data(model: nn.Module, unit: Unit, images: Tensor, cfg: Any, batch_size
                input_float=stage.input_float, sampler=sampler)
 
 
-def _wrap_acts(modules: list[nn.Module], drop: float) -> list[tuple[nn.Module, str, UnitActQuantizer]]:
-    """Put a :class:`UnitActQuantizer` in every active activation-quantizer slot of the unit."""
-    wrapped: list[tuple[nn.Module, str, UnitActQuantizer]] = []
-    seen: dict[int, UnitActQuantizer] = {}
-    for owner, attr in list(_act_slots(modules)):
-        inner = getattr(owner, attr)
-        if isinstance(inner, UnitActQuantizer) or not inner.active:
-            continue
-        wrapper = seen.get(id(inner))
-        if wrapper is None:
-            wrapper = seen[id(inner)] = UnitActQuantizer(inner, drop)
-        setattr(owner, attr, wrapper)
-        wrapped.append((owner, attr, wrapper))
-    return wrapped
-
-
-def _unwrap_acts(wrapped: list[tuple[nn.Module, str, UnitActQuantizer]]) -> None:
-    for owner, attr, wrapper in wrapped:
-        setattr(owner, attr, wrapper.inner)
-
-
-@contextmanager
-def activations_off(model: nn.Module) -> Iterator[None]:
-    """Every activation quantizer of ``model`` off (weights stay quantized): BRECQ's weight stage,
-    where a unit's input comes from the weight-only quantized model; then as it was."""
-    states = [(q, q.quant_enabled) for _, kind, q in quantizers(model) if kind != "weight"]
-    for q, _ in states:
-        q.enable_quant(False)
-    try:
-        yield
-    finally:
-        for q, flag in states:
-            q.enable_quant(flag)
-
-
 def act_steps(model: nn.Module) -> dict[str, float]:
     """``{quantizer path: step size}`` of every active per-tensor activation quantizer."""
     return {path: float(q.scale.reshape(-1)[0]) for path, kind, q in quantizers(model)
@@ -744,16 +408,14 @@ def reconstruct(qmodel: nn.Module, images: Tensor, ctx: Any, cfg: Any, name: str
              "away from nearest", name, len(weight_recs), seconds, loss_start, loss_end,
              100 * changed / max(1, weights))
     total_steps = sum(s.steps * len(units) for s in stages)
-    record = {"steps": total_steps, "batch_size": batch_size,
-              "images_seen": total_steps * min(batch_size, len(images)),
-              "seconds": round(seconds, 3), "loss_first": loss_start, "loss_last": loss_end,
-              "terms": {"recon": 1.0, "round": float(cfg.round_lambda)},
-              "granularity": used, "units": weight_recs, "iterations_per_unit": steps,
-              "stages": stage_records, "init": init,
-              "act_steps": {k: [v, final_steps.get(k, v)] for k, v in initial_steps.items()},
-              "source": "generator" if sampler is not None else "calibration",
-              "weights": weights, "changed": changed, "changed_share": changed / weights if weights else 0.0,
-              "curve": {key: [r[key] for r in weight_recs] for key in ("loss_start", "loss_end", "changed_share")}}
+    record = refine_record(
+        total_steps, batch_size, total_steps * min(batch_size, len(images)), round(seconds, 3), loss_start,
+        loss_end, {"recon": 1.0, "round": float(cfg.round_lambda)},
+        {key: [r[key] for r in weight_recs] for key in ("loss_start", "loss_end", "changed_share")},
+        granularity=used, units=weight_recs, iterations_per_unit=steps, stages=stage_records, init=init,
+        act_steps={k: [v, final_steps.get(k, v)] for k, v in initial_steps.items()},
+        source="generator" if sampler is not None else "calibration",
+        weights=weights, changed=changed, changed_share=changed / weights if weights else 0.0)
     if "activations" in records:
         record["act_units"] = records["activations"]
     return record
@@ -779,8 +441,7 @@ class ReconRefiner(Refiner):
             calib: CalibrationSet, track: Optional[Tracker] = None) -> dict[str, Any]:
         steps = self.cfg.iterations if self.cfg.iterations is not None else ctx.budget.refine_unit_steps
         if int(steps) == 0:
-            return {"steps": 0, "batch_size": None, "images_seen": 0, "seconds": 0.0, "loss_first": None,
-                    "loss_last": None, "terms": {}, "curve": {}, "units": []}
+            return empty_record(units=[])
         sampler = generator_sampler(strategy, ctx, calib) if self.cfg.source == "generator" else None
         return reconstruct(qmodel, calib.images, ctx, self.cfg, self.cfg.name, track, sampler)
 
@@ -788,21 +449,13 @@ class ReconRefiner(Refiner):
 def generator_sampler(strategy: Any, ctx: Any, calib: Any) -> Any:
     """``n -> n fresh images`` from a generator strategy's warmed-up generator (the state it
     handed on with its calibration set), seeded by the run (``refine.source=generator``: Genie's
-    data-free reconstruction on a generator's stream). The generator is not trained further."""
+    data-free reconstruction on a generator's stream). The generator is not trained further:
+    the strategy's declared ``sampler`` (``GeneratorStrategy.sampler``) reads the hand-over."""
     if not getattr(strategy, "trains_generator", False) or "generator" not in calib.state:
         raise ConfigError(f"refine.source=generator reconstructs on a generator strategy's images; "
                           f"strategy {getattr(strategy, 'name', strategy)!r} has no generator "
                           f"(use gdfq, fdda or clusterq, or refine.source=calibration)")
-    gen = strategy.build_generator(ctx)
-    gen.load_state_dict(calib.state["generator"])
-    gen.requires_grad_(False)
-    rng = torch.Generator().manual_seed(stream_seed(ctx.seed, "refine/recon/generator"))
-
-    def sample(n: int) -> Tensor:
-        images, _ = strategy.sample(gen, int(n), int(n), rng)
-        return images
-
-    return sample
+    return strategy.sampler(ctx, calib, torch.Generator().manual_seed(stream_seed(ctx.seed, "refine/recon/generator")))
 
 
 @register("adaround")

@@ -1,12 +1,15 @@
-"""The refinement data stream: ``strategy.batches(...)`` as a loader Lightning can iterate.
+"""The refinement data stream: an endless batch iterator as a loader Lightning can iterate.
 
-The strategy owns the stream (``Strategy.batches(ctx, calib, batch_size, generator)``): the default
-replays the calibration set in a seeded random order, reshuffled every pass; a generator-based
-strategy overrides it and trains its generator inside the iterator. This module only adapts that
-iterator to Lightning: an IterableDataset whose items are whole batches (``batch_size=None``: no
-collation) and whose iterator is created once and never restarted, so the generator's state runs
-on across Lightning epochs. ``num_workers=0``: the stream may hold a generator network that trains
-in this process.
+``refine=kd`` and ``plf`` (``distill.py``) train on ``strategy.batches(ctx, calib, batch_size,
+generator)`` (:func:`loader`), which replays the calibration set in a seeded random order,
+reshuffled every pass (``Strategy.batches``; no strategy overrides it). The generator stage
+(``calibbench.generative.alternating``) wraps its own stream in :class:`BatchStream` the same
+way: latent codes and labels (``GeneratorStrategy.generator_inputs``), from which its generator,
+trained in the same loop, makes the images. This module only adapts such an iterator to
+Lightning: an IterableDataset whose items are whole batches (``batch_size=None``: no collation)
+and whose iterator is created once and never restarted, so a stream's state runs on across
+Lightning epochs. ``num_workers=0``: the consumer may hold a generator network that trains in
+this process.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from calibbench.modes import eval_mode
 from calibbench.quant.quantize import probe_forward
 
 log = logging.getLogger(__name__)
@@ -137,13 +138,10 @@ def _check_chain(model: nn.Module, elements: list[tuple[str, nn.Module]], exampl
     for i, (_, module) in enumerate(elements):
         handles.append(module.register_forward_pre_hook(pre(i)))
         handles.append(module.register_forward_hook(post(i)))
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             out = model(example)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     if calls != list(range(len(elements))):

@@ -1,7 +1,9 @@
 """Calibration-data strategies. Importing this package registers every strategy.
 
 A new strategy is one module here (decorated with ``@register``) plus ``conf/strategy/<name>.yaml``:
-every module in this package is imported below, so no central list needs editing.
+every module in this package is imported below, so no central list needs editing. The generator
+strategies (gdfq, fdda, clusterq) live with the rest of the generator stage in
+``calibbench.generative``, which registers them here when it is imported (the entry points do).
 """
 
 import importlib

@@ -34,8 +34,10 @@ class CalibrationSet:
     ``labels`` are real labels (real-data strategies) or pseudo/assigned labels (synthetic ones).
     ``info`` explains the choice: selected indices, scores, per-step losses, timings. It must be
     JSON-serialisable (lists, numbers, strings) because it is copied into ``result.json``.
-    ``state`` is what the strategy hands on to its refinement stage (a generator strategy's
-    warmed-up generator and optimizer state): cached with the set, never written to the record.
+    ``state`` is what the strategy hands on to its refinement stage: empty for every strategy in
+    this package; a generator strategy stores its ``GeneratorHandover`` there (the warmed-up
+    generator, its optimizer and the method's state: ``calibbench.generative.handover``), which
+    the generator refiners read back. Cached with the set, never written to the record.
     """
 
     images: torch.Tensor
@@ -148,7 +150,8 @@ class Strategy(ABC):
 
     def check_run(self, cfg: RunConfig) -> None:
         """Checks of the whole run config that only this strategy knows (e.g. a generator strategy
-        needs a refinement stage); raise ConfigError. Called before any work."""
+        needs a refinement stage); raise ConfigError. Called by the preflight on the one built
+        strategy, after :meth:`check` and ``refine.validate``, before any work."""
 
     def paper_deviations(self) -> list[str]:
         """``["select=lowest"]``: the fields of this run that differ from the paper's reading."""
@@ -160,11 +163,14 @@ class Strategy(ABC):
         """The refinement stream: an endless iterator of ``(images, labels)`` batches (labels
         ``None`` when the set has none); the refinement stage takes as many as it has steps.
 
-        The default replays ``calib`` (the set the run calibrated with, never recomputed) in the
-        seeded random order of ``generator``, reshuffled every pass; every batch holds exactly
+        It replays ``calib`` (the set the run calibrated with, never recomputed) in the seeded
+        random order of ``generator``, reshuffled every pass; every batch holds exactly
         ``batch_size`` images (a batch may span two passes, so each image is seen equally often).
-        Generator-based strategies override this and train their generator inside the iterator,
-        so the refinement loop stays generic.
+        The refiners that train on a fixed set (``refine=kd``, ``plf``) read it; no strategy
+        overrides it. A generator strategy does not train its generator here: its refiner
+        (``requires = "generator"``, ``calibbench.generative``) continues the generator from the
+        hand-over in ``calib.state`` and draws its own latent/label stream
+        (``GeneratorStrategy.generator_inputs``).
         """
         yield from calib.replay(batch_size, generator)
 

@@ -25,6 +25,7 @@ code adds it twice). Reasons and deviations: ``docs/zeroq_dsg.md``.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -34,9 +35,12 @@ from torch import Tensor
 
 from calibbench.bnstats import BNStatsRecorder, BNTargets, find_bn_layers
 from calibbench.config import ConfigError, check_choice
-from calibbench.strategies.base import StrategyContext, register
+from calibbench.modes import frozen
+from calibbench.strategies import synthesis
+from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext, register
 from calibbench.strategies.random import check_pool
-from calibbench.strategies.zeroq import IMAGE_STREAM, ZeroQ, ZeroQConfig, ZeroQObjective, init_images, input_loss
+from calibbench.strategies.synthesis import IMAGE_STREAM, Synthesis, init_images, input_loss, synthesize
+from calibbench.strategies.zeroq import ZeroQConfig, ZeroQObjective
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +48,7 @@ MARGIN_SOURCES = ("init", "real", "fixed")
 GRANULARITIES = ("layer", "channel")
 BATCH_SIZES = ("layers", "budget")  # or a positive integer
 # Named random streams (ctx.generator): the margin draw and the CE labels. The starting images
-# use zeroq's "synth/image{i}" streams, shared with ZeroQ.
+# use the shared "synth/image{i}" streams (synthesis.py), as ZeroQ does.
 STREAM_MARGINS, STREAM_LABELS = "dsg/margins", "dsg/labels"
 
 
@@ -166,17 +170,27 @@ class DSGObjective(ZeroQObjective):
 
 
 @register("dsg", DSGConfig)
-class DSG(ZeroQ):
-    """ZeroQ's loop and setting (Adam lr 0.5, plateau schedule, budget iterations) with DSG's loss,
-    on batches of L images (the number of BN layers) by default."""
+class DSG(Strategy):
+    """The shared synthesis loop with ZeroQ's setting (Adam lr 0.5, plateau schedule, budget
+    iterations) and DSG's loss, on batches of L images (the number of BN layers) by default."""
 
     cfg: DSGConfig
-
+    synthetic = True
     paper_reading = {"batch_size": "layers"}  # the paper's N = L
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.check_options(cfg)
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        """The strategy's options and the synthesis budget, before any work (preflight)."""
+        cls.check_options(cfg.strategy)
+        synthesis.check_budget(cfg.budget, cls.name, ("synth_batch_size", "synth_iterations"))
 
     @classmethod
     def check_options(cls, cfg: Any) -> None:
-        super().check_options(cfg)
+        synthesis.check_options(cfg)
         check_choice("strategy.margin_source", cfg.margin_source, MARGIN_SOURCES)
         check_choice("strategy.margin_granularity", cfg.margin_granularity, GRANULARITIES)
         if not 0.0 <= cfg.epsilon <= 1.0:
@@ -206,8 +220,29 @@ class DSG(ZeroQ):
         return torch.randint(0, ctx.data.num_classes, (ctx.num_samples,),
                              generator=ctx.generator(STREAM_LABELS))
 
-    def make_objective(self, ctx: StrategyContext, recorder: BNStatsRecorder, targets: BNTargets
-                       ) -> tuple[DSGObjective, dict[str, Any]]:
+    def plan(self, ctx: StrategyContext) -> Synthesis:
+        """The shared loop's settings: ``num_samples`` images in batches of :meth:`batch_size`,
+        ``budget.synth_iterations`` steps, Adam at ``strategy.lr``."""
+        cfg, iters = self.cfg, int(ctx.budget.synth_iterations)
+        sizes = synthesis.batch_sizes(self.name, int(ctx.num_samples), self.batch_size(ctx), iters,
+                                      int(ctx.budget.synth_batch_size))
+        return Synthesis(self.name, cfg.init, sizes, iters, float(cfg.lr), cfg.lr_schedule, cfg.lr_patience,
+                         cfg.min_lr, cfg.log_every)
+
+    def calibration_set(self, ctx: StrategyContext) -> CalibrationSet:
+        plan = self.plan(ctx)
+        labels = self.labels(ctx)
+        start = time.perf_counter()
+        with frozen(ctx.model) as model, BNStatsRecorder(model) as recorder:  # per-image statistics
+            objective, extra = self.objective(ctx, recorder, recorder.targets(ctx.device))
+            calib = synthesize(ctx, model, recorder, objective, plan, labels, objective.begin_batch, extra,
+                               started=start)
+        calib.info.update(objective.info())
+        return calib
+
+    def objective(self, ctx: StrategyContext, recorder: BNStatsRecorder, targets: BNTargets
+                  ) -> tuple[DSGObjective, dict[str, Any]]:
+        """DSG's loss (margins measured here) and what to record about it in ``info``."""
         delta, gamma, info = self.margins(ctx, recorder, targets)
         objective = DSGObjective(recorder, targets, self.cfg.input_weight, delta, gamma,
                                  self.cfg.enhance_weight, self.cfg.ce_weight)

@@ -6,14 +6,19 @@ while the FP model assigns them their target label (eq. 2):
 
     L_DATA = sum_l ||mu_l^p - mu_l^s||^2 + ||sigma_l^p - sigma_l^s||^2  +  gamma * CE(P(x), y)
 
-The loop is ZeroQ's (``zeroq.py``: batches, seeded starting images shared with zeroq/dsg, Adam,
-plateau schedule, divergence checks); this module swaps the objective (batch statistics instead of
-per-image ones, variances as eq. 1 writes them, no input-image term, the CE term), assigns
-class-balanced labels, and reads its own budget (``plf_samples`` images, ``plf_iterations`` steps
-per batch). The refinement that filters the set by reliability is ``refine=plf``
+The loop is the shared :func:`~calibbench.strategies.synthesis.synthesize` (batches, seeded
+starting images shared with zeroq/dsg, Adam, schedule, divergence checks), composed with PLF's own
+objective (batch statistics instead of ZeroQ's per-image ones, variances as eq. 1 writes them, no
+input-image term, the CE term), class-balanced labels, and its own budget (``plf_samples`` images,
+``plf_iterations`` steps per batch). The refinement that filters the set by reliability is ``refine=plf``
 (``refine/plf.py``), this strategy's default; ``strategy.t_low`` … ``strategy.lr`` are that stage's
 keys (conf/strategy/plf.yaml routes them to ``refine.plf``), so they stay out of the calibration
 cache key: a ``mu`` ablation reuses the synthesized set.
+
+Two learning rates, two keys: ``strategy.synth_lr`` is Adam's rate on the *pixels* (ZeroQ's and
+DSG's ``strategy.lr``), ``strategy.lr`` the quantized model's *fine-tuning* rate of ``refine=plf``
+(copied into ``refine.plf.lr``). The keys stay as they are (existing configs and sweeps use them);
+the synthesis reads ``synth_lr`` only, its errors name it, and ``info["lr"]`` is the pixel rate.
 
 Decisions where the paper is silent (docs/plf.md): the pixel optimizer is ZeroQ's (Adam, lr 0.5)
 with a cosine decay instead of ZeroQ's plateau schedule (with eq. 1 on batch variances, plateau at
@@ -26,17 +31,21 @@ seeded ``"plf/labels"`` stream.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from calibbench.bnstats import BNStatsRecorder, BNTargets
 from calibbench.config import ConfigError, check_plf_values
-from calibbench.strategies.base import CalibrationSet, StrategyContext, register
-from calibbench.strategies.zeroq import ZeroQ, ZeroQConfig, ZeroQObjective
+from calibbench.modes import frozen
+from calibbench.strategies import synthesis
+from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext, register
+from calibbench.strategies.synthesis import Synthesis, input_loss, synthesize
+from calibbench.strategies.zeroq import ZeroQConfig, ZeroQObjective
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +92,6 @@ class PLFObjective(ZeroQObjective):
         ce = F.cross_entropy(logits, labels)  # L_IL of eq. 2, batch mean
         terms = {"total": bn + self.gamma * ce, "bn": bn, "ce": ce}  # eq. 2
         if self.input_weight > 0:
-            from calibbench.strategies.zeroq import input_loss
-
             inp = input_loss(images)
             terms["total"] = terms["total"] + self.input_weight * inp
             terms["input"] = inp
@@ -92,16 +99,25 @@ class PLFObjective(ZeroQObjective):
 
 
 @register("plf", PLFConfig)
-class PLF(ZeroQ):
+class PLF(Strategy):
     """Class-balanced labelled synthesis; the reliability split happens in ``refine=plf``."""
 
     cfg: PLFConfig
+    synthetic = True
 
-    images_key, iterations_key = "plf_samples", "plf_iterations"
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.check_options(cfg)
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        """The strategy's options and the synthesis budget, before any work (preflight)."""
+        cls.check_options(cfg.strategy)
+        synthesis.check_budget(cfg.budget, cls.name, ("synth_batch_size", "plf_iterations", "plf_samples"))
 
     @classmethod
     def check_options(cls, cfg: Any) -> None:
-        super().check_options(cfg)
+        synthesis.check_options(cfg)
         if cfg.gamma < 0:
             raise ConfigError(f"strategy.gamma={cfg.gamma} is negative; must be >= 0")
         if not cfg.synth_lr > 0:
@@ -111,19 +127,14 @@ class PLF(ZeroQ):
     def num_images(self, ctx: StrategyContext) -> int:
         return int(ctx.budget.plf_samples)
 
-    def iterations(self, ctx: StrategyContext) -> int:
-        return int(ctx.budget.plf_iterations)
-
-    def pixel_lr(self) -> float:
-        return float(self.cfg.synth_lr)
-
-    def make_recorder(self, model: nn.Module) -> BNStatsRecorder:
-        return BNStatsRecorder(model, per_image=False, per_batch=True)
-
-    def make_objective(self, ctx: StrategyContext, recorder: BNStatsRecorder, targets: BNTargets
-                       ) -> tuple[PLFObjective, dict[str, Any]]:
-        return (PLFObjective(recorder, targets, self.cfg.gamma, self.cfg.input_weight),
-                {"gamma": self.cfg.gamma, "bn_stats": "batch", "labels_stream": STREAM_LABELS})
+    def plan(self, ctx: StrategyContext) -> Synthesis:
+        """The shared loop's settings: ``budget.plf_samples`` images in batches of
+        ``budget.synth_batch_size``, ``budget.plf_iterations`` steps, Adam at ``strategy.synth_lr``."""
+        cfg, iters = self.cfg, int(ctx.budget.plf_iterations)
+        sizes = synthesis.batch_sizes(self.name, self.num_images(ctx), int(ctx.budget.synth_batch_size), iters,
+                                      int(ctx.budget.synth_batch_size))
+        return Synthesis(self.name, cfg.init, sizes, iters, float(cfg.synth_lr), cfg.lr_schedule, cfg.lr_patience,
+                         cfg.min_lr, cfg.log_every, lr_key="synth_lr")
 
     def labels(self, ctx: StrategyContext) -> Tensor:
         """Class-balanced assigned labels: ``i mod N_c`` in a seeded random order."""
@@ -139,11 +150,18 @@ class PLF(ZeroQ):
         return out
 
     def calibration_set(self, ctx: StrategyContext) -> CalibrationSet:
-        calib = super().calibration_set(ctx)
+        plan = self.plan(ctx)
+        labels = self.labels(ctx)
+        start = time.perf_counter()
+        with frozen(ctx.model) as model, BNStatsRecorder(model, per_image=False, per_batch=True) as recorder:
+            objective = PLFObjective(recorder, recorder.targets(ctx.device), self.cfg.gamma, self.cfg.input_weight)
+            calib = synthesize(ctx, model, recorder, objective, plan, labels,
+                               extra={"gamma": self.cfg.gamma, "bn_stats": "batch", "labels_stream": STREAM_LABELS},
+                               started=start)
         with torch.no_grad():
             agree = []
-            for images, labels in calib.batches(int(ctx.budget.eval_batch_size)):
-                agree.append(ctx.model(images.to(ctx.device)).argmax(1).cpu() == labels)
+            for images, targets in calib.batches(int(ctx.budget.eval_batch_size)):
+                agree.append(ctx.model(images.to(ctx.device)).argmax(1).cpu() == targets)
         calib.info["num_images"] = len(calib)
         calib.info["fp_agrees_with_label"] = float(torch.cat(agree).float().mean())
         return calib

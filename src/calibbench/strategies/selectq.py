@@ -75,6 +75,7 @@ from tqdm.auto import tqdm
 
 from calibbench.config import ConfigError, RunConfig, StrategyConfig, check_choice
 from calibbench.datasets import CORRUPT_LABEL, warn_skipped
+from calibbench.modes import eval_mode
 from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext, register
 from calibbench.strategies.random import check_pool
 from calibbench.strategies.selectq_clustering import (
@@ -380,49 +381,45 @@ class SelectQ(Strategy):
         cfg = self.cfg
         batch_size = self.forward_batch_size(ctx)
         model = ctx.model
-        was_training = model.training
-        model.eval()  # BN uses its running statistics and never updates them
-        try:
-            with ActivationStats(model, cfg.stats) as tap, torch.inference_mode():
-                t0 = time.perf_counter()
-                init = tap(random_inputs(ctx, cfg.num_centroids))
-                layout = tap.layout(cfg.gamma).to(init.device)
-                updater = CentroidUpdater(init, layout, len(pool), cfg.update_batch_size,
-                                          cfg.lambda_max, cfg.lambda_min, cfg.anneal_t_max,
-                                          cfg.update_rule)
-                seconds = {"init": time.perf_counter() - t0}
-                _warn_memory(len(pool), init.shape[1])
-                stats = torch.empty(len(pool), init.shape[1])
-                t0 = time.perf_counter()
-                # Corrupt files come out labelled CORRUPT_LABEL: they keep their traversal position
-                # (and λ_t) but give no statistics, and leave the pool before ranking.
-                loader = ctx.data.loader(ctx.data.train, batch_size, pool[order].tolist(),
-                                         skip_corrupt=True)
-                bar = tqdm(total=len(pool), unit="img", desc="selectq", disable=not ctx.progress,
-                           leave=False)
-                start = 0
-                valid = torch.ones(len(pool), dtype=torch.bool)
-                for images, labels in loader:
-                    keep = labels != CORRUPT_LABEL
-                    stop = start + images.shape[0]
-                    if bool(keep.all()):
-                        batch = tap(images.to(ctx.device, non_blocking=True))
-                    else:
-                        valid[order[start:stop][~keep]] = False
-                        batch = torch.full((images.shape[0], init.shape[1]), float("nan"), device=init.device)
-                        if bool(keep.any()):
-                            batch[keep.to(init.device)] = tap(images[keep].to(ctx.device, non_blocking=True))
-                    updater.feed(batch, keep.to(batch.device))
-                    stats[order[start:stop]] = batch.cpu()  # one device→host copy per batch
-                    start = stop
-                    bar.update(images.shape[0])
-                bar.close()
-                if start != len(pool):
-                    raise RuntimeError(f"the loader yielded {start} images for a pool of {len(pool)}")
-                centroids = updater.finish()
-                seconds["pass"] = time.perf_counter() - t0
-        finally:
-            model.train(was_training)
+        # eval mode: BN uses its running statistics and never updates them
+        with eval_mode(model), ActivationStats(model, cfg.stats) as tap, torch.inference_mode():
+            t0 = time.perf_counter()
+            init = tap(random_inputs(ctx, cfg.num_centroids))
+            layout = tap.layout(cfg.gamma).to(init.device)
+            updater = CentroidUpdater(init, layout, len(pool), cfg.update_batch_size,
+                                      cfg.lambda_max, cfg.lambda_min, cfg.anneal_t_max,
+                                      cfg.update_rule)
+            seconds = {"init": time.perf_counter() - t0}
+            _warn_memory(len(pool), init.shape[1])
+            stats = torch.empty(len(pool), init.shape[1])
+            t0 = time.perf_counter()
+            # Corrupt files come out labelled CORRUPT_LABEL: they keep their traversal position
+            # (and λ_t) but give no statistics, and leave the pool before ranking.
+            loader = ctx.data.loader(ctx.data.train, batch_size, pool[order].tolist(),
+                                     skip_corrupt=True)
+            bar = tqdm(total=len(pool), unit="img", desc="selectq", disable=not ctx.progress,
+                       leave=False)
+            start = 0
+            valid = torch.ones(len(pool), dtype=torch.bool)
+            for images, labels in loader:
+                keep = labels != CORRUPT_LABEL
+                stop = start + images.shape[0]
+                if bool(keep.all()):
+                    batch = tap(images.to(ctx.device, non_blocking=True))
+                else:
+                    valid[order[start:stop][~keep]] = False
+                    batch = torch.full((images.shape[0], init.shape[1]), float("nan"), device=init.device)
+                    if bool(keep.any()):
+                        batch[keep.to(init.device)] = tap(images[keep].to(ctx.device, non_blocking=True))
+                updater.feed(batch, keep.to(batch.device))
+                stats[order[start:stop]] = batch.cpu()  # one device→host copy per batch
+                start = stop
+                bar.update(images.shape[0])
+            bar.close()
+            if start != len(pool):
+                raise RuntimeError(f"the loader yielded {start} images for a pool of {len(pool)}")
+            centroids = updater.finish()
+            seconds["pass"] = time.perf_counter() - t0
         skipped = pool[~valid].tolist()
         if skipped:
             warn_skipped(ctx.data, skipped, "train", "the SelectQ pool")

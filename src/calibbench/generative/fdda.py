@@ -55,18 +55,19 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from calibbench.bnstats import BNStatsRecorder
 from calibbench.config import ConfigError, RunConfig, check_choice
-from calibbench.generator import GenLossTerm, GenStepOutputs, gen_term
-from calibbench.refine import register as register_refiner
-from calibbench.refine.generative import GeneratorRefiner
-from calibbench.seeding import stream_seed
-from calibbench.strategies.base import CalibrationSet, StrategyContext, register
-from calibbench.strategies.generative import (
+from calibbench.generative.refiners import GeneratorRefiner
+from calibbench.generative.strategy import (
     K_INDEXING,
     GeneratorStrategy,
     GeneratorStrategyConfig,
     class_stats,
     deep_start,
 )
+from calibbench.generative.terms import GenLossTerm, GenStepOutputs, gen_term, moment_mse, noisy_targets, spread
+from calibbench.modes import eval_mode
+from calibbench.refine import register as register_refiner
+from calibbench.seeding import stream_seed
+from calibbench.strategies.base import CalibrationSet, StrategyContext, register
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +88,6 @@ class FDDAConfig(GeneratorStrategyConfig):
     real_batch_size: Optional[int] = None  # null: min(budget.gen_batch_size, number of real images)
 
 
-def _moment(std: Tensor, kind: str) -> Tensor:
-    """The spread statistic compared: the variance (as std², eps on both sides cancels) or std."""
-    return std.pow(2) if kind == "var" else std
-
-
 class _FineTerm(GenLossTerm):
     """C-BNS / D-BNS: each synthetic sample's (or class's) deep-layer statistics to its class's
     center (+ noise for D-BNS). ``state``: the strategy's centers (see :meth:`FDDA.setup_state`)."""
@@ -103,11 +99,11 @@ class _FineTerm(GenLossTerm):
                 state: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """Targets (rows of ``keys``: one per sample or class) for one deep layer."""
         t_mean, t_mom = center_mean[keys], center_mom[keys]
-        if self.noisy:
+        if self.noisy:  # seeded per (step, layer): the run's fdda/dbns stream
             g = torch.Generator().manual_seed(stream_seed(int(state["seed"]), f"fdda/dbns/{step}/{layer}"))
             scale = (lambda v: math.sqrt(v)) if self.cfg.noise_param == "variance" else (lambda v: v)
-            t_mean = t_mean + scale(float(self.cfg.v_mu)) * torch.randn(t_mean.shape, generator=g).to(t_mean)
-            t_mom = t_mom + scale(float(self.cfg.v_sigma)) * torch.randn(t_mom.shape, generator=g).to(t_mom)
+            t_mean, t_mom = noisy_targets(t_mean, t_mom, scale(float(self.cfg.v_mu)),
+                                          scale(float(self.cfg.v_sigma)), g)
         return t_mean, t_mom
 
     def __call__(self, out: GenStepOutputs) -> Tensor:
@@ -128,9 +124,8 @@ class _FineTerm(GenLossTerm):
                 keys, mean, std = class_stats(mean, std, labels)
             else:
                 keys = labels
-            t_mean, t_mom = self.targets(c_mean, _moment(c_std, kind), keys, start + j, out.step, state)
-            losses.append(torch.nn.functional.mse_loss(mean, t_mean)
-                          + torch.nn.functional.mse_loss(_moment(std, kind), t_mom))
+            t_mean, t_mom = self.targets(c_mean, spread(c_std, kind), keys, start + j, out.step, state)
+            losses.append(moment_mse(mean, std, t_mean, t_mom, kind))
         return torch.stack(losses).mean()
 
 
@@ -223,20 +218,19 @@ class FDDA(GeneratorStrategy):
         batch = int(ctx.budget.calib_batch_size)
         found: dict[int, tuple[int, Tensor]] = {}
         scanned = 0
-        was = ctx.model.training
-        ctx.model.eval()
-        for start in range(0, limit, batch):
-            x, _, idx, _ = ctx.data.load_valid(order[start:min(limit, start + batch)].tolist(), "train", batch)
-            scanned += len(idx)
-            if not idx:
-                continue
-            pred = ctx.model(x.to(ctx.device)).argmax(1).cpu().tolist()
-            for i, c in enumerate(pred):
-                if c not in found:
-                    found[c] = (idx[i], x[i])
-            if len(found) == k:
-                break
-        ctx.model.train(was)
+        with eval_mode(ctx.model):
+            for start in range(0, limit, batch):
+                x, _, idx, _ = ctx.data.load_valid(order[start:min(limit, start + batch)].tolist(), "train",
+                                                   batch)
+                scanned += len(idx)
+                if not idx:
+                    continue
+                pred = ctx.model(x.to(ctx.device)).argmax(1).cpu().tolist()
+                for i, c in enumerate(pred):
+                    if c not in found:
+                        found[c] = (idx[i], x[i])
+                if len(found) == k:
+                    break
         classes = sorted(found)
         images = torch.stack([found[c][1] for c in classes]) if classes else torch.empty(0)
         return images, torch.tensor(classes, dtype=torch.long), [found[c][0] for c in classes], scanned
@@ -249,19 +243,17 @@ class FDDA(GeneratorStrategy):
         start = deep_start(len(layers), self.cfg.k_indexing)
         deep = list(layers[start:])
         k = real["num_classes"]
-        was = ctx.model.training
-        ctx.model.eval()
-        # Per-image statistics in eval mode do not depend on the batch: forwarded in chunks of
-        # budget.calib_batch_size, so ImageNet's 1000 real images never form one 224x224 batch.
-        chunk = max(1, int(ctx.budget.calib_batch_size))
-        parts: list[list[tuple[Tensor, Tensor]]] = []
-        with torch.no_grad(), BNStatsRecorder(ctx.model, layers=deep, per_image=True, detach=True,
-                                              correction=self.bn_correction) as rec:
-            for begin in range(0, len(real["images"]), chunk):
-                rec.clear()
-                ctx.model(real["images"][begin:begin + chunk].to(ctx.device))
-                parts.append([(m.cpu(), s.cpu()) for m, s in rec.image_stats()])
-        ctx.model.train(was)
+        with eval_mode(ctx.model):
+            # Per-image statistics in eval mode do not depend on the batch: forwarded in chunks of
+            # budget.calib_batch_size, so ImageNet's 1000 real images never form one 224x224 batch.
+            chunk = max(1, int(ctx.budget.calib_batch_size))
+            parts: list[list[tuple[Tensor, Tensor]]] = []
+            with torch.no_grad(), BNStatsRecorder(ctx.model, layers=deep, per_image=True, detach=True,
+                                                  correction=self.bn_correction) as rec:
+                for begin in range(0, len(real["images"]), chunk):
+                    rec.clear()
+                    ctx.model(real["images"][begin:begin + chunk].to(ctx.device))
+                    parts.append([(m.cpu(), s.cpu()) for m, s in rec.image_stats()])
         stats = [(torch.cat([p[j][0] for p in parts]), torch.cat([p[j][1] for p in parts]))
                  for j in range(len(parts[0]))]
         labels = real["labels"]

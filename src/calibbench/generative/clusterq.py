@@ -56,7 +56,8 @@ new terms average per-layer MSEs over the deep layers and compare the std or the
 
 **Quantized model**: KD fine-tuning on the generated batches, alternating with the generator
 (``refine=clusterq``: the ClusterQ code's KD at T = 20 plus CE to the generator's labels, SGD
-Nesterov); :class:`ClusterQRefiner` adds the refinement stage's centroid shifts to its record.
+Nesterov); :meth:`ClusterQ.refinement_record` adds the refinement stage's centroid shifts to its
+record (from the state the refinement ended with, handed back by the alternating stage).
 ``refine=none`` is an error (GeneratorStrategy.check_run).
 
 **How the public code (DiamondSheep/ClusterQ) differs** — it does no clustering at all: its
@@ -75,28 +76,29 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from calibbench.bnstats import bn_targets
 from calibbench.config import BudgetConfig, ConfigError, RunConfig, check_choice
-from calibbench.generator import GenLossTerm, GenStepOutputs, gen_term
-from calibbench.refine import register as register_refiner
-from calibbench.refine.generative import GeneratorRefiner
-from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext, register
-from calibbench.strategies.generative import (
+from calibbench.generative.handover import GeneratorHandover
+from calibbench.generative.refiners import GeneratorRefiner
+from calibbench.generative.strategy import (
     K_INDEXING,
     GeneratorStrategy,
     GeneratorStrategyConfig,
     class_stats,
     deep_start,
 )
+from calibbench.generative.terms import GenLossTerm, GenStepOutputs, gen_term, moment_mse, noisy_targets, spread
+from calibbench.record import CURVE_POINTS, thin
+from calibbench.refine import register as register_refiner
+from calibbench.strategies.base import CalibrationSet, StrategyContext, register
 
 if TYPE_CHECKING:
-    from calibbench.tracking import Tracker
+    pass
 
 DIV_LEVELS = ("image", "class")
-SHIFT_POINTS = 200  # as many points as a loss curve keeps (refine/distill.py CURVE_POINTS)
 
 
 def deep_image_stats(out: GenStepOutputs) -> tuple[Tensor, Tensor]:
@@ -115,13 +117,10 @@ def layer_mse(pred: Tensor, target: Tensor, channels: list[int]) -> Tensor:
 
 def stats_loss(mean: Tensor, std: Tensor, t_mean: Tensor, t_std: Tensor, channels: list[int],
                moment: str, t_var: Optional[Tensor] = None) -> Tensor:
-    """layer_mse of the means + of the moment (std² vs target std² -- or ``t_var`` when given --,
-    or std vs std)."""
-    if moment == "var":
-        spread = layer_mse(std.pow(2), t_std.pow(2) if t_var is None else t_var, channels)
-    else:
-        spread = layer_mse(std, t_std, channels)
-    return layer_mse(mean, t_mean, channels) + spread
+    """:func:`~calibbench.generative.terms.moment_mse` averaged per deep layer (:func:`layer_mse`):
+    the means + the moment (std² vs target std² -- or ``t_var`` when given --, or std vs std)."""
+    t_spread = t_var if moment == "var" and t_var is not None else spread(t_std, moment)
+    return moment_mse(mean, std, t_mean, t_spread, moment, lambda a, b: layer_mse(a, b, channels))
 
 
 def diversity_targets(t_mean: Tensor, t_std: Tensor, var_mean: float, var_spread: float, moment: str,
@@ -129,11 +128,9 @@ def diversity_targets(t_mean: Tensor, t_std: Tensor, var_mean: float, var_spread
     """The perturbed centroid: ``(mean + ε_μ, spread + ε_σ)`` with ε_μ ~ N(0, var_mean) and
     ε_σ ~ N(0, var_spread), where the spread is the moment compared (``var``: the variance σ², as
     FDDA adds its noise to the variance; ``std``: σ). Unbiased: E[target] = centroid, for either
-    moment (adding the noise to σ and squaring would give E = σ² + var_spread)."""
-    noise_mean = torch.randn(t_mean.shape, generator=generator).to(t_mean.device) * math.sqrt(var_mean)
-    noise = torch.randn(t_std.shape, generator=generator).to(t_std.device) * math.sqrt(var_spread)
-    spread = t_std.pow(2) if moment == "var" else t_std
-    return t_mean + noise_mean, spread + noise
+    moment (adding the noise to σ and squaring would give E = σ² + var_spread). ``generator=None``
+    draws from torch's global generator (what :class:`DiversityTerm` does)."""
+    return noisy_targets(t_mean, spread(t_std, moment), math.sqrt(var_mean), math.sqrt(var_spread), generator)
 
 
 @gen_term("align")
@@ -198,7 +195,6 @@ class ClusterQ(GeneratorStrategy):
     def __init__(self, cfg: ClusterQConfig) -> None:
         super().__init__(cfg)
         self.shifts: list[tuple[int, int, float]] = []  # (step, classes updated, RMS shift)
-        self._state: Optional[dict[str, Any]] = None  # the live state of the last training (records)
         self._ema_warmup = 0
 
     # -- config ---------------------------------------------------------------------------------
@@ -240,26 +236,24 @@ class ClusterQ(GeneratorStrategy):
                 "deep_start": start, "deep_channels": targets.channels}
 
     def update_state(self, state: dict[str, Any], out: GenStepOutputs, step: int) -> None:
-        self._state = state
         if step <= self._ema_warmup:
             return
         self.shifts.append((int(step), *ema_update(state, out, float(self.cfg.ema_decay))))
 
     # -- records --------------------------------------------------------------------------------
-    def shift_record(self, max_points: int = SHIFT_POINTS) -> dict[str, list]:
+    def shift_record(self, max_points: int = CURVE_POINTS) -> dict[str, list]:
         """The centroid shift per EMA update (thinned to ``max_points``, first and last kept)."""
-        n = len(self.shifts)
-        if n == 0:
-            return {"step": [], "classes_updated": [], "shift": []}
-        k = min(n, max_points)
-        keep = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
-        rows = [self.shifts[i] for i in keep]
+        rows = [self.shifts[i] for i in thin(len(self.shifts), max_points)]
         return {"step": [r[0] for r in rows], "classes_updated": [r[1] for r in rows],
                 "shift": [r[2] for r in rows]}
 
+    def refinement_record(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The refinement stage's centroid shifts and the EMA updates per class (warm-up included)."""
+        return {"centroid_shift": self.shift_record(), "ema_updates_per_class": state["ema_updates"].tolist()}
+
     def calibration_set(self, ctx: StrategyContext) -> CalibrationSet:
         calib = super().calibration_set(ctx)
-        state = calib.state["strategy"]
+        state = GeneratorHandover.from_calibration(calib, "clusterq").strategy_state
         calib.info.update({
             "ema_warmup_steps": self.ema_warmup(ctx.budget), "ema_decay": float(self.cfg.ema_decay),
             "k_indexing": self.cfg.k_indexing, "deep_start": int(state["deep_start"]),
@@ -291,15 +285,7 @@ def ema_update(state: dict[str, Any], out: GenStepOutputs, decay: float) -> tupl
 @register_refiner("clusterq")
 class ClusterQRefiner(GeneratorRefiner):
     """ClusterQ's quantized-model side (KD + CE, conf/refine/clusterq.yaml): the alternating stage
-    of ``refine=gdfq``, plus the centroid shifts of the refinement stage in the record."""
-
-    def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Strategy, ctx: StrategyContext,
-            calib: CalibrationSet, track: Optional[Tracker] = None) -> dict[str, Any]:
-        record = super().run(qmodel, teacher, strategy, ctx, calib, track)
-        if isinstance(strategy, ClusterQ) and record.get("steps") and strategy._state is not None:
-            record["centroid_shift"] = strategy.shift_record()
-            record["ema_updates_per_class"] = strategy._state["ema_updates"].tolist()  # warm-up included
-        return record
+    of ``refine=gdfq``; the record gets the centroid shifts through :meth:`ClusterQ.refinement_record`."""
 
 
 __all__ = ["ClusterQ", "ClusterQConfig", "ClusterQRefiner", "AlignTerm", "DiversityTerm", "ema_update"]

@@ -2,7 +2,7 @@
 
 :class:`GenerativeModule` extends the ``refine=kd`` module family (:class:`~calibbench.refine.
 distill.StudentModule`: student, frozen teacher, student loss terms, NaN check, optimizer) with a
-second player, the conditional generator of a :class:`~calibbench.strategies.generative.
+second player, the conditional generator of a :class:`~calibbench.generative.strategy.
 GeneratorStrategy`. Every step (one item of the strategy's ``generator_inputs`` stream):
 
 1. **generator step**: ``images = G(z, y)``; the frozen FP teacher runs on them with a
@@ -22,7 +22,9 @@ Every term of both players is in the step's row (``generator/<term>``, ``generat
 :func:`trainer_kwargs`): with two optimizers Lightning's ``global_step`` counts both.
 
 :func:`warm_up` runs the same module without a student (the calibration stage's generator
-warm-up); :func:`train_alternating` is the refinement stage.
+warm-up; the module has no refine config then: ``cfg=None``, which the student-only options
+never read); :func:`train_alternating` is the refinement stage, continuing from the calibration
+stage's :class:`~calibbench.generative.handover.GeneratorHandover`.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.lr_scheduler import LRScheduler
 
 from calibbench.bnstats import BNStatsRecorder, BNTargets
-from calibbench.generator import Generator, GenLossTerm, GenStepOutputs
-from calibbench.refine import stream
+from calibbench.generative.handover import GeneratorHandover
+from calibbench.generative.network import Generator
+from calibbench.generative.terms import GenLossTerm, GenStepOutputs
+from calibbench.refine import refine_record, stream
 from calibbench.refine.distill import CurveRecorder, StudentModule, check_length, fit, training
 from calibbench.refine.guard import factors
 from calibbench.refine.losses import LossTerm, build_terms
@@ -50,10 +54,11 @@ GENERATOR, STUDENT, WARMUP = "generator", "quantized model", "generator (warm-up
 
 
 class GenerativeModule(StudentModule):
-    """Generator + (optional) student + frozen teacher; two optimizers, manual optimization."""
+    """Generator + (optional) student + frozen teacher; two optimizers, manual optimization.
+    ``cfg``: the refine config of the student's side (``None`` without a student)."""
 
     def __init__(self, student: Optional[nn.Module], teacher: nn.Module,
-                 terms: Sequence[tuple[str, float, LossTerm]], cfg: Any, max_steps: int,
+                 terms: Sequence[tuple[str, float, LossTerm]], cfg: Optional[Any], max_steps: int,
                  generator: Generator, gen_terms: Sequence[tuple[str, float, GenLossTerm]],
                  strategy: Any, layers: Sequence[tuple[str, _BatchNorm]], state: Optional[dict] = None,
                  warmup_steps: int = 0, range_params: Sequence[nn.Parameter] = (),
@@ -193,9 +198,8 @@ def warm_up(gen: Generator, teacher: nn.Module, strategy: Any, ctx: Any,
         return {"optimizer": opt_state, "state": state, "class_counts": counts, "curve": {}, "seconds": 0.0}
     start = time.perf_counter()
     recorder = CurveRecorder()
-    cfg = {"bn": "frozen"}
     with training(None, teacher, ctx, None, "generator/torch"):
-        module = GenerativeModule(None, teacher, (), _Cfg(cfg), steps, gen, strategy.gen_terms(), strategy,
+        module = GenerativeModule(None, teacher, (), None, steps, gen, strategy.gen_terms(), strategy,
                                   layers, state, warmup_steps=steps)
         module.guard_factor = factors(getattr(ctx, "guard", None))[0]
         fit(module, _inputs(strategy, ctx, gen, batch_size, "generator/warmup"), ctx, steps, recorder,
@@ -209,35 +213,28 @@ def warm_up(gen: Generator, teacher: nn.Module, strategy: Any, ctx: Any,
             "seconds": round(time.perf_counter() - start, 3)}
 
 
-class _Cfg:
-    """The few refine options the student-less warm-up module reads."""
-
-    def __init__(self, values: dict[str, Any]) -> None:
-        self.__dict__.update(values)
-
-
 def train_alternating(student: nn.Module, teacher: nn.Module, strategy: Any, ctx: Any, calib: Any,
-                      cfg: Any, steps: int, track: Any = None) -> dict[str, Any]:
+                      cfg: Any, steps: int, track: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Refinement of a generator strategy: ``steps`` alternating steps continuing the generator
-    warmed up in the calibration stage (``calib.state``); the ``refine`` record."""
-    if "generator" not in calib.state:
-        raise RuntimeError(f"refine={cfg.name}: the calibration set of strategy {strategy.name!r} carries "
-                           f"no generator state (was it made by a generator strategy?)")
+    warmed up in the calibration stage (its :class:`GeneratorHandover` in ``calib``); the
+    ``refine`` record and the strategy's state at the end (on the device, as the last
+    ``update_state`` left it)."""
+    handover = GeneratorHandover.from_calibration(calib, f"refine={cfg.name} (strategy {strategy.name!r})")
     batch_size = int(ctx.budget.gen_batch_size)
     warmup = int(calib.info.get("warmup_steps", 0))
     layers = strategy.bn_layers(teacher)
     gen = strategy.build_generator(ctx)
-    gen.load_state_dict(calib.state["generator"])
+    gen.load_state_dict(handover.generator)
     terms = build_terms(cfg)
     start = time.perf_counter()
     recorder = CurveRecorder(track)
     state = strategy.setup_state(ctx, list(layers))
-    state.update(copy.deepcopy(calib.state.get("strategy", {})))
+    state.update(copy.deepcopy(handover.strategy_state))
     state = {k: (v.to(ctx.device) if isinstance(v, Tensor) else v) for k, v in state.items()}
     with training(student, teacher, ctx, cfg, "refine/torch") as range_params:
         module = GenerativeModule(student, teacher, terms, cfg, warmup + steps, gen, strategy.gen_terms(),
                                   strategy, layers, state, warmup_steps=warmup, range_params=range_params,
-                                  gen_optimizer_state=calib.state.get("optimizer"), step_offset=warmup)
+                                  gen_optimizer_state=handover.optimizer, step_offset=warmup)
         module.guard_factor = factors(getattr(ctx, "guard", None))[0]
         fit(module, _inputs(strategy, ctx, gen, batch_size, "refine/generator"), ctx, steps, recorder,
             manual=True)
@@ -247,13 +244,16 @@ def train_alternating(student: nn.Module, teacher: nn.Module, strategy: Any, ctx
     log.info("refine: %d alternating steps x %d images in %.1f s, loss %.4f -> %.4f", steps, batch_size,
              seconds, rows[0]["loss"], rows[-1]["loss"])
     # every generated image's label: warm-up, the sampled calibration set, this stage
-    counts = calib.state.get("class_counts", torch.zeros(gen.num_classes, dtype=torch.long)) + module.class_counts
+    before = handover.class_counts if handover.class_counts is not None \
+        else torch.zeros(gen.num_classes, dtype=torch.long)
+    counts = before + module.class_counts
     if calib.labels is not None:
         counts = counts + torch.bincount(calib.labels, minlength=gen.num_classes)
-    return {"steps": len(rows), "batch_size": batch_size, "images_seen": module.images_seen,
-            "seconds": round(seconds, 3), "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
-            "terms": {name: weight for name, weight, _ in terms},
-            "generator_terms": {name: w for name, w, _ in module.gen_terms},
-            "warmup_steps": warmup, "images_generated": module.images_generated,
-            "images_generated_total": int(calib.info.get("images_generated", 0)) + module.images_generated,
-            "per_class_counts": counts.tolist(), "curve": recorder.curve()}
+    record = refine_record(
+        len(rows), batch_size, module.images_seen, round(seconds, 3), rows[0]["loss"], rows[-1]["loss"],
+        {name: weight for name, weight, _ in terms}, recorder.curve(),
+        generator_terms={name: w for name, w, _ in module.gen_terms}, warmup_steps=warmup,
+        images_generated=module.images_generated,
+        images_generated_total=int(calib.info.get("images_generated", 0)) + module.images_generated,
+        per_class_counts=counts.tolist())
+    return record, module.state

@@ -1,8 +1,8 @@
-"""Base of the generator-based strategies (gdfq, and FDDA / ClusterQ on top of it).
+"""Base of the generator-based strategies (gdfq, fdda, clusterq in this package).
 
 A :class:`GeneratorStrategy` owns the *generator player*: the conditional generator
-(``calibbench.generator``), its loss terms (``strategy.losses``: name → weight, from the
-``GEN_TERMS`` registry), its Adam optimizer, the latent/label stream, and the hooks a method
+(``network.py``), its loss terms (``strategy.losses``: name → weight, from the ``GEN_TERMS``
+registry of ``terms.py``), its Adam optimizer, the latent/label stream, and the hooks a method
 changes:
 
 - :meth:`bn_layers` — which BN layers of the FP model are recorded (default: every BatchNorm2d);
@@ -11,14 +11,19 @@ changes:
 - :meth:`update_state` — called after every generator step, under ``no_grad``, with that step's
   outputs (ClusterQ's EMA of correctly classified samples' statistics);
 - :meth:`real_batch` — an extra *real* batch for the quantized-model step (FDDA mixes its real
-  calibration images in); ``None`` (the default) trains on synthetic images only.
+  calibration images in); ``None`` (the default) trains on synthetic images only;
+- :meth:`refinement_record` — what the method adds to the ``refine`` record from the state the
+  refinement stage ended with (ClusterQ: its centroid shifts and EMA counts).
 
 The *quantized-model player* and the alternating loop are the refinement stage's
-(``refine/alternating.py``, ``refine=gdfq``): the generator is trained inside refinement. Before
-that, :meth:`calibration_set` warms the generator up alone for ``budget.gen_warmup_steps`` steps
-(the same Lightning module, without a student) and samples ``num_samples`` class-balanced images
-from it to calibrate the activation ranges; the warmed-up generator and its optimizer state travel
-to the refinement stage in ``CalibrationSet.state``. See docs/generators.md.
+(``alternating.py``, ``refine=gdfq``: ``refiners.py``): the generator is trained inside
+refinement, not in the strategy's ``batches`` (which a generator strategy does not override).
+Before that, :meth:`calibration_set` warms the generator up alone for
+``budget.gen_warmup_steps`` steps (the same Lightning module, without a student) and samples
+``num_samples`` class-balanced images from it to calibrate the activation ranges; the warmed-up
+generator, its optimizer state and the method's state travel to the refinement stage as a
+:class:`~calibbench.generative.handover.GeneratorHandover` in ``CalibrationSet.state``. See
+docs/generators.md.
 """
 
 from __future__ import annotations
@@ -27,23 +32,19 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from calibbench.bnstats import find_bn_layers
-from calibbench.config import ConfigError, RunConfig, StrategyConfig, check_choice
-from calibbench.generator import (
-    LATENT_DIM,
-    VARIANTS,
-    Generator,
-    GenLossTerm,
-    GenStepOutputs,
-    build_gen_terms,
-    build_generator,
-)
+from calibbench.config import ConfigError, StrategyConfig, check_choice
+from calibbench.generative.handover import GeneratorHandover
+from calibbench.generative.network import LATENT_DIM, VARIANTS, Generator, build_generator
+from calibbench.generative.refiners import refiner_class
+from calibbench.generative.terms import BNS_MOMENTS, GenLossTerm, GenStepOutputs, build_gen_terms
+from calibbench.modes import eval_mode
 from calibbench.seeding import stream_seed
 from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext
 
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 
 LABEL_MODES = ("uniform", "balanced")
 K_INDEXING = ("one_based", "zero_based")
-BNS_MOMENTS = ("var", "std")
 
 
 def deep_start(num_layers: int, k_indexing: str) -> int:
@@ -121,17 +121,20 @@ class GeneratorStrategy(Strategy):
         """Real (images, labels) added to the quantized model's batch of this step, or None."""
         return None
 
-    # -- the generator player -------------------------------------------------------------------
-    def check_run(self, cfg: RunConfig) -> None:
-        from calibbench.refine.generative import GeneratorRefiner, refiner_class
+    def refinement_record(self, state: dict[str, Any]) -> dict[str, Any]:
+        """What the method adds to the ``refine`` record, from the state the alternating
+        refinement ended with (``state`` as :meth:`update_state` left it)."""
+        return {}
 
+    # -- the generator player -------------------------------------------------------------------
+    def check_run(self, cfg: Any) -> None:
         if cfg.refine.name == "none":
             raise ConfigError(
                 f"strategy={self.name} with refine=none: the generator and the quantized model are "
                 f"trained together inside the refinement stage, so there is nothing to run without "
                 f"it; use this strategy's default (refine={self.name}, or refine=kd to distil on the "
                 f"warmed-up generator's fixed calibration set)")
-        if issubclass(refiner_class(cfg.refine.name), GeneratorRefiner):
+        if refiner_class(cfg.refine.name).requires == "generator":
             self.gen_terms()  # unknown/negative generator terms fail before any work
         check_choice(f"strategy {self.name} variant", self.cfg.variant, VARIANTS)
         check_choice(f"strategy {self.name} labels", self.cfg.labels, LABEL_MODES)
@@ -143,12 +146,8 @@ class GeneratorStrategy(Strategy):
     def model_classes(self, ctx: StrategyContext) -> int:
         """The FP model's number of outputs (one forward pass of a zero image)."""
         x = torch.zeros(1, len(ctx.data.mean), ctx.data.input_size, ctx.data.input_size, device=ctx.device)
-        was = ctx.model.training
-        ctx.model.eval()
-        with torch.no_grad():
-            n = int(ctx.model(x).shape[1])
-        ctx.model.train(was)
-        return n
+        with eval_mode(ctx.model), torch.no_grad():
+            return int(ctx.model(x).shape[1])
 
     def build_generator(self, ctx: StrategyContext) -> Generator:
         """The generator, initialised from the run's ``generator/init`` stream."""
@@ -196,17 +195,31 @@ class GeneratorStrategy(Strategy):
                   for zc, yc in zip(z.tensor_split(chunks), labels.tensor_split(chunks))]
         return torch.cat(images).float(), labels
 
+    def sampler(self, ctx: StrategyContext, calib: CalibrationSet, generator: torch.Generator
+                ) -> Callable[[int], Tensor]:
+        """``n -> n`` fresh images from the generator handed over with ``calib`` (not trained
+        further; class-balanced labels, :meth:`sample`), drawn from ``generator``."""
+        handover = GeneratorHandover.from_calibration(calib, f"strategy {self.name}")
+        gen = self.build_generator(ctx)
+        gen.load_state_dict(handover.generator)
+        gen.requires_grad_(False)
+
+        def sample(n: int) -> Tensor:
+            images, _ = self.sample(gen, int(n), int(n), generator)
+            return images
+
+        return sample
+
     def calibration_set(self, ctx: StrategyContext) -> CalibrationSet:
-        from calibbench.refine.alternating import warm_up
+        from calibbench.generative.alternating import warm_up  # Lightning only when training
 
         start = time.perf_counter()
         layers = self.bn_layers(ctx.model)
         gen = self.build_generator(ctx)
         steps, batch_size = int(ctx.budget.gen_warmup_steps), int(ctx.budget.gen_batch_size)
         warm = warm_up(gen, ctx.model, self, ctx, layers, steps, batch_size)
-        state = {"generator": {k: v.detach().cpu().clone() for k, v in gen.state_dict().items()},
-                 "optimizer": warm["optimizer"], "strategy": warm["state"],
-                 "class_counts": warm["class_counts"]}
+        handover = GeneratorHandover({k: v.detach().cpu().clone() for k, v in gen.state_dict().items()},
+                                     warm["optimizer"], warm["state"], warm["class_counts"])
         images, labels = self.sample(gen, ctx.num_samples, batch_size, ctx.generator("generator/sample"))
         counts = warm["class_counts"] + torch.bincount(labels, minlength=gen.num_classes)
         info = {"warmup_steps": steps, "gen_batch_size": batch_size, "generator_variant": gen.variant,
@@ -214,7 +227,7 @@ class GeneratorStrategy(Strategy):
                 "images_generated": steps * batch_size + ctx.num_samples,
                 "per_class_counts": counts.tolist(), "warmup_curve": warm["curve"],
                 "warmup_seconds": warm["seconds"], "seconds": round(time.perf_counter() - start, 3)}
-        return CalibrationSet(images, labels, info, state)
+        return CalibrationSet(images, labels, info, handover.to_state())
 
 
 __all__ = ["GeneratorStrategy", "GeneratorStrategyConfig", "LABEL_MODES", "K_INDEXING", "deep_start",

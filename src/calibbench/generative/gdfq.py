@@ -1,7 +1,7 @@
 """``gdfq``: Generative low-bitwidth Data-Free Quantization (Xu et al., ECCV 2020), the baseline of
 the generator-based strategies.
 
-A conditional generator G(z, y) (``calibbench.generator``) learns from the FP model alone:
+A conditional generator G(z, y) (``generative/network.py``) learns from the FP model alone:
 ``CE(F(G(z, y)), y) + 0.1 · L_BNS``, where L_BNS matches the mean and variance of each BN layer's
 input over the generated batch to the layer's running statistics (averaged over layers; the
 weight 0.1 and the variance are the GDFQ code's — ``bns_moment=std`` compares stds, the paper's σ).
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from calibbench.generative.strategy import GeneratorStrategy, GeneratorStrategyConfig
 from calibbench.strategies.base import register
-from calibbench.strategies.generative import GeneratorStrategy, GeneratorStrategyConfig
 
 
 @dataclass
@@ -31,6 +31,4 @@ class GDFQConfig(GeneratorStrategyConfig):
 
 @register("gdfq", GDFQConfig)
 class GDFQ(GeneratorStrategy):
-    """The plain GDFQ generator: terms ``ce`` and ``bns`` (calibbench.generator)."""
-
-    cfg: GDFQConfig
+    """The plain GDFQ generator: terms ``ce`` and ``bns`` (``generative/terms.py``)."""

@@ -9,6 +9,10 @@ layer's size). On exit the learned range is written back into the original quant
 ``set_range`` (the same grid the forward pass used) and the originals are put back, so evaluation
 runs on the ordinary frozen fast path. With ``act_ranges=frozen`` nothing here is used: the
 activation grid stays exactly the calibrated one (the STE passes no gradient to it).
+
+Reconstruction (``refine/recon.py``, ``learn_act``) learns step sizes instead
+(:class:`LearnedStepQuantizer`, :func:`learned_act_steps`). Quantizer pieces, so they live in
+``quant/`` (was ``refine/ranges.py``); the refiners import them.
 """
 
 from __future__ import annotations
