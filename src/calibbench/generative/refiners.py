@@ -18,7 +18,7 @@ YAML (e.g. ``@register_refiner("fdda") class FDDARefiner(GeneratorRefiner): pass
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, cast
+from typing import TYPE_CHECKING, Any, Optional, Protocol, cast
 
 from torch import nn
 
@@ -26,9 +26,15 @@ from calibbench.config import ConfigError
 from calibbench.refine import _REGISTRY, Refiner, check_feature_modules, empty_record, register
 
 if TYPE_CHECKING:  # strategies/ imports refine/: annotations only
-    from calibbench.generative.strategy import GeneratorStrategy  # imports this module
     from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext
     from calibbench.tracking import Tracker
+
+
+class _RecordsRefinement(Protocol):
+    """What the refiner reads of a generator strategy (``generative/strategy.py`` imports this
+    module, so the class itself is not imported here, not even for annotations)."""
+
+    def refinement_record(self, state: dict[str, Any]) -> dict[str, Any]: ...
 
 
 class GeneratorRefiner(Refiner):
@@ -49,7 +55,7 @@ class GeneratorRefiner(Refiner):
             return empty_record(int(ctx.budget.gen_batch_size))
         check_feature_modules(self.cfg, teacher, qmodel)
         record, state = train_alternating(qmodel, teacher, strategy, ctx, calib, self.cfg, steps, track)
-        return {**record, **cast("GeneratorStrategy", strategy).refinement_record(state)}
+        return {**record, **cast(_RecordsRefinement, strategy).refinement_record(state)}
 
 
 @register("gdfq")
