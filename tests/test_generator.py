@@ -16,7 +16,7 @@ from torch import nn
 
 from calibbench import quant, refine, strategies
 from calibbench.bnstats import BNStatsRecorder, find_bn_layers
-from calibbench.config import ConfigError, validate
+from calibbench.config import ConfigError
 from calibbench.generative.network import ConditionalBatchNorm2d, Generator, build_generator
 from calibbench.generative.terms import GenBNSTerm, GenStepOutputs, build_gen_terms
 from calibbench.pipeline import run
@@ -218,11 +218,11 @@ def test_refine_none_with_gdfq_says_why(compose):
     (["strategy=gdfq", "strategy.labels=sorted"], "unknown strategy gdfq labels 'sorted'"),
 ])
 def test_bad_generator_config_is_one_clear_error(compose, overrides, message):
+    from calibbench.preflight import preflight
+
     cfg = compose(*SMOKE, *overrides)
     with pytest.raises(ConfigError, match=re.escape(message)):
-        validate(cfg)
-        refine.validate(cfg)
-        strategies.build(cfg.strategy).check_run(cfg)
+        preflight(cfg)
 
 
 @pytest.mark.parametrize("name", ["gdfq", "fdda", "clusterq"])

@@ -39,7 +39,7 @@ LAYERS: list[set[str]] = [
 
 # None left: the generator stage (network, terms, strategy base, alternating module, its methods and
 # refiners) has one home, calibbench.generative, which imports strategies and refine; strategies
-# never imports refine or generative, and refine reads the strategy registry only (refine → strategies).
+# never imports refine or generative, and refine names strategies' types in annotations only.
 KNOWN_CIRCLES: set[frozenset[str]] = set()
 
 
@@ -107,6 +107,25 @@ def test_the_generator_stage_builds_on_strategies_and_refine_and_neither_imports
     assert {"strategies", "refine"} <= edges["generative"]
     assert "generative" not in edges["strategies"] | edges["refine"]
     assert "refine" not in edges["strategies"]
+
+
+def test_a_refiner_never_imports_a_strategy_module_at_run_time():
+    """refine/ names Strategy, StrategyContext and CalibrationSet in annotations only (under
+    ``TYPE_CHECKING``): what a refiner needs of the calibration stage is declared
+    (``Refiner.requires``, ``check_strategy``) and compared by preflight, not imported."""
+    found = []
+    for path in sorted((SRC / "refine").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                       and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+                       for n in ast.walk(node)}
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom)
+                     and node.module else [])
+            if id(node) not in typing_only and any(n.startswith("calibbench.strategies") for n in names):
+                found.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    assert not found, f"refine/ imports strategies/ at run time: {found}"
 
 
 def test_config_imports_nothing_of_the_package():

@@ -54,6 +54,16 @@ class Refiner(ABC):
     def check(cls, cfg: RunConfig) -> None:
         """Checks of the run config ``cfg`` that only this refiner knows; raise ConfigError."""
 
+    @classmethod
+    def check_strategy(cls, cfg: RunConfig, strategy: Strategy) -> None:
+        """The strategy x refiner combination (preflight calls it with the built strategy, before
+        any work): what this refiner ``requires`` of the calibration stage, compared with what
+        the strategy declares (``Strategy.trains_generator``), so neither imports the other."""
+        if cls.requires == "generator" and not strategy.trains_generator:
+            raise ConfigError(f"refine={cfg.refine.name} trains a generator together with the quantized "
+                              f"model and needs a generator strategy; strategy={cfg.strategy.name} has "
+                              f"none. Use refine=kd with it")
+
     @abstractmethod
     def run(self, qmodel: nn.Module, teacher: nn.Module, strategy: Strategy, ctx: StrategyContext,
             calib: CalibrationSet, track: Optional[Tracker] = None) -> dict[str, Any]:
@@ -70,6 +80,11 @@ def register(name: str) -> Callable[[type[Refiner]], type[Refiner]]:
 
 def available() -> list[str]:
     return _REGISTRY.available()
+
+
+def get(name: str) -> type[Refiner]:
+    """The refiner class registered as ``name`` (an unknown name lists the registered ones)."""
+    return _REGISTRY.get(name)
 
 
 def build(cfg: RefineConfig) -> Refiner:
@@ -135,6 +150,13 @@ class PseudoLabelFiltering(Distill):
     """PLF (Fan et al.): L_KL + tau (L_CE^h + beta L_CE^l + mu L_MSE) on the shared distillation
     module; ``refine.losses`` (default ``kd: 1``, the L_KL of eq. 15) plus the terms of
     ``refine/plf.py`` weighted from ``refine.plf``."""
+
+    @classmethod
+    def check_strategy(cls, cfg: RunConfig, strategy: Strategy) -> None:
+        from calibbench.refine.plf import check_stream
+
+        super().check_strategy(cfg, strategy)
+        check_stream(strategy)
 
     @classmethod
     def weights(cls, cfg: RefineConfig) -> dict[str, float]:
@@ -222,7 +244,6 @@ def validate(cfg: RunConfig) -> None:
     check_choice("refine.kd_reduction", r.kd_reduction, KD_REDUCTIONS)
     check_choice("refine.act_ranges", r.act_ranges, ACT_RANGES)
     check_choice("refine.bn", r.bn, BN_MODES)
-    _check_strategy(cfg)
     if r.name == "plf":
         plf.validate(cfg)
     if "feature" in _active_terms(r):
@@ -231,19 +252,6 @@ def validate(cfg: RunConfig) -> None:
                               "whose outputs student and teacher should match")
         if r.name != "none":
             check_feature_modules(r, _architecture(cfg.model))
-
-
-def _check_strategy(cfg: RunConfig) -> None:
-    """A refiner that requires a generator (refine=gdfq, ...) needs a strategy that trains one:
-    both sides declare it (``Refiner.requires``, ``Strategy.trains_generator``), so neither
-    imports the other's module."""
-    from calibbench import strategies
-
-    if (_REGISTRY.get(cfg.refine.name).requires == "generator" and cfg.strategy.name in strategies.available()
-            and not strategies.get(cfg.strategy.name).trains_generator):
-        raise ConfigError(f"refine={cfg.refine.name} trains a generator together with the quantized "
-                          f"model and needs a generator strategy; strategy={cfg.strategy.name} has "
-                          f"none. Use refine=kd with it")
 
 
 def run(qmodel: nn.Module, teacher: nn.Module, strategy: Strategy, ctx: StrategyContext,

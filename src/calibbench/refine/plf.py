@@ -290,9 +290,7 @@ def reliability_record(teacher: nn.Module, images: Tensor, schedule: Reliability
 def check_stream(strategy: Strategy) -> None:
     """PLF scores a fixed set of images with the FP model: a strategy whose stream is a generator
     (fresh images every step, no set to score once) has no logits source for it."""
-    from calibbench.strategies.base import Strategy
-
-    if type(strategy).batches is not Strategy.batches:
+    if strategy.streams_fresh_images:
         raise ConfigError(f"refine=plf scores a fixed image set once with the FP model, but strategy="
                           f"{strategy.name} streams fresh generator images every step (no fixed set, "
                           f"no logits source to filter); use refine=kd or that strategy's own refine")
@@ -307,7 +305,4 @@ def validate(cfg: RunConfig) -> None:
     if cfg.refine.plf.features == "list" and not cfg.refine.feature_modules:
         raise ConfigError("refine.plf.features=list needs refine.feature_modules: the module paths "
                           "whose FP and quantized outputs eq. 13 compares")
-    from calibbench import strategies
 
-    if cfg.strategy.name in strategies.available():
-        check_stream(strategies.build(cfg.strategy))

@@ -112,7 +112,7 @@ class Strategy(ABC):
     name: str = ""
     synthetic: bool = False  # True when images are generated, not selected from the train split
     # True when the images come from a generator trained inside the refinement stage: what a
-    # refiner declaring ``requires = "generator"`` needs (checked by refine.validate, before work).
+    # refiner declaring ``requires = "generator"`` needs (checked by preflight, before work).
     trains_generator: bool = False
     # The paper's reading of each config field whose calibbench default departs from it (e.g.
     # SelectQ's select: the paper says "highest"). A run that departs is labelled as such.
@@ -152,6 +152,13 @@ class Strategy(ABC):
         """Checks of the whole run config that only this strategy knows (e.g. a generator strategy
         needs a refinement stage); raise ConfigError. Called by the preflight on the one built
         strategy, after :meth:`check` and ``refine.validate``, before any work."""
+
+    @property
+    def streams_fresh_images(self) -> bool:
+        """True when :meth:`batches` is overridden to stream new images every step (no fixed set):
+        declared here so that a refiner that needs a fixed set (``refine=plf``) asks the strategy
+        instead of importing this module."""
+        return type(self).batches is not Strategy.batches
 
     def paper_deviations(self) -> list[str]:
         """``["select=lowest"]``: the fields of this run that differ from the paper's reading."""
