@@ -3,7 +3,7 @@
 The synthesis loop adds BN-input statistics, the loss, Adam and the LR scheduler to what any
 pixel optimization must do anyway (a forward pass and a backward pass to the pixels). This script
 times both on the same batch (32 images, 32×32, the offline pretrained resnet20) in one process,
-with warm-up and interleaved repeats, and prints the ratio; the goal is ≤ 1.3. The headline ratio
+with warm-up and interleaved repeats, and prints the ratio; the goal is ≤ 1.15 (issue 24). The headline ratio
 is the median over repeats of (synthesis run) / (mean of the baseline runs just before and after).
 
     python benchmarks/synthesis_cost.py [--threads 1] [--iterations 15] [--repeats 9]
