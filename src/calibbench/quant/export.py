@@ -286,6 +286,17 @@ def _bypass(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
     return inputs[0]
 
 
+def _conv_geometry(layer: QuantConv2d | QuantLinear, where: str) -> tuple[bool, dict[str, Any], list[int]]:
+    """(is a conv, F.conv2d's keyword arguments, kernel shape) of an exact-form layer; padding
+    other than explicit zeros has no ConvInteger form."""
+    if not isinstance(layer, QuantConv2d):
+        return False, {}, []
+    if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+        raise _NotInteger(f"{where}: padding {layer.padding!r}/{layer.padding_mode}")
+    return True, dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                      groups=layer.groups), list(layer.kernel_size)
+
+
 class IntegerLayer:
     """A conv/linear layer with a quantized input computed as an exact integer accumulation.
 
@@ -306,14 +317,7 @@ class IntegerLayer:
         spec = act_spec(quantizer, where)
         if spec is None or spec[4] != torch.uint8:
             raise _NotInteger(f"{where}: input grid is not uint8")
-        self.is_conv = isinstance(layer, QuantConv2d)
-        self.conv_args: dict[str, Any] = {}
-        if isinstance(layer, QuantConv2d):
-            if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
-                raise _NotInteger(f"{where}: padding {layer.padding!r}/{layer.padding_mode}")
-            self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
-                                  groups=layer.groups)
-            self.kernel_shape = list(layer.kernel_size)
+        self.is_conv, self.conv_args, self.kernel_shape = _conv_geometry(layer, where)
         v, scale = weight_codes(layer, where)
         v, s_w = v.double(), scale.double()
         bias = layer.bias.detach().double() if layer.bias is not None else None
@@ -424,14 +428,7 @@ class FloatLayer:
     """
 
     def __init__(self, layer: QuantConv2d | QuantLinear, bn: Optional[nn.BatchNorm2d], where: str) -> None:
-        self.is_conv = isinstance(layer, QuantConv2d)
-        self.conv_args: dict[str, Any] = {}
-        if isinstance(layer, QuantConv2d):
-            if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
-                raise _NotInteger(f"{where}: padding {layer.padding!r}/{layer.padding_mode}")
-            self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
-                                  groups=layer.groups)
-            self.kernel_shape = list(layer.kernel_size)
+        self.is_conv, self.conv_args, self.kernel_shape = _conv_geometry(layer, where)
         if layer.weight_quantizer.active:
             v, scale = weight_codes(layer, where)
             w = (v * scale.view([-1] + [1] * (v.dim() - 1))).double()  # == quantized_weight(), exact

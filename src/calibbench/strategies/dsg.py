@@ -37,9 +37,16 @@ from calibbench.bnstats import BNStatsRecorder, BNTargets, find_bn_layers
 from calibbench.config import ConfigError, check_choice
 from calibbench.modes import frozen
 from calibbench.strategies import synthesis
-from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext, register
+from calibbench.strategies.base import CalibrationSet, StrategyContext, register
 from calibbench.strategies.random import check_pool
-from calibbench.strategies.synthesis import IMAGE_STREAM, Synthesis, init_images, input_loss, synthesize
+from calibbench.strategies.synthesis import (
+    IMAGE_STREAM,
+    Synthesis,
+    SynthesisStrategy,
+    init_images,
+    input_loss,
+    synthesize,
+)
 from calibbench.strategies.zeroq import ZeroQConfig, ZeroQObjective
 
 log = logging.getLogger(__name__)
@@ -170,23 +177,12 @@ class DSGObjective(ZeroQObjective):
 
 
 @register("dsg", DSGConfig)
-class DSG(Strategy):
+class DSG(SynthesisStrategy):
     """The shared synthesis loop with ZeroQ's setting (Adam lr 0.5, plateau schedule, budget
     iterations) and DSG's loss, on batches of L images (the number of BN layers) by default."""
 
     cfg: DSGConfig
-    synthetic = True
     paper_reading = {"batch_size": "layers"}  # the paper's N = L
-
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        self.check_options(cfg)
-
-    @classmethod
-    def check(cls, cfg: Any) -> None:
-        """The strategy's options and the synthesis budget, before any work (preflight)."""
-        cls.check_options(cfg.strategy)
-        synthesis.check_budget(cfg.budget, cls.name, ("synth_batch_size", "synth_iterations"))
 
     @classmethod
     def check_options(cls, cfg: Any) -> None:

@@ -43,8 +43,8 @@ from calibbench.bnstats import BNStatsRecorder, BNTargets
 from calibbench.config import ConfigError, check_plf_values
 from calibbench.modes import frozen
 from calibbench.strategies import synthesis
-from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext, register
-from calibbench.strategies.synthesis import Synthesis, input_loss, synthesize
+from calibbench.strategies.base import CalibrationSet, StrategyContext, register
+from calibbench.strategies.synthesis import Synthesis, SynthesisStrategy, input_loss, synthesize
 from calibbench.strategies.zeroq import ZeroQConfig, ZeroQObjective
 
 log = logging.getLogger(__name__)
@@ -99,21 +99,11 @@ class PLFObjective(ZeroQObjective):
 
 
 @register("plf", PLFConfig)
-class PLF(Strategy):
+class PLF(SynthesisStrategy):
     """Class-balanced labelled synthesis; the reliability split happens in ``refine=plf``."""
 
     cfg: PLFConfig
-    synthetic = True
-
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        self.check_options(cfg)
-
-    @classmethod
-    def check(cls, cfg: Any) -> None:
-        """The strategy's options and the synthesis budget, before any work (preflight)."""
-        cls.check_options(cfg.strategy)
-        synthesis.check_budget(cfg.budget, cls.name, ("synth_batch_size", "plf_iterations", "plf_samples"))
+    budget_fields = ("synth_batch_size", "plf_iterations", "plf_samples")
 
     @classmethod
     def check_options(cls, cfg: Any) -> None:

@@ -31,9 +31,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from calibbench.bnstats import BNStatsRecorder, channel_stats
-from calibbench.config import ConfigError, check_choice
+from calibbench.config import ConfigError, RunConfig, check_choice
 from calibbench.datasets import DataModule
-from calibbench.strategies.base import CalibrationSet, StrategyContext
+from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,29 @@ def batch_sizes(name: str, num_images: int, batch_size: int, iterations: int, bu
         raise ConfigError(f"{name}: {num_images} images asked; must be a positive integer")
     full, rest = divmod(num_images, batch_size)
     return [batch_size] * full + ([rest] if rest else [])
+
+
+class SynthesisStrategy(Strategy):
+    """What ZeroQ, DSG and PLF share besides the loop they call (:func:`synthesize`): their
+    options are checked when built and by preflight (:meth:`check`), together with the budget
+    fields the synthesis reads (``budget_fields``)."""
+
+    synthetic = True
+    budget_fields: tuple[str, ...] = ("synth_batch_size", "synth_iterations")
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.check_options(cfg)
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        """The strategy's options and the synthesis budget, before any work (preflight)."""
+        cls.check_options(cfg.strategy)
+        check_budget(cfg.budget, cls.name, cls.budget_fields)
+
+    @classmethod
+    def check_options(cls, cfg: Any) -> None:
+        """This strategy's own options (``strategy.*``); raise ConfigError."""
 
 
 # -- the loop ----------------------------------------------------------------------------------

@@ -21,11 +21,11 @@ from typing import Any, Optional
 from torch import Tensor
 
 from calibbench.bnstats import BNStatsRecorder, BNTargets
-from calibbench.config import RunConfig, StrategyConfig
+from calibbench.config import StrategyConfig
 from calibbench.modes import frozen
 from calibbench.strategies import synthesis
-from calibbench.strategies.base import CalibrationSet, Strategy, StrategyContext, register
-from calibbench.strategies.synthesis import Synthesis, input_loss, synthesize
+from calibbench.strategies.base import CalibrationSet, StrategyContext, register
+from calibbench.strategies.synthesis import Synthesis, SynthesisStrategy, input_loss, synthesize
 
 log = logging.getLogger(__name__)
 
@@ -70,23 +70,11 @@ class ZeroQObjective:
 
 
 @register("zeroq", ZeroQConfig)
-class ZeroQ(Strategy):
+class ZeroQ(SynthesisStrategy):
     """Pixels optimized with Adam against the BN statistics; several independent batches when
     ``num_samples`` exceeds ``budget.synth_batch_size`` (the last one smaller)."""
 
     cfg: ZeroQConfig
-
-    synthetic = True
-
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        self.check_options(cfg)
-
-    @classmethod
-    def check(cls, cfg: RunConfig) -> None:
-        """The strategy's options and the synthesis budget, before any work (preflight)."""
-        cls.check_options(cfg.strategy)
-        synthesis.check_budget(cfg.budget, cls.name, ("synth_batch_size", "synth_iterations"))
 
     @classmethod
     def check_options(cls, cfg: Any) -> None:
