@@ -151,7 +151,7 @@ def make_ctx():
     def _make(model, data, num_samples: int = 16, seed: int = 0, **budget):
         fields = dict(name="smoke", eval_limit=64, eval_batch_size=32, calib_batch_size=16,
                       pool_size=64, synth_iterations=4, synth_batch_size=8, refine_steps=0,
-                      refine_batch_size=8)
+                      refine_batch_size=8, plf_samples=16, plf_iterations=4)
         fields.update(budget)
         return StrategyContext(model=model, data=data, device=torch.device("cpu"), seed=seed,
                                num_samples=num_samples, budget=BudgetConfig(**fields), progress=False)

@@ -33,7 +33,8 @@ SMALL = ["model.weights=none", "budget=smoke", f"dataset.val_size={VAL_SIZE}", "
          "budget.eval_limit=10", "budget.pool_size=24", "budget.synth_batch_size=4",
          "budget.synth_iterations=2", "budget.gen_batch_size=4", "budget.gen_warmup_steps=1",
          "budget.refine_steps=1", "budget.refine_batch_size=4", "budget.calib_batch_size=8",
-         "budget.eval_batch_size=10", "threads=1", "dataset.num_workers=0"]
+         "budget.eval_batch_size=10", "threads=1", "dataset.num_workers=0",
+         "quant.pool_values=4096"]  # the MSE search on 4k values per quantizer (64 of them on mobilenetv3)
 IMAGENET_MODELS = ("mobilenetv2", "resnet18", "tv_resnet18")
 
 
