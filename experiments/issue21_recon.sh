@@ -6,7 +6,8 @@
 #   adaround  AdaRound on the same sets (BITS=3 or 4 for one bit-width)
 #   calib   QDrop with refine.init=calibrated (the calibration set's own grid instead of the MSE search)
 #   dfq     data-free reconstruction: gdfq/clusterq + qdrop (the warmed-up generator's images)
-#   all     grid, dfq, then calib and adaround at W3A3, then at W4A4
+#   val2    PLF's eq.-13 layers (stages | hast) and gdfq's refine.lr under kd_reduction=mean, on val
+#   all     grid, dfq, val2, then calib and adaround at W3A3, then at W4A4
 #   report  the summaries
 # Two jobs at a time on two cores; rerunning resumes (finished jobs are skipped). OUT (default
 # outputs) holds the sweeps; total times are appended to $OUT/issue21.times.
@@ -24,6 +25,11 @@ case "${1:-}" in
       refine.act_lr=0.00004,0.001,0.004 $J hydra.sweep.dir=$OUT/sweeps/i21_val
     timed val_brecq $PY -m calibbench -m refine=brecq bits=3 strategy=random seed=0,1,2 eval_split=val \
       refine.act_lr=0.0004,0.002 $J hydra.sweep.dir=$OUT/sweeps/i21_val ;;
+  val2)
+    timed val_plf $PY -m calibbench -m strategy=plf bits=4 seed=0,1,2 eval_split=val refine.plf.features=stages,hast \
+      $J hydra.sweep.dir=$OUT/sweeps/i21_val
+    timed val_gdfq $PY -m calibbench -m strategy=gdfq bits=4 seed=0,1,2 eval_split=val refine.lr=0.0001,0.001 \
+      $J hydra.sweep.dir=$OUT/sweeps/i21_val ;;
   grid)
     timed grid_none $PY -m calibbench -m refine=none bits=3,4 strategy=$S seed=0,1,2 $J hydra.sweep.dir=$OUT/sweeps/i21_grid
     timed grid_blocks $PY -m calibbench -m refine=qdrop,brecq bits=3,4 strategy=$S seed=0,1,2 $J \
@@ -37,9 +43,9 @@ case "${1:-}" in
   dfq)
     timed dfq $PY -m calibbench -m refine=qdrop bits=3,4 strategy=gdfq,clusterq seed=0,1,2 $J hydra.sweep.dir=$OUT/sweeps/i21_grid ;;
   all)  # the order the measurement ran in (most wanted first)
-    bash "$0" grid; bash "$0" dfq; BITS=3 bash "$0" calib; BITS=3 bash "$0" adaround
+    bash "$0" grid; bash "$0" dfq; bash "$0" val2; BITS=3 bash "$0" calib; BITS=3 bash "$0" adaround
     BITS=4 bash "$0" calib; BITS=4 bash "$0" adaround ;;
   report)
     for d in i21_val i21_grid; do $PY -m calibbench report "$OUT/sweeps/$d"; done ;;
-  *) echo "usage: bash experiments/issue21_recon.sh val|grid|adaround|calib|dfq|all|report" >&2; exit 2 ;;
+  *) echo "usage: bash experiments/issue21_recon.sh val|val2|grid|adaround|calib|dfq|all|report" >&2; exit 2 ;;
 esac
