@@ -726,3 +726,70 @@ def test_reference_preset_is_8bit_ends_and_an_unquantized_image(compose):
     assert first.input_quantizer is None  # the image is not quantized
     assert inputs[-1][1] == 8 and {b for _, b in inputs[:-1]} == {3}
     assert quant.describe(qmodel)["preset"] == "reference"
+
+
+def _fake_quant_drop_before(x, s, z, lo, hi, quantized):
+    """FakeQuantDrop's forward as it was written before the pass count was cut (the reference the
+    leaner kernel must reproduce bit for bit): out, d out/d x, the LSQ factor e."""
+    u = x * (1.0 / s)
+    r = torch.round(u)
+    codes = r.clamp(lo - z, hi - z)
+    clipped = r.sub(codes).abs_().sign_()
+    if quantized is not None:
+        clipped.mul_(quantized)
+    passed = clipped.neg_().add_(1.0)
+    e = u.mul(passed).neg_().add_(codes)
+    if quantized is not None:
+        e.mul_(quantized)
+    q = codes.mul(s)
+    if quantized is not None:
+        q = q.mul_(quantized).add_((1.0 - quantized).mul_(x))
+    return q, passed, e
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("drop", [None, 0.5])
+@pytest.mark.parametrize("learn_zp", [False, True])
+def test_fake_quant_drop_is_bitwise_the_unfused_expression(dtype, drop, learn_zp):
+    """The fused kernel (eq/ge masks, addcmul, grad_z only when the zero point learns) gives the
+    same floats as the plain expression: output, input gradient, and the step/zero-point
+    gradients as the same dot products."""
+    from calibbench.quant.drop import FakeQuantDrop
+
+    g = torch.Generator().manual_seed(1)
+    x = (3 * torch.randn(8, 4, 7, 7, generator=g, dtype=dtype))
+    x[0, 0, 0, :3] = torch.tensor([0.5, -0.0, 2.5], dtype=dtype) * 0.25  # ties and a signed zero
+    s, z = 0.25, 3.0
+    quantized = None if drop is None else (torch.rand(x.shape, generator=g) >= drop).to(dtype)
+    weight = torch.randn(x.shape, generator=g, dtype=dtype)
+    xr = x.clone().requires_grad_(True)
+    scale = torch.tensor(s, dtype=dtype, requires_grad=True)
+    zp = torch.tensor(z, dtype=dtype, requires_grad=learn_zp)
+    out = FakeQuantDrop.apply(xr, scale, zp, 0.0, 15.0, None if quantized is None else quantized.clone())
+    grads = torch.autograd.grad((out * weight).sum(), (xr, scale, zp) if learn_zp else (xr, scale))
+    want, passed, e = _fake_quant_drop_before(x, s, z, 0.0, 15.0, quantized)
+    assert torch.equal(out.detach(), want)
+    assert torch.equal(grads[0], weight * passed)
+    assert torch.equal(grads[1], torch.dot(weight.reshape(-1), e.reshape(-1)))
+    if learn_zp:
+        flat = weight.reshape(-1)
+        assert torch.equal(grads[2], (flat.sum() - torch.dot(flat, passed.reshape(-1))) * -s)
+
+
+def test_bernoulli_mask_bytes_are_the_previous_draw():
+    """The byte path compares the drawn bytes with 256·p directly; the mask is the one the
+    earlier clamp(256·p − byte, 0, 1) arithmetic gave for the same seed."""
+    from calibbench.quant.drop import bernoulli_mask
+
+    like = torch.empty(5, 3, 11, 7)
+    for p in (0.0, 0.25, 0.5, 1.0):
+        torch.manual_seed(7)
+        words = torch.randint(-2**63, 2**63 - 1, ((like.numel() + 7) // 8,), dtype=torch.int64)
+        codes = words.view(torch.uint8)[:like.numel()].float()
+        want = codes.neg_().add_(p * 256.0).clamp_(0.0, 1.0).view(like.shape)
+        torch.manual_seed(7)
+        assert torch.equal(bernoulli_mask(like, p), want)
+        after = torch.rand(3)  # the stream moved by exactly the same draw
+        torch.manual_seed(7)
+        torch.randint(-2**63, 2**63 - 1, words.shape, dtype=torch.int64)
+        assert torch.equal(after, torch.rand(3))

@@ -27,11 +27,13 @@ def bernoulli_mask(like: Tensor, p: float) -> Tensor:
     """
     levels = float(p) * 256.0
     if levels != int(levels):
-        return (torch.rand_like(like) < p).to(like.dtype)
+        return torch.rand_like(like).lt_(p)
     n = like.numel()
     words = torch.randint(-2**63, 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=like.device)
-    codes = words.view(torch.uint8)[:n].to(like.dtype)
-    return codes.neg_().add_(levels).clamp_(0.0, 1.0).view(like.shape)  # 1 where byte < 256·p
+    out = torch.empty_like(like)
+    if levels >= 256:  # 256 does not fit the bytes' dtype; the draw above keeps the stream aligned
+        return out.fill_(1.0)
+    return torch.lt(words.view(torch.uint8)[:n].view(like.shape), int(levels), out=out)
 
 
 def mix_(a: Tensor, b: Tensor, quantized: Tensor) -> Tensor:
@@ -39,7 +41,7 @@ def mix_(a: Tensor, b: Tensor, quantized: Tensor) -> Tensor:
     (products with 0 and 1); ``quantized`` is consumed. In place because each new full-size
     tensor costs more than the arithmetic on it (fresh pages; profiled in a resnet20 block step)."""
     a.mul_(quantized)
-    return a.add_(quantized.neg_().add_(1.0).mul_(b))
+    return a.addcmul_(b, quantized.neg_().add_(1.0))
 
 
 class FakeQuantDrop(torch.autograd.Function):
@@ -67,14 +69,13 @@ class FakeQuantDrop(torch.autograd.Function):
         u = x * (1.0 / s)
         r = torch.round(u)
         codes = r.clamp(lo, hi)
-        clipped = r.sub_(codes).abs_().sign_()  # 1 where the code was clamped, else 0
+        passed = r.eq_(codes)  # d out / d x: 1 inside the code range (0 where clamped) ...
         if quantized is not None:
-            clipped.mul_(quantized)
-        passed = clipped.neg_().add_(1.0)  # d out / d x: 1 inside the code range or kept float
+            passed.ge_(quantized)  # ... and 1 where kept float
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             # d out / d s: codes − u inside, the bound where clamped (codes − u·passed: the same
             # floats as round(u) − u, no rounding error at the bounds), 0 where kept float
-            e = u.mul_(passed).neg_().add_(codes)
+            e = torch.addcmul(codes, u, passed, value=-1.0, out=u)
             if quantized is not None:
                 e.mul_(quantized)
             ctx.save_for_backward(passed, e)
@@ -92,9 +93,11 @@ class FakeQuantDrop(torch.autograd.Function):
         if len(ctx.saved_tensors) == 2:
             e = ctx.saved_tensors[1]
             flat = grad.reshape(-1)
-            grad_s = torch.dot(flat, e.reshape(-1)).reshape(())
-            # the clamped elements are the ones not passed: Σ grad·clipped = Σ grad − Σ grad·passed
-            grad_z = (flat.sum() - torch.dot(flat, passed.reshape(-1))).mul_(-ctx.s).reshape(())
+            if ctx.needs_input_grad[1]:
+                grad_s = torch.dot(flat, e.reshape(-1)).reshape(())
+            if ctx.needs_input_grad[2]:  # a learned zero point (LSQ+); else the zero point is fixed
+                # the clamped elements are the ones not passed: Σ grad·clipped = Σ grad − Σ grad·passed
+                grad_z = (flat.sum() - torch.dot(flat, passed.reshape(-1))).mul_(-ctx.s).reshape(())
         return grad_x, grad_s, grad_z, None, None, None
 
 

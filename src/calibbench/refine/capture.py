@@ -113,7 +113,8 @@ class UnitData:
         return q_in, fp_in, target, weight
 
     def get(self, idx: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
-        """A training batch: the images ``idx`` (or, with a sampler, as many fresh images)."""
+        """A training batch: the images ``idx`` (or, with a sampler, as many fresh images); new
+        tensors, which the caller may write into."""
         if self.sampler is not None:
             return self.compute(self.sampler(len(idx)).to(self.device))
         return self.compute(self.images[idx].to(self.device))
@@ -140,9 +141,12 @@ class CachedUnitData(UnitData):
         self.tensors_device = parts[0][0].device  # where the cache lives (the inputs are always there)
 
     def get(self, idx: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
+        """Fresh copies of the rows ``idx`` (callers may write into them). ``index_select``, not
+        ``t[idx]``: the same copy at ~1/6 of advanced indexing's cost on the CPU."""
         idx = idx.to(self.tensors_device)
         # inputs and targets (positions 0, 2) are never None: the tuple has compute()'s types
-        return tuple(None if t is None else t[idx] for t in self.tensors)  # type: ignore[return-value]
+        return tuple(None if t is None else t.index_select(0, idx)  # type: ignore[return-value]
+                     for t in self.tensors)
 
     fixed = get
 
