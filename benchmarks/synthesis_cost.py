@@ -6,12 +6,7 @@ times both on the same batch (32 images, 32×32, the offline pretrained resnet20
 with warm-up and interleaved repeats, and prints the ratio; the goal is ≤ 1.15 (issue 24). The headline ratio
 is the median over repeats of (synthesis run) / (mean of the baseline runs just before and after).
 
-    python benchmarks/synthesis_cost.py [--threads 1] [--iterations 15] [--repeats 9] [--compare]
-
-The strategies run as they do in a real run, with their BN layers fused with the statistics
-(``BNStatsRecorder(fuse=True)``); ``--compare`` also times the unfused reference path
-(``fuse_bn = False``: forward pre-hooks beside ATen's BatchNorm) in the same interleaved loop, so
-before/after ratios come from one run under the same load.
+    python benchmarks/synthesis_cost.py [--threads 1] [--iterations 15] [--repeats 9]
 
 The baseline backpropagates to the pixels with frozen parameters (what the synthesis itself does);
 the same pass with parameter gradients is printed for reference.
@@ -60,9 +55,8 @@ def time_plain(model: torch.nn.Module, x: torch.Tensor, steps: int, param_grads:
     return elapsed
 
 
-def time_strategy(name: str, model: torch.nn.Module, iterations: int, batch: int, fuse: bool = True) -> float:
-    """Seconds per synthesis iteration, as the strategy measures its own optimization loop
-    (``fuse``: the strategy's ``fuse_bn``)."""
+def time_strategy(name: str, model: torch.nn.Module, iterations: int, batch: int) -> float:
+    """Seconds per synthesis iteration, as the strategy measures its own optimization loop."""
     from calibbench.config import BudgetConfig
     from calibbench.datasets import DataModule
     from calibbench.strategies import StrategyContext, build
@@ -74,9 +68,7 @@ def time_strategy(name: str, model: torch.nn.Module, iterations: int, batch: int
     # DSG at the same batch as the baseline (its default is L images, 21 for resnet20).
     cfg = ZeroQConfig() if name == "zeroq" else DSGConfig(margin_samples=batch, batch_size=batch)
     ctx = StrategyContext(model, data, torch.device("cpu"), 0, batch, budget, progress=False)
-    strategy = build(cfg)
-    strategy.fuse_bn = fuse
-    return float(strategy.calibration_set(ctx).info["seconds_per_iteration"])
+    return float(build(cfg).calibration_set(ctx).info["seconds_per_iteration"])
 
 
 def main() -> None:
@@ -86,24 +78,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--weights", type=Path, default=WEIGHTS)
-    parser.add_argument("--compare", action="store_true", help="also time the unfused BN-statistics path")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = load_model(args.weights)
     x = torch.randn(args.batch, 3, 32, 32)
-    keys = ["zeroq", "dsg"] + (["zeroq_unfused", "dsg_unfused"] if args.compare else [])
-    for key in keys:  # warm-up of the whole path
-        time_strategy(key.split("_")[0], model, 5, args.batch, fuse=not key.endswith("_unfused"))
-    runs: dict[str, list[float]] = {"plain": [], "plain_params": [], **{k: [] for k in keys}}
-    paired: dict[str, list[float]] = {k: [] for k in keys}
+    time_strategy("zeroq", model, 5, args.batch)  # warm-up of the whole path
+    time_strategy("dsg", model, 5, args.batch)
+    runs: dict[str, list[float]] = {"plain": [], "plain_params": [], "zeroq": [], "dsg": []}
+    paired: dict[str, list[float]] = {"zeroq": [], "dsg": []}
     for _ in range(args.repeats):
         # Short runs, interleaved, each synthesis run between two baseline runs: other jobs on the
         # machine change the speed by tens of percent within seconds, so only neighbours compare.
         before = time_plain(model, x, args.iterations, param_grads=False)
-        for key in keys:
-            t = time_strategy(key.split("_")[0], model, args.iterations, args.batch,
-                              fuse=not key.endswith("_unfused"))
+        for key in ("zeroq", "dsg"):
+            t = time_strategy(key, model, args.iterations, args.batch)
             after = time_plain(model, x, args.iterations, param_grads=False)
             runs[key].append(t)
             runs["plain"] += [before, after]
@@ -114,12 +103,11 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in runs.items()}
     print(f"resnet20, batch {args.batch}x3x32x32, {args.threads} thread(s), {args.iterations} steps x "
           f"{args.repeats} repeats (min / median, ms)")
-    labels = {"plain": "plain forward+backward (pixel grad)",
-              "plain_params": "plain forward+backward (+param grads)",
-              **{k: f"{k.replace('_', ' ')} iteration" for k in keys}}
-    for key, label in labels.items():
+    for key, label in (("plain", "plain forward+backward (pixel grad)"),
+                       ("plain_params", "plain forward+backward (+param grads)"),
+                       ("zeroq", "zeroq iteration"), ("dsg", "dsg iteration")):
         print(f"  {label:40s} {best[key] * 1e3:8.2f}  {med[key] * 1e3:8.2f}")
-    for key in keys:
+    for key in ("zeroq", "dsg"):
         print(f"ratio {key} / plain: {statistics.median(paired[key]):.3f} (median of paired runs)  "
               f"{best[key] / best['plain']:.3f} (min / min)   goal <= 1.15")
 

@@ -8,11 +8,9 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from calibbench import bnstats
-from calibbench.bnstats import BNStatsRecorder, GradBuffer, Scratch, channel_stats, find_bn_layers, spatial_moments
+from calibbench.bnstats import BNStatsRecorder, channel_stats, find_bn_layers, spatial_moments
 from calibbench.config import ConfigError
 from calibbench.modes import frozen
 from calibbench.seeding import stream_seed
@@ -42,28 +40,6 @@ class TwoBranch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.conv0(self.bn_in(x)))
         x = torch.relu(self.bn1(self.conv1(x)))
-        return self.head(x.mean((2, 3)))
-
-
-class ConvBN(nn.Module):
-    """Two conv → BN → ReLU stages: every BN input feeds only its BN layer, as in resnets."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.conv1, self.bn1 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
-        self.conv2, self.bn2 = nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8)
-        self.head = nn.Linear(8, 10)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        for bn in (self.bn1, self.bn2):
-            bn.running_mean.copy_(torch.randn(bn.num_features, generator=g))
-            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
         return self.head(x.mean((2, 3)))
 
 
@@ -146,98 +122,6 @@ def test_moments_match_torch_and_gradcheck():
     assert torch.isfinite(std).all()
     mean, std = channel_stats(x.detach().float(), per_image=False, correction=0, eps=0.0)
     torch.testing.assert_close(std, x.detach().float().var((0, 2, 3), unbiased=False).sqrt())
-
-
-def _fused_calls(monkeypatch) -> list[int]:  # noqa: ANN001
-    """Count the calls of the fused BN node, so a test sees that the fused path actually ran."""
-    calls: list[int] = []
-    real = bnstats._BatchNormMoments.apply
-
-    def counting(*args):  # noqa: ANN002, ANN202
-        calls.append(1)
-        return real(*args)
-
-    monkeypatch.setattr(bnstats._BatchNormMoments, "apply", counting)
-    return calls
-
-
-def test_fused_bn_gradient_is_the_unfused_one_bit_for_bit(monkeypatch):
-    calls = _fused_calls(monkeypatch)
-    grads, stats = [], []
-    model = TwoBranch()
-    for fuse in (False, True):
-        x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
-        with frozen(model), BNStatsRecorder(model, per_image=True, per_batch=True, fuse=fuse) as rec:
-            logits = model(x)
-            mean, std = rec.flat_image_stats()
-            bmean, bstd = rec.flat_batch_stats()
-            loss = logits.logsumexp(1).sum() + mean.pow(2).sum() + (std - 1).pow(2).sum() + bstd.sum()
-            loss.backward()
-        grads.append(x.grad)
-        stats.append(torch.cat([mean.flatten(), std.flatten(), bmean, bstd]).detach())
-        assert all("forward" not in bn.__dict__ for _, bn in find_bn_layers(model))  # restored on exit
-    assert len(calls) == 2  # both layers fused in the second pass
-    assert torch.equal(grads[0], grads[1]) and torch.equal(stats[0], stats[1])
-
-
-def test_fused_bn_backward_gradcheck_and_matches_autograd():
-    """The hand-written backward against finite differences and against autograd through
-    ``F.batch_norm`` and ``torch.var_mean`` (float64, so the comparison is about the maths)."""
-    bn = TwoBranch().bn1.double().eval().requires_grad_(False)
-    bn.weight.copy_(torch.linspace(-2.0, 2.0, 8, dtype=torch.double))
-    x = torch.randn(3, 8, 5, 4, dtype=torch.double, requires_grad=True)
-    factors = bnstats._grad_factors(bn, x.dim())
-    shared = GradBuffer()
-    shared.shared = True  # gradcheck keeps every backward's result: no buffer reuse
-
-    def fused(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return bnstats._BatchNormMoments.apply(t, bn, 1, factors, shared, Scratch())
-
-    assert torch.autograd.gradcheck(fused, (x,))
-    g = [torch.randn(3, 8, 5, 4, dtype=torch.double), torch.randn(3, 8, dtype=torch.double),
-         torch.randn(3, 8, dtype=torch.double)]
-    got = torch.autograd.grad(fused(x), x, g)[0]
-    var, mean = torch.var_mean(x, (2, 3))
-    y = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-    want = torch.autograd.grad((y, mean, var), x, g)[0]
-    torch.testing.assert_close(got, want)
-
-
-def test_fused_recorder_falls_back_and_keeps_per_layer_eps():
-    model = TwoBranch().eval()
-    model.bn1.eps = 1e-3  # flat stats with two different eps values
-    x = torch.randn(4, 3, 8, 8)
-    before = model.bn_in.running_mean.clone()
-    with BNStatsRecorder(model, fuse=True) as rec:
-        model.bn_in.train()  # training mode: the hook path and the layer's own forward
-        model(x)
-        per_layer = rec.image_stats()
-        mean, std = rec.flat_image_stats()
-    assert not torch.equal(model.bn_in.running_mean, before)  # it normalized with batch statistics
-    torch.testing.assert_close(mean, torch.cat([m for m, _ in per_layer], 1), rtol=0, atol=0)
-    torch.testing.assert_close(std, torch.cat([s for _, s in per_layer], 1), rtol=0, atol=0)
-    torch.testing.assert_close(per_layer[0][1], (x.var((2, 3)) + 1e-5).sqrt())
-
-
-@pytest.mark.parametrize("method", ["zeroq", "dsg"])
-def test_fused_synthesis_same_images_bit_for_bit(method, tiny_data, make_ctx, monkeypatch):
-    """Bit for bit where each BN input feeds only its BN layer (conv → BN, as in the model zoo).
-    A BN input with other consumers (TwoBranch's BN on the image, which the input term also reads)
-    gets the same three gradient terms, but autograd adds them in another order than the fused
-    node does: equal up to float rounding, not bit for bit."""
-    calls = _fused_calls(monkeypatch)
-    runs, model = [], ConvBN()
-    for fuse in (False, True):
-        strat = _zeroq(lr=0.1) if method == "zeroq" else _dsg(lr=0.1, margin_samples=6, batch_size=3,
-                                                                ce_weight=0.5)
-        strat.fuse_bn = fuse
-        calib = strat.calibration_set(make_ctx(model, tiny_data, num_samples=6, synth_iterations=5,
-                                               synth_batch_size=4))
-        runs.append(calib)
-    assert calls  # the second run took the fused path
-    assert torch.equal(runs[0].images, runs[1].images)
-    assert runs[0].info["losses"] == runs[1].info["losses"]
-    assert runs[0].info["final_terms"] == runs[1].info["final_terms"]
 
 
 def test_no_batchnorm_is_a_clear_error(tiny_data, make_ctx):

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -125,48 +124,6 @@ class GradBuffer:
         return t
 
 
-class Scratch:
-    """A work tensor that lives only inside one backward call, shared by every layer.
-
-    The fused BN backward needs a temporary the size of the layer input; since nothing outside
-    the call sees it, all layers can take it from one storage (sized for the largest), which then
-    stays in cache instead of one cold buffer per layer.
-    """
-
-    def __init__(self) -> None:
-        self.flat: Optional[Tensor] = None
-
-    def get(self, like: Tensor) -> Tensor:
-        flat = self.flat
-        if flat is None or flat.numel() < like.numel() or flat.dtype != like.dtype or flat.device != like.device:
-            flat = self.flat = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
-        return flat[:like.numel()].view(like.shape)
-
-
-def _moments(x: Tensor, correction: int) -> tuple[Tensor, Tensor]:
-    """Per-(image, channel) mean and variance over the spatial positions (see :class:`_SpatialMoments`)."""
-    flat = x.flatten(2)
-    n = flat.shape[-1]
-    total = flat.sum(-1)
-    norm = torch.linalg.vector_norm(flat, dim=-1)
-    mean = total / n
-    var = (norm.double().pow(2) - total.double() * mean.double()) / (n - correction)
-    return mean, var.to(x.dtype).clamp_min(0)
-
-
-def _moments_grad(x: Tensor, mean: Tensor, grad_mean: Tensor, grad_var: Tensor, correction: int,
-                  out: Optional[Tensor]) -> Tensor:
-    """Gradient of :func:`_moments` with respect to ``x``: one multiply-add, into ``out`` if given."""
-    n = math.prod(x.shape[2:])
-    scale = grad_var * (2.0 / (n - correction))
-    shift = grad_mean / n - scale * mean
-    shape = (*scale.shape, *([1] * (x.dim() - 2)))
-    if out is None:
-        return (x * scale.view(shape)).add_(shift.view(shape))
-    torch.mul(x, scale.view(shape), out=out)
-    return out.add_(shift.view(shape))
-
-
 class _SpatialMoments(torch.autograd.Function):
     """Per-(image, channel) mean and variance over the spatial positions, fused.
 
@@ -181,57 +138,28 @@ class _SpatialMoments(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, correction: int, buffer: Optional[GradBuffer]) -> tuple[Tensor, Tensor]:
-        mean, var = _moments(x, correction)
+        flat = x.flatten(2)
+        n = flat.shape[-1]
+        total = flat.sum(-1)
+        norm = torch.linalg.vector_norm(flat, dim=-1)
+        mean = total / n
+        var = (norm.double().pow(2) - total.double() * mean.double()) / (n - correction)
         ctx.save_for_backward(x, mean)
-        ctx.correction, ctx.buffer = correction, buffer
-        return mean, var
+        ctx.n, ctx.correction, ctx.buffer = n, correction, buffer
+        return mean, var.to(x.dtype).clamp_min(0)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_mean: Tensor, grad_var: Tensor) -> tuple[Tensor, None, None]:
         x, mean = ctx.saved_tensors
+        scale = grad_var * (2.0 / (ctx.n - ctx.correction))
+        shift = grad_mean / ctx.n - scale * mean
+        shape = (*scale.shape, *([1] * (x.dim() - 2)))
         out = ctx.buffer.get(x) if ctx.buffer is not None else None
-        return _moments_grad(x, mean, grad_mean, grad_var, ctx.correction, out), None, None
-
-
-class _BatchNormMoments(torch.autograd.Function):
-    """An eval-mode BatchNorm and the per-image moments of its input as one autograd node.
-
-    Unfused, a synthesis step pays three things per BN layer in the backward pass: ATen's eval
-    BN backward (which also reduces ``dy`` and ``dy·x̂`` for the parameter gradients nobody asked
-    for, into a freshly allocated tensor), the moments' backward, and autograd's sum of the two
-    (another fresh tensor). Here the input gradient is the same sum written into reused buffers.
-    Every rounding step is the unfused one's, so results are bit-identical on CPU: the forward is
-    ``F.batch_norm`` itself and :func:`_moments`; the BN part of the gradient is ATen's CPU
-    formula ``(dy · invstd) · w`` with ``invstd = 1 / sqrt(running_var + eps)`` in float64 then
-    rounded to float32; the two parts are added in one float32 add (commutative, so the order of
-    autograd's accumulation does not matter). No fused multiply-add is used (``addcmul`` rounds
-    once and would move the last bit). That holds when the BN input feeds only the BN layer
-    (conv → BN); when something else also reads it, autograd adds that third gradient in its own
-    order, and the sums agree up to float rounding only.
-    Only for frozen layers: no gradient reaches the BN parameters or running statistics.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, bn: _BatchNorm, correction: int, factors: tuple[Tensor, Optional[Tensor]],
-                out: GradBuffer, scratch: Scratch) -> tuple[Tensor, Tensor, Tensor]:
-        y = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-        mean, var = _moments(x, correction)
-        ctx.save_for_backward(x, mean)
-        ctx.invstd, ctx.weight = factors
-        ctx.correction, ctx.out, ctx.scratch = correction, out, scratch
-        return y, mean, var
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_y: Tensor, grad_mean: Tensor, grad_var: Tensor
-                 ) -> tuple[Tensor, None, None, None, None, None]:
-        x, mean = ctx.saved_tensors
-        bn_grad = torch.mul(grad_y, ctx.invstd, out=ctx.scratch.get(x))
-        if ctx.weight is not None:
-            bn_grad.mul_(ctx.weight)
-        grad = _moments_grad(x, mean, grad_mean, grad_var, ctx.correction, ctx.out.get(x))
-        return grad.add_(bn_grad), None, None, None, None, None
+        if out is None:
+            return (x * scale.view(shape)).add_(shift.view(shape)), None, None
+        torch.mul(x, scale.view(shape), out=out)
+        return out.add_(shift.view(shape)), None, None
 
 
 def spatial_moments(x: Tensor, correction: int = 1, buffer: Optional[GradBuffer] = None
@@ -264,46 +192,20 @@ def channel_stats(x: Tensor, per_image: bool = True, correction: int = 1, eps: f
     mean, var = spatial_moments(x, corr)
     if per_image:
         return mean, torch.sqrt(var + eps)
-    bmean, bvar = _pooled(mean, var, count, corr, correction)
-    return bmean, torch.sqrt(bvar + eps)
+    var_b = var * ((count - corr) / count) if corr else var
+    return _pooled(mean, var_b, count, correction, eps)
 
 
-def _pooled(mean: Tensor, var: Tensor, count: int, corr: int, correction: int) -> tuple[Tensor, Tensor]:
-    """Batch channel mean and variance from per-image ones (``var`` with correction ``corr``) by
-    the law of total variance: the batch statistics come from the same single read of the
-    activations as the per-image ones."""
-    var_biased = var * ((count - corr) / count) if corr else var
+def _pooled(mean: Tensor, var_biased: Tensor, count: int, correction: int, eps: float
+            ) -> tuple[Tensor, Tensor]:
+    """Batch channel mean and std from per-image ones (law of total variance): the batch
+    statistics come from the same single read of the activations as the per-image ones."""
     bmean = mean.mean(0)
     bvar = var_biased.mean(0) + (mean - bmean).pow(2).mean(0)
     total = count * mean.shape[0]
     if correction and total > correction:
         bvar = bvar * (total / (total - correction))
-    return bmean, bvar
-
-
-def _grad_factors(bn: _BatchNorm, dim: int) -> tuple[Tensor, Optional[Tensor]]:
-    """``invstd`` and the weight as ATen's CPU eval backward uses them, shaped to broadcast over
-    a ``dim``-dimensional input: ``1 / sqrt(running_var + eps)`` in float64, rounded to the
-    running variance's dtype (float32 for the fused path)."""
-    if bn.running_var is None:
-        raise ValueError("a BatchNorm layer without running statistics cannot be fused")
-    shape = (-1, *([1] * (dim - 2)))
-    var = bn.running_var.detach()
-    invstd = (var.double() + bn.eps).sqrt().reciprocal().to(var.dtype).view(shape)
-    return invstd, None if bn.weight is None else bn.weight.detach().view(shape)
-
-
-def _fusable(bn: _BatchNorm, x: Tensor) -> bool:
-    """Whether :class:`_BatchNormMoments` computes exactly what ``bn(x)`` and the hook would: a
-    torch BatchNorm class (a subclass may change ``forward``) in eval mode, normalizing with its
-    running statistics, with no parameter gradient wanted, on a float32 contiguous (N, C, H, …)
-    input (the plain path of ATen's CPU kernels)."""
-    return (type(bn) in BN_TYPES and not bn.training
-            and bn.running_mean is not None and bn.running_var is not None
-            and not (bn.weight is not None and bn.weight.requires_grad)
-            and not (bn.bias is not None and bn.bias.requires_grad)
-            and x.dtype == torch.float32 and x.dim() > 2 and math.prod(x.shape[2:]) > 1
-            and x.is_contiguous())
+    return bmean, torch.sqrt(bvar + eps)
 
 
 class BNStatsRecorder:
@@ -321,19 +223,13 @@ class BNStatsRecorder:
       default keeps the graph so a loss on them has a gradient.
     - ``eps``: added to the variance before the square root; ``None`` uses each BN layer's own
       ``eps``, the value the layer itself normalizes with, and the one :meth:`targets` uses.
-    - ``fuse``: a frozen eval-mode layer runs as one autograd node that normalizes *and* takes
-      the moments (:class:`_BatchNormMoments`; instead of a hook, the layer's ``forward`` is
-      replaced while the recorder is installed). Same numbers (bit for bit on CPU when each BN
-      input feeds only its BN layer) and a cheaper backward pass; a layer in training mode, with
-      trainable parameters or a non-float32 or non-contiguous input falls back to the hook for
-      that call.
     """
 
     def __init__(self, model: nn.Module, *, layer_types: Sequence[type[_BatchNorm]] = (nn.BatchNorm2d,),
                  names: Optional[Sequence[str]] = None,
                  layers: Optional[Sequence[tuple[str, _BatchNorm]]] = None,
                  per_image: bool = True, per_batch: bool = False, detach: bool = False,
-                 correction: int = 1, eps: Optional[float] = None, fuse: bool = False) -> None:
+                 correction: int = 1, eps: Optional[float] = None) -> None:
         if not (per_image or per_batch):
             raise ValueError("BNStatsRecorder: ask for per_image and/or per_batch statistics")
         self.model = model
@@ -342,18 +238,12 @@ class BNStatsRecorder:
             raise ConfigError(f"model {type(model).__name__}: no BatchNorm layers selected")
         self.names = [n for n, _ in self.layers]
         self.per_image, self.per_batch, self.detach = per_image, per_batch, detach
-        self.correction, self.eps, self.fuse = correction, eps, fuse and not detach
-        self._eps = [bn.eps if eps is None else eps for _, bn in self.layers]
+        self.correction, self.eps = correction, eps
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._patched: list[tuple[_BatchNorm, Optional[Callable[..., Any]]]] = []
-        # (mean, var) per layer; the square root is taken when the statistics are read, once for
-        # all layers by the flat_* readers.
         self._image: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(self.layers)
         self._batch: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(self.layers)
         self._calls = [0] * len(self.layers)
         self._buffers = [GradBuffer() for _ in self.layers]
-        self._scratch = Scratch()
-        self._factor_cache: dict[int, tuple[tuple[Any, ...], tuple[Tensor, Optional[Tensor]]]] = {}
         self._warned_reuse = False
 
     # -- hooks ------------------------------------------------------------------------------
@@ -365,91 +255,50 @@ class BNStatsRecorder:
         self.remove()
 
     def install(self) -> None:
-        if self._handles or self._patched:
+        if self._handles:
             return
         for i, (_, bn) in enumerate(self.layers):
-            if self.fuse:
-                self._patched.append((bn, bn.__dict__.get("forward")))
-                bn.forward = self._make_forward(i, bn)  # type: ignore[method-assign, assignment]
-            else:
-                self._handles.append(bn.register_forward_pre_hook(self._make_hook(i, bn)))
+            self._handles.append(bn.register_forward_pre_hook(self._make_hook(i, bn)))
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for bn, previous in self._patched:
-            if previous is None:
-                del bn.forward
-            else:
-                bn.forward = previous  # type: ignore[method-assign]
-        self._patched.clear()
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def _count_call(self, index: int) -> None:
-        if self._calls[index]:
-            self._buffers[index].shared = True  # two live gradients: no buffer reuse
-            if not self._warned_reuse:
+    def _make_hook(self, index: int, bn: _BatchNorm) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
+        eps = bn.eps if self.eps is None else self.eps
+
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            x = inputs[0]
+            if self._calls[index]:
+                self._buffers[index].shared = True  # two live gradients: no buffer reuse
+            if self._calls[index] and not self._warned_reuse:
                 log.warning("BatchNorm layer %r ran more than once in one forward pass; its "
                             "statistics are those of the last call", self.names[index])
                 self._warned_reuse = True
-        self._calls[index] += 1
-
-    def _make_hook(self, index: int, bn: _BatchNorm) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-            x = inputs[0]
-            self._count_call(index)
+            self._calls[index] += 1
             if self.detach:
                 with torch.no_grad():
-                    self._record(index, x.detach())
+                    self._record(index, x.detach(), eps)
             else:
-                self._record(index, x)
+                self._record(index, x, eps)
 
         return hook
 
-    def _make_forward(self, index: int, bn: _BatchNorm) -> Callable[[Tensor], Tensor]:
-        original = type(bn).forward
-
-        def forward(x: Tensor) -> Tensor:
-            self._count_call(index)
-            if not _fusable(bn, x):
-                self._record(index, x)
-                return original(bn, x)
-            count = math.prod(x.shape[2:])
-            corr = self.correction if count > self.correction else 0
-            y, mean, var = _BatchNormMoments.apply(x, bn, corr, self._factors(index, bn, x.dim()),
-                                                   self._buffers[index], self._scratch)
-            self._store(index, mean, var, count, corr)
-            return y
-
-        return forward
-
-    def _factors(self, index: int, bn: _BatchNorm, dim: int) -> tuple[Tensor, Optional[Tensor]]:
-        """:func:`_grad_factors`, computed again only when the running variance or the weight
-        changed in place (their version counters) or the input rank did: four small ops less
-        per layer and step."""
-        key = (None if bn.running_var is None else bn.running_var._version,
-               None if bn.weight is None else bn.weight._version, dim)
-        cached = self._factor_cache.get(index)
-        if cached is None or cached[0] != key:
-            cached = self._factor_cache[index] = (key, _grad_factors(bn, dim))
-        return cached[1]
-
-    def _record(self, index: int, x: Tensor) -> None:
+    def _record(self, index: int, x: Tensor, eps: float) -> None:
         x = x.float()
         count = math.prod(x.shape[2:])
         corr = self.correction if count > self.correction else 0
         mean, var = spatial_moments(x, corr, None if self.detach else self._buffers[index])
-        self._store(index, mean, var, count, corr)
-
-    def _store(self, index: int, mean: Tensor, var: Tensor, count: int, corr: int) -> None:
         if self.per_image:
-            self._image[index] = (mean, var)
+            self._image[index] = (mean, torch.sqrt(var + eps))
         if self.per_batch:
-            self._batch[index] = _pooled(mean, var, count, corr, self.correction)
+            var_b = var * ((count - corr) / count) if corr else var  # biased per-image variance
+            self._batch[index] = _pooled(mean, var_b, count, self.correction, eps)
 
     # -- results ----------------------------------------------------------------------------
     def clear(self) -> None:
@@ -462,43 +311,30 @@ class BNStatsRecorder:
                  ) -> list[tuple[Tensor, Tensor]]:
         missing = [self.names[i] for i, s in enumerate(slots) if s is None]
         if missing:
-            if len(missing) == len(slots) and not (self._handles or self._patched):
+            if len(missing) == len(slots) and not self._handles:
                 raise RuntimeError("BNStatsRecorder: hooks are not installed (use it as a context manager)")
             raise RuntimeError(f"no {what} statistics recorded for BatchNorm layer(s) {missing[:5]}: they did "
                                f"not run in the last forward pass (or the recorder was not asked for {what} "
                                f"statistics)")
         return [s for s in slots if s is not None]  # every slot, checked just above
 
-    def _std(self, slots: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
-        return [(mean, torch.sqrt(var + eps)) for (mean, var), eps in zip(slots, self._eps)]
-
-    def _flat(self, slots: list[tuple[Tensor, Tensor]], dim: int) -> tuple[Tensor, Tensor]:
-        """Means and stds side by side along ``dim``, with one square root for all layers (the
-        same elementwise ``sqrt(var + eps)`` as per layer, so the same numbers)."""
-        var = torch.cat([v for _, v in slots], dim)
-        if len(set(self._eps)) == 1:
-            shifted = var + self._eps[0]
-        else:
-            sizes = [v.shape[dim] for _, v in slots]
-            eps = torch.repeat_interleave(torch.tensor(self._eps, dtype=var.dtype), torch.tensor(sizes))
-            shifted = var + eps.to(var.device)
-        return torch.cat([m for m, _ in slots], dim), torch.sqrt(shifted)
-
     def image_stats(self) -> list[tuple[Tensor, Tensor]]:
         """Per layer: (mean, std), each N×C, of the BN input of every image."""
-        return self._std(self._collect(self._image, "per-image"))
+        return self._collect(self._image, "per-image")
 
     def batch_stats(self) -> list[tuple[Tensor, Tensor]]:
         """Per layer: (mean, std), each (C,), of the BN input over the whole batch."""
-        return self._std(self._collect(self._batch, "per-batch"))
+        return self._collect(self._batch, "per-batch")
 
     def flat_image_stats(self) -> tuple[Tensor, Tensor]:
         """Per-image statistics of every layer side by side (N×ΣC), aligned with
         :meth:`BNTargets.flat`: one tensor op then covers all layers."""
-        return self._flat(self._collect(self._image, "per-image"), 1)
+        stats = self.image_stats()
+        return torch.cat([m for m, _ in stats], 1), torch.cat([s for _, s in stats], 1)
 
     def flat_batch_stats(self) -> tuple[Tensor, Tensor]:
-        return self._flat(self._collect(self._batch, "per-batch"), 0)
+        stats = self.batch_stats()
+        return torch.cat([m for m, _ in stats]), torch.cat([s for _, s in stats])
 
     def targets(self, device: Optional[torch.device] = None) -> BNTargets:
         """The running statistics of the recorded layers, with the same ``eps`` as the recorder."""

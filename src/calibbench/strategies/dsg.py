@@ -229,7 +229,7 @@ class DSG(SynthesisStrategy):
         plan = self.plan(ctx)
         labels = self.labels(ctx)
         start = time.perf_counter()
-        with frozen(ctx.model) as model, BNStatsRecorder(model, fuse=self.fuse_bn) as recorder:  # per-image statistics
+        with frozen(ctx.model) as model, BNStatsRecorder(model) as recorder:  # per-image statistics
             objective, extra = self.objective(ctx, recorder, recorder.targets(ctx.device))
             calib = synthesize(ctx, model, recorder, objective, plan, labels, objective.begin_batch, extra,
                                started=start)

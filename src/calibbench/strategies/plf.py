@@ -143,8 +143,7 @@ class PLF(SynthesisStrategy):
         plan = self.plan(ctx)
         labels = self.labels(ctx)
         start = time.perf_counter()
-        with frozen(ctx.model) as model, BNStatsRecorder(model, per_image=False, per_batch=True,
-                                                          fuse=self.fuse_bn) as recorder:
+        with frozen(ctx.model) as model, BNStatsRecorder(model, per_image=False, per_batch=True) as recorder:
             objective = PLFObjective(recorder, recorder.targets(ctx.device), self.cfg.gamma, self.cfg.input_weight)
             calib = synthesize(ctx, model, recorder, objective, plan, labels,
                                extra={"gamma": self.cfg.gamma, "bn_stats": "batch", "labels_stream": STREAM_LABELS},

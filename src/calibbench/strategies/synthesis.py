@@ -128,10 +128,6 @@ class SynthesisStrategy(Strategy):
 
     synthetic = True
     budget_fields: tuple[str, ...] = ("synth_batch_size", "synth_iterations")
-    # BN layers run fused with their statistics (BNStatsRecorder(fuse=True)): the same numbers,
-    # a cheaper step. An implementation switch, not a setting of the method, hence no config key;
-    # False is the reference path (tests, benchmarks/synthesis_cost.py --compare).
-    fuse_bn: bool = True
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)

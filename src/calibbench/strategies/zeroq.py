@@ -93,6 +93,6 @@ class ZeroQ(SynthesisStrategy):
     def calibration_set(self, ctx: StrategyContext) -> CalibrationSet:
         plan = self.plan(ctx)
         start = time.perf_counter()
-        with frozen(ctx.model) as model, BNStatsRecorder(model, fuse=self.fuse_bn) as recorder:  # per-image statistics
+        with frozen(ctx.model) as model, BNStatsRecorder(model) as recorder:  # per-image statistics
             objective = ZeroQObjective(recorder, recorder.targets(ctx.device), self.cfg.input_weight)
             return synthesize(ctx, model, recorder, objective, plan, started=start)
