@@ -8,7 +8,7 @@ Layers, bottom to top (DESIGN.md "Layers"; docs/architecture.md):
     config, registry                        schemas, validation, errors, the name registry
     quant, datasets, models, bnstats,       building blocks and leaf services
     evaluate, cache, seeding, tracking,
-    figures, record, modes
+    figures, record, modes, runtime
     strategies, refine, generative          the stages (generative: the generator stage, which
                                             builds on strategies and refine; neither imports it)
     diagnostics, deploy, preflight          what runs around the stages
@@ -30,7 +30,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "calibbench"
 LAYERS: list[set[str]] = [
     {"config", "registry"},
     {"quant", "datasets", "models", "bnstats", "evaluate", "cache", "seeding", "tracking", "figures", "record",
-     "modes"},
+     "modes", "runtime"},
     {"strategies", "refine", "generative"},
     {"diagnostics", "deploy", "preflight"},
     {"pipeline"},

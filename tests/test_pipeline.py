@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from calibbench.config import ConfigError
 from calibbench.pipeline import run
@@ -36,6 +37,8 @@ def test_record_has_the_contract_fields(smoke_cfg, tmp_path):
     assert {"torch", "torchvision", "pytorchcv", "hydra-core", "python"} <= set(on_disk["versions"])
     assert len(on_disk["versions"]["calibbench_source"]) == 24  # content_key digest of the source
     assert on_disk["device"] == "cpu"
+    # which CPU kernels computed the numbers (conftest pins AVX2 where the machine has it)
+    assert on_disk["versions"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_same_seed_same_set_and_accuracy_without_cache(smoke_cfg, tmp_path):

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional, cast
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from calibbench import datasets, deploy, models, quant, refine, strategies
+from calibbench import datasets, deploy, models, quant, refine, runtime, strategies
 from calibbench.cache import Cache, atomic_write_bytes, content_key, source_digest
 from calibbench.config import BudgetConfig, ConfigError, effective_bits, resolve_threads, to_container
 from calibbench.evaluate import evaluate
@@ -189,6 +189,9 @@ def run(cfg: DictConfig, run_dir: Optional[str | Path] = None, group: Optional[s
             torch.set_num_threads(threads)
         device = resolve_device(str(cfg.device))
         record["device"] = str(device)
+        runtime.configure(device)
+        if device.type == "cpu":  # the same seed gives the same numbers on the same kernel family
+            record["versions"]["cpu_capability"] = runtime.cpu_capability()
         w_bits, a_bits = effective_bits(cfg)
         seed_everything(cfg.seed)
         cache = Cache(cfg.paths.cache_dir)

@@ -47,8 +47,6 @@ reading with the normalisation named here.)
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import math
 import time
@@ -202,33 +200,6 @@ def _joint(cfg: Any, steps: int) -> Stage:
         Stage("weights", steps, True, False, float(cfg.act_lr), 0.0, fisher=bool(cfg.fisher))
 
 
-def retain_freed_memory() -> bool:
-    """Keep freed memory in the process (glibc only; once per process; False elsewhere).
-
-    A block's reconstruction step allocates ~30 MB more than its float step (quantizer
-    intermediates, masks, the batch), and glibc's default trim/mmap thresholds hand that back to
-    the kernel at the end of every step and fault it in again at the next: ~3,000 page faults per
-    resnet20 step, a third of the step's overhead over the float step (benchmarks/recon_cost.py).
-    Allocations up to 32 MB then come from the heap and up to 1 GiB of free heap is kept; the peak
-    is unchanged. The numbers do not depend on the allocator.
-    """
-    global _RETAINED
-    if _RETAINED is None:
-        _RETAINED = False
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            mallopt = libc.mallopt
-        except (OSError, AttributeError):
-            return False
-        # M_MMAP_THRESHOLD (-3; 32 MB is glibc's largest) and M_TRIM_THRESHOLD (-1)
-        _RETAINED = bool(mallopt(-3, 32 * 2**20)) and bool(mallopt(-1, 2**30))
-        log.debug("refine: freed memory kept in the process (mallopt): %s", _RETAINED)
-    return _RETAINED
-
-
-_RETAINED: Optional[bool] = None
-
-
 class UnitTrainer:
     """The optimisation of one unit in one stage: learned rounding attached to its layers
     (``stage.rounding``), activation quantizers wrapped (QDrop dropping; learned step sizes with
@@ -243,8 +214,6 @@ class UnitTrainer:
         self.guard = LossGuard(f"refine={name} unit {unit.name!r} ({unit.kind}, {stage.name})", guard_factor,
                                int(stage.steps), f"lower refine.lr (now {cfg.lr})")
         self.unit, self.data, self.steps, self.batch_size = unit, data, int(stage.steps), int(batch_size)
-        if data.device.type == "cpu":
-            retain_freed_memory()
         self.stage, self.generator, self.name = stage, generator, name
         self.modules = unit.modules(model)
         self.drop = float(stage.drop)
