@@ -4,7 +4,8 @@
 #   val     the cpu activation lrs on the validation split (QDrop's joint stage, BRECQ's stage 2)
 #   grid    random/selectq/zeroq/dsg x none/qdrop/brecq x W3A3/W4A4 x seeds 0-2, init=mse
 #   adaround  AdaRound on the same sets (BITS=3 or 4 for one bit-width)
-#   calib   QDrop with refine.init=calibrated (the calibration set's own grid instead of the MSE search)
+#   calib   refine.init=calibrated (the calibration set's own grid instead of the MSE search): QDrop, or the
+#           refiners in REFINERS (e.g. REFINERS=adaround,brecq)
 #   dfq     data-free reconstruction: gdfq/clusterq + qdrop (the warmed-up generator's images)
 #   val2    PLF's eq.-13 layers (stages | hast) and gdfq's refine.lr under kd_reduction=mean, on val
 #   all     grid, dfq, val2, then calib and adaround at W3A3, then at W4A4
@@ -38,13 +39,13 @@ case "${1:-}" in
     timed adaround $PY -m calibbench -m refine=adaround bits=${BITS:-3,4} strategy=$S seed=0,1,2 $J \
       hydra.sweep.dir=$OUT/sweeps/i21_grid ;;
   calib)
-    timed calib $PY -m calibbench -m refine=qdrop refine.init=calibrated bits=${BITS:-3,4} strategy=$S seed=0,1,2 \
+    timed calib $PY -m calibbench -m refine=${REFINERS:-qdrop} refine.init=calibrated bits=${BITS:-3,4} strategy=$S seed=0,1,2 \
       $J hydra.sweep.dir=$OUT/sweeps/i21_grid ;;
   dfq)
     timed dfq $PY -m calibbench -m refine=qdrop bits=3,4 strategy=gdfq,clusterq seed=0,1,2 $J hydra.sweep.dir=$OUT/sweeps/i21_grid ;;
   all)  # the order the measurement ran in (most wanted first)
     bash "$0" grid; bash "$0" dfq; bash "$0" val2; BITS=3 bash "$0" calib; BITS=3 bash "$0" adaround
-    BITS=4 bash "$0" calib; BITS=4 bash "$0" adaround ;;
+    BITS=4 bash "$0" calib; BITS=4 bash "$0" adaround; REFINERS=adaround,brecq bash "$0" calib ;;
   report)
     for d in i21_val i21_grid; do $PY -m calibbench report "$OUT/sweeps/$d"; done ;;
   *) echo "usage: bash experiments/issue21_recon.sh val|val2|grid|adaround|calib|dfq|all|report" >&2; exit 2 ;;
