@@ -6,7 +6,11 @@ times both on the same batch (32 images, 32×32, the offline pretrained resnet20
 with warm-up and interleaved repeats, and prints the ratio; the goal is ≤ 1.15 (issue 24). The headline ratio
 is the median over repeats of (synthesis run) / (mean of the baseline runs just before and after).
 
-    python benchmarks/synthesis_cost.py [--threads 1] [--iterations 15] [--repeats 9]
+    python benchmarks/synthesis_cost.py [--threads 1] [--iterations 15] [--repeats 9] [--breakdown]
+
+``--breakdown`` also splits a ZeroQ step into what each part adds over the plain pass, interleaved
+in the same rounds: the hooks' forward statistics alone (detached, no backward through them), the
+loss with its backward through the statistics (no optimizer), and the whole step with Adam.
 
 The baseline backpropagates to the pixels with frozen parameters (what the synthesis itself does);
 the same pass with parameter gradients is printed for reference.
@@ -71,6 +75,59 @@ def time_strategy(name: str, model: torch.nn.Module, iterations: int, batch: int
     return float(build(cfg).calibration_set(ctx).info["seconds_per_iteration"])
 
 
+def time_breakdown(model: torch.nn.Module, x: torch.Tensor, steps: int) -> dict[str, float]:
+    """Seconds per step of the plain pass and of a ZeroQ step built up part by part (see above)."""
+    from calibbench.bnstats import BNStatsRecorder
+    from calibbench.strategies.zeroq import ZeroQObjective
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = x.clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=0.5)
+    detached, live = BNStatsRecorder(model, detach=True), BNStatsRecorder(model)
+    objective = ZeroQObjective(live, live.targets())
+
+    def plain() -> None:
+        x.grad = None
+        model(x).logsumexp(1).sum().backward()
+
+    def stats_forward() -> None:
+        detached.clear()
+        plain()
+
+    def loss_backward() -> None:
+        x.grad = None
+        live.clear()
+        terms = objective(x, model(x), None)
+        torch.stack([t.detach() for t in terms.values()]).tolist()
+        terms["total"].backward()
+
+    def full() -> None:
+        opt.zero_grad(set_to_none=True)
+        live.clear()
+        terms = objective(x, model(x), None)
+        torch.stack([t.detach() for t in terms.values()]).tolist()
+        terms["total"].backward()
+        opt.step()
+
+    out = {}
+    for key, fn, recorder in (("plain", plain, None), ("+ forward statistics", stats_forward, detached),
+                              ("+ loss and its backward", loss_backward, live), ("+ Adam (whole step)", full, live)):
+        if recorder is not None:
+            recorder.install()
+        for _ in range(3):
+            fn()
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        out[key] = (time.perf_counter() - start) / steps
+        if recorder is not None:
+            recorder.remove()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -78,6 +135,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--weights", type=Path, default=WEIGHTS)
+    parser.add_argument("--breakdown", action="store_true", help="also split a ZeroQ step into its parts")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -87,6 +145,7 @@ def main() -> None:
     time_strategy("dsg", model, 5, args.batch)
     runs: dict[str, list[float]] = {"plain": [], "plain_params": [], "zeroq": [], "dsg": []}
     paired: dict[str, list[float]] = {"zeroq": [], "dsg": []}
+    parts: dict[str, list[float]] = {}
     for _ in range(args.repeats):
         # Short runs, interleaved, each synthesis run between two baseline runs: other jobs on the
         # machine change the speed by tens of percent within seconds, so only neighbours compare.
@@ -99,6 +158,9 @@ def main() -> None:
             paired[key].append(t / ((before + after) / 2))
             before = after
         runs["plain_params"].append(time_plain(model, x, args.iterations, param_grads=True))
+        if args.breakdown:
+            for key, value in time_breakdown(model, x, args.iterations).items():
+                parts.setdefault(key, []).append(value)
     best = {k: min(v) for k, v in runs.items()}
     med = {k: statistics.median(v) for k, v in runs.items()}
     print(f"resnet20, batch {args.batch}x3x32x32, {args.threads} thread(s), {args.iterations} steps x "
@@ -110,6 +172,11 @@ def main() -> None:
     for key in ("zeroq", "dsg"):
         print(f"ratio {key} / plain: {statistics.median(paired[key]):.3f} (median of paired runs)  "
               f"{best[key] / best['plain']:.3f} (min / min)   goal <= 1.15")
+    if parts:
+        base = statistics.median(parts["plain"])
+        print("zeroq step built up part by part (median ms, ratio to plain; same rounds):")
+        for key, values in parts.items():
+            print(f"  {key:40s} {statistics.median(values) * 1e3:8.2f}  {statistics.median(values) / base:.3f}")
 
 
 if __name__ == "__main__":
