@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from calibbench.refine.recon import UnitTrainer, recon_loss, stages_for, unit_data
     from calibbench.refine.units import build_units
 
-    runtime.retain_freed_memory()  # as pipeline.run does for a CPU run (both sides share the process)
+    runtime.configure(torch.device("cpu"))  # as pipeline.run does (both sides share the process)
     cfg = compose(f"bits={args.bits}", f"refine={args.refine}")
     fp, _, images = fp_data_calib(cfg, args.calib)
     qmodel = quant.quantize(fp, cfg.quant, args.bits, args.bits)

@@ -95,24 +95,20 @@ def time_breakdown(model: torch.nn.Module, x: torch.Tensor, steps: int) -> dict[
         detached.clear()
         plain()
 
-    def loss_backward() -> None:
-        x.grad = None
-        live.clear()
-        terms = objective(x, model(x), None)
-        torch.stack([t.detach() for t in terms.values()]).tolist()
-        terms["total"].backward()
-
-    def full() -> None:
+    def step(adam: bool) -> None:
+        """The synthesis loop's step (strategies/synthesis.py), with or without its optimizer."""
         opt.zero_grad(set_to_none=True)
         live.clear()
         terms = objective(x, model(x), None)
         torch.stack([t.detach() for t in terms.values()]).tolist()
         terms["total"].backward()
-        opt.step()
+        if adam:
+            opt.step()
 
     out = {}
     for key, fn, recorder in (("plain", plain, None), ("+ forward statistics", stats_forward, detached),
-                              ("+ loss and its backward", loss_backward, live), ("+ Adam (whole step)", full, live)):
+                              ("+ loss and its backward", lambda: step(False), live),
+                              ("+ Adam (whole step)", lambda: step(True), live)):
         if recorder is not None:
             recorder.install()
         for _ in range(3):
