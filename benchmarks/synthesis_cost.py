@@ -7,6 +7,13 @@ with warm-up and interleaved repeats, and prints the ratio; the goal is ≤ 1.15
 is the median over repeats of (synthesis run) / (mean of the baseline runs just before and after).
 
     python benchmarks/synthesis_cost.py [--threads 1] [--iterations 15] [--repeats 9] [--breakdown]
+                                        [--allocator pipeline|default]
+
+Both sides run with the process settings a run has (``runtime.configure``, as ``pipeline.run``
+calls it: on glibc, freed memory stays in the process); ``--allocator default`` keeps glibc's
+defaults instead, under which every fresh activation-sized tensor is page-faulted in again: the
+plain pass and the synthesis step both slow down, the step more (it allocates more such tensors),
+and the timings get noisier.
 
 ``--breakdown`` also splits a ZeroQ step into what each part adds over the plain pass, interleaved
 in the same rounds: the hooks' forward statistics alone (detached, no backward through them), the
@@ -132,7 +139,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--weights", type=Path, default=WEIGHTS)
     parser.add_argument("--breakdown", action="store_true", help="also split a ZeroQ step into its parts")
+    parser.add_argument("--allocator", choices=("pipeline", "default"), default="pipeline",
+                        help="pipeline: runtime.configure as a run does | default: glibc's settings")
     args = parser.parse_args()
+    if args.allocator == "pipeline":
+        from calibbench import runtime
+
+        runtime.configure(torch.device("cpu"))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = load_model(args.weights)
@@ -160,7 +173,7 @@ def main() -> None:
     best = {k: min(v) for k, v in runs.items()}
     med = {k: statistics.median(v) for k, v in runs.items()}
     print(f"resnet20, batch {args.batch}x3x32x32, {args.threads} thread(s), {args.iterations} steps x "
-          f"{args.repeats} repeats (min / median, ms)")
+          f"{args.repeats} repeats, allocator: {args.allocator} (min / median, ms)")
     for key, label in (("plain", "plain forward+backward (pixel grad)"),
                        ("plain_params", "plain forward+backward (+param grads)"),
                        ("zeroq", "zeroq iteration"), ("dsg", "dsg iteration")):

@@ -115,6 +115,47 @@ def test_recorder_graph_detach_and_missing_layer():
         assert rec.num_layers == 1 and not rec.image_stats()[0][0].requires_grad
 
 
+def _per_layer_reference(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and pixel gradient with one moments node per BN layer (spatial_moments in the hooks)."""
+    stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handles = [bn.register_forward_pre_hook(lambda m, inp: stats.append(spatial_moments(inp[0], 1)))
+               for _, bn in find_bn_layers(model)]
+    x = x.clone().requires_grad_(True)
+    model(x)
+    for h in handles:
+        h.remove()
+    eps = torch.cat([torch.full((bn.num_features,), bn.eps) for _, bn in find_bn_layers(model)])
+    mean, var = torch.cat([m for m, _ in stats], 1), torch.cat([v for _, v in stats], 1)
+    loss = (mean - 0.3).pow(2).sum() + (torch.sqrt(var + eps) - 1.2).pow(2).sum()
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+def test_all_layers_in_one_moments_node_are_bit_identical_to_one_node_per_layer():
+    """The recorder forms every layer's moments in one autograd node (the synthesis step's speed);
+    the loss and the gradient reaching the pixels are those of per-layer nodes, bit for bit."""
+    model = TwoBranch().eval()
+    x = torch.randn(4, 3, 8, 8)
+    want_loss, want_grad = _per_layer_reference(model, x)
+    x = x.clone().requires_grad_(True)
+    with BNStatsRecorder(model) as rec:
+        model(x)
+        mean, std = rec.flat_image_stats()
+        again = rec.flat_image_stats()
+        assert again[0] is mean  # formed once per pass: one node, so the gradient buffers are not shared
+        loss = (mean - 0.3).pow(2).sum() + (std - 1.2).pow(2).sum()
+        loss.backward()
+    assert torch.equal(loss.detach(), want_loss) and torch.equal(x.grad, want_grad)
+
+
+def test_single_value_maps_have_no_variance_gradient():
+    x = torch.randn(3, 4, 1, 1, dtype=torch.double, requires_grad=True)
+    mean, var = spatial_moments(x, 1)
+    assert torch.equal(var, torch.zeros_like(var))
+    (mean.sum() + 5 * var.sum()).backward()
+    assert torch.equal(x.grad, torch.ones_like(x))  # exactly the mean's gradient
+
+
 def test_moments_match_torch_and_gradcheck():
     x = torch.randn(3, 4, 5, 6, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: spatial_moments(t, 1), (x,))

@@ -6,13 +6,16 @@ themselves (a forward pre-hook reading ``input[0]``) finds exactly those tensors
 architecture; the reference code's positional pairing of the k-th conv with the k-th BN breaks as
 soon as a network has a conv without a BN or a BN that does not follow a conv.
 
-The recorder computes the statistics inside the hook, so each BN input is reduced to N×C numbers
-as soon as it is produced; with ``detach=False`` those numbers stay on the autograd graph and a
-loss built from them reaches the input pixels (or a generator).
+The recorder reduces each BN input inside the hook to its per-(image, channel) sum and L2 norm as
+soon as it is produced; the statistics of all layers are then formed together, in one autograd
+node (:class:`_Moments`), when first asked for. With ``detach=False`` they stay on the autograd
+graph and a loss built from them reaches the input pixels (or a generator), bit-identical to one
+node per layer but without ~15 small tensor ops per layer and step.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -124,42 +127,91 @@ class GradBuffer:
         return t
 
 
-class _SpatialMoments(torch.autograd.Function):
-    """Per-(image, channel) mean and variance over the spatial positions, fused.
+@dataclass(frozen=True)
+class _Layout:
+    """Where each tensor's channels sit in the concatenated (N, ΣC) moments, and per channel the
+    divisors the formulas use: tensors holding the numbers a one-tensor formula would use as
+    Python scalars (count and 2/(count − correction) in the tensors' dtype, count − correction in
+    float64), so the moments of several layers computed together are bit-identical to those
+    computed layer by layer."""
+
+    maps: tuple[tuple[int, int], ...]  # (channels, positions per channel map) of each tensor
+    bounds: tuple[tuple[int, int], ...]
+    count: Tensor  # positions per channel map
+    dof: Tensor  # float64: count − correction
+    var_grad: Tensor  # 2/(count − correction), the variance's gradient scale; 0 where count is 1
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(maps: tuple[tuple[int, int], ...], correction: int, device: torch.device, dtype: torch.dtype
+            ) -> _Layout:
+    """``maps``: (channels, positions per channel) of each tensor. ``correction`` falls back to 0
+    where a map has a single value; there the variance is identically 0, and so is its gradient."""
+    bounds, counts, dofs, grads, start = [], [], [], [], 0
+    for channels, count in maps:
+        corr = correction if count > correction else 0
+        bounds.append((start, start + channels))
+        start += channels
+        counts += [float(count)] * channels
+        dofs += [float(count - corr)] * channels
+        grads += [2.0 / (count - corr) if count > 1 else 0.0] * channels
+    return _Layout(maps, tuple(bounds), torch.tensor(counts, dtype=dtype, device=device),
+                   torch.tensor(dofs, dtype=torch.float64, device=device),
+                   torch.tensor(grads, dtype=dtype, device=device))
+
+
+def _sums(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(image, channel) sum and L2 norm over the spatial positions: two vectorized
+    reductions, without autograd (:class:`_Moments` supplies the gradient)."""
+    flat = x.detach().flatten(2)
+    return flat.sum(-1), torch.linalg.vector_norm(flat, dim=-1)
+
+
+class _Moments(torch.autograd.Function):
+    """Per-(image, channel) mean and variance over the spatial positions of one or several
+    tensors (a network's BN inputs), from their sums and norms (:func:`_sums`): one autograd node
+    for all of them.
 
     ``torch.var_mean`` over (H, W) is a slow Welford reduction on CPU and its backward takes
-    several passes; here the forward is two vectorized reductions (sum and L2 norm) and the
-    backward one multiply-add, written into a reused :class:`GradBuffer` when one is given —
-    about 5× faster for a resnet20 batch, which is what keeps a synthesis step close to the cost
-    of the forward/backward pass itself (benchmarks/synthesis_cost.py).
+    several passes; here the forward is two vectorized reductions per tensor, the arithmetic on
+    the (N, ΣC) statistics is done once for all layers (not ~15 small ops per layer: ~4 % of a
+    resnet20 synthesis step, docs/results.md), and the backward is one multiply-add per
+    tensor, written into a reused :class:`GradBuffer` when one is given — what keeps a synthesis
+    step close to the cost of the forward/backward pass itself (benchmarks/synthesis_cost.py).
     The variance is E[x²] − mean², formed in float64 from the float32 reductions; it is exact
     enough unless |mean| exceeds std by several orders of magnitude, and clamped at 0.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, correction: int, buffer: Optional[GradBuffer]) -> tuple[Tensor, Tensor]:
-        flat = x.flatten(2)
-        n = flat.shape[-1]
-        total = flat.sum(-1)
-        norm = torch.linalg.vector_norm(flat, dim=-1)
-        mean = total / n
-        var = (norm.double().pow(2) - total.double() * mean.double()) / (n - correction)
-        ctx.save_for_backward(x, mean)
-        ctx.n, ctx.correction, ctx.buffer = n, correction, buffer
-        return mean, var.to(x.dtype).clamp_min(0)
+    def forward(ctx: Any, layout: _Layout, buffers: Sequence[Optional[GradBuffer]], total: Tensor, norm: Tensor,
+                *xs: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        mean = total / layout.count
+        var = (norm.double().pow(2) - total.double() * mean.double()) / layout.dof
+        ctx.save_for_backward(mean, *xs)
+        ctx.layout, ctx.buffers = layout, buffers
+        return mean, var.to(total.dtype).clamp_min(0)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_mean: Tensor, grad_var: Tensor) -> tuple[Tensor, None, None]:
-        x, mean = ctx.saved_tensors
-        scale = grad_var * (2.0 / (ctx.n - ctx.correction))
-        shift = grad_mean / ctx.n - scale * mean
-        shape = (*scale.shape, *([1] * (x.dim() - 2)))
-        out = ctx.buffer.get(x) if ctx.buffer is not None else None
-        if out is None:
-            return (x * scale.view(shape)).add_(shift.view(shape)), None, None
-        torch.mul(x, scale.view(shape), out=out)
-        return out.add_(shift.view(shape)), None, None
+    def backward(ctx: Any, grad_mean: Tensor, grad_var: Tensor) -> tuple[Optional[Tensor], ...]:
+        mean, *xs = ctx.saved_tensors
+        layout: _Layout = ctx.layout
+        scale = grad_var * layout.var_grad
+        shift = grad_mean / layout.count - scale * mean
+        grads: list[Optional[Tensor]] = []
+        for (a, b), x, buffer in zip(layout.bounds, xs, ctx.buffers):
+            if x is None:
+                grads.append(None)
+                continue
+            shape = (x.shape[0], b - a, *([1] * (x.dim() - 2)))
+            s, t = scale[:, a:b].reshape(shape), shift[:, a:b].reshape(shape)
+            out = buffer.get(x) if buffer is not None else None
+            if out is None:
+                grads.append((x * s).add_(t))
+            else:
+                torch.mul(x, s, out=out)
+                grads.append(out.add_(t))
+        return (None, None, None, None, *grads)
 
 
 def spatial_moments(x: Tensor, correction: int = 1, buffer: Optional[GradBuffer] = None
@@ -172,8 +224,8 @@ def spatial_moments(x: Tensor, correction: int = 1, buffer: Optional[GradBuffer]
     """
     if x.dim() == 2:
         return x, torch.zeros_like(x)
-    count = math.prod(x.shape[2:])
-    return _SpatialMoments.apply(x, correction if count > correction else 0, buffer)
+    layout = _layout(((x.shape[1], math.prod(x.shape[2:])),), correction, x.device, x.dtype)
+    return _Moments.apply(layout, (buffer,), *_sums(x), x)
 
 
 def channel_stats(x: Tensor, per_image: bool = True, correction: int = 1, eps: float = 1e-5
@@ -240,8 +292,14 @@ class BNStatsRecorder:
         self.per_image, self.per_batch, self.detach = per_image, per_batch, detach
         self.correction, self.eps = correction, eps
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._image: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(self.layers)
-        self._batch: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(self.layers)
+        # Per layer, what the last forward pass fed it: (sum, L2 norm) per image and channel, the input
+        # itself when the statistics need a gradient, and the positions per channel map.
+        self._raw: list[Optional[tuple[Tensor, Tensor, Optional[Tensor], int]]] = [None] * len(self.layers)
+        self._moments_cache: Optional[tuple[Tensor, Tensor, _Layout]] = None
+        self._layer_cache: Optional[list[tuple[Optional[tuple[Tensor, Tensor]],
+                                               Optional[tuple[Tensor, Tensor]]]]] = None
+        self._eps = [bn.eps if eps is None else eps for _, bn in self.layers]
+        self._eps_flat: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._calls = [0] * len(self.layers)
         self._buffers = [GradBuffer() for _ in self.layers]
         self._warned_reuse = False
@@ -258,7 +316,7 @@ class BNStatsRecorder:
         if self._handles:
             return
         for i, (_, bn) in enumerate(self.layers):
-            self._handles.append(bn.register_forward_pre_hook(self._make_hook(i, bn)))
+            self._handles.append(bn.register_forward_pre_hook(self._make_hook(i)))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -269,11 +327,8 @@ class BNStatsRecorder:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def _make_hook(self, index: int, bn: _BatchNorm) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
-        eps = bn.eps if self.eps is None else self.eps
-
+    def _make_hook(self, index: int) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-            x = inputs[0]
             if self._calls[index]:
                 self._buffers[index].shared = True  # two live gradients: no buffer reuse
             if self._calls[index] and not self._warned_reuse:
@@ -281,56 +336,91 @@ class BNStatsRecorder:
                             "statistics are those of the last call", self.names[index])
                 self._warned_reuse = True
             self._calls[index] += 1
-            if self.detach:
-                with torch.no_grad():
-                    self._record(index, x.detach(), eps)
-            else:
-                self._record(index, x, eps)
+            self._record(index, inputs[0])
 
         return hook
 
-    def _record(self, index: int, x: Tensor, eps: float) -> None:
+    def _record(self, index: int, x: Tensor) -> None:
+        """Reduce the input to its sums now (the activation itself is kept only as the gradient's
+        operand); the statistics of all layers are formed together when first asked for."""
         x = x.float()
-        count = math.prod(x.shape[2:])
-        corr = self.correction if count > self.correction else 0
-        mean, var = spatial_moments(x, corr, None if self.detach else self._buffers[index])
-        if self.per_image:
-            self._image[index] = (mean, torch.sqrt(var + eps))
-        if self.per_batch:
-            var_b = var * ((count - corr) / count) if corr else var  # biased per-image variance
-            self._batch[index] = _pooled(mean, var_b, count, self.correction, eps)
+        if x.dim() == 2:
+            x = x.unsqueeze(-1)  # (N, C): one value per image and channel
+        grad = not self.detach and x.requires_grad and torch.is_grad_enabled()
+        self._raw[index] = (*_sums(x), x if grad else None, math.prod(x.shape[2:]))
+        self._moments_cache = self._layer_cache = None
 
     # -- results ----------------------------------------------------------------------------
     def clear(self) -> None:
         """Forget the last forward pass (call before each one, so a skipped layer is caught)."""
-        self._image = [None] * len(self.layers)
-        self._batch = [None] * len(self.layers)
+        self._raw = [None] * len(self.layers)
+        self._moments_cache = self._layer_cache = None
         self._calls = [0] * len(self.layers)
 
-    def _collect(self, slots: list[Optional[tuple[Tensor, Tensor]]], what: str
-                 ) -> list[tuple[Tensor, Tensor]]:
-        missing = [self.names[i] for i, s in enumerate(slots) if s is None]
+    def _moments(self, what: str, asked: bool) -> tuple[Tensor, Tensor, _Layout]:
+        """(mean, var), N×ΣC, of every layer's input in the last forward pass: one autograd node
+        for all layers, formed once per pass (a second node would share the gradient buffers)."""
+        if not asked:
+            raise RuntimeError(f"no {what} statistics: this BNStatsRecorder was built with "
+                               f"per_{what.removeprefix('per-')}=False")
+        missing = [name for name, raw in zip(self.names, self._raw) if raw is None]
         if missing:
-            if len(missing) == len(slots) and not self._handles:
+            if len(missing) == len(self._raw) and not self._handles:
                 raise RuntimeError("BNStatsRecorder: hooks are not installed (use it as a context manager)")
             raise RuntimeError(f"no {what} statistics recorded for BatchNorm layer(s) {missing[:5]}: they did "
-                               f"not run in the last forward pass (or the recorder was not asked for {what} "
-                               f"statistics)")
-        return [s for s in slots if s is not None]  # every slot, checked just above
+                               f"not run in the last forward pass")
+        if self._moments_cache is None:
+            raws = [raw for raw in self._raw if raw is not None]  # every layer, checked just above
+            total, norm = torch.cat([r[0] for r in raws], 1), torch.cat([r[1] for r in raws], 1)
+            layout = _layout(tuple((int(r[0].shape[1]), r[3]) for r in raws), self.correction, total.device,
+                             total.dtype)
+            mean, var = _Moments.apply(layout, self._buffers, total, norm, *(r[2] for r in raws))
+            self._moments_cache = (mean, var, layout)
+        return self._moments_cache
 
-    def image_stats(self) -> list[tuple[Tensor, Tensor]]:
-        """Per layer: (mean, std), each N×C, of the BN input of every image."""
-        return self._collect(self._image, "per-image")
-
-    def batch_stats(self) -> list[tuple[Tensor, Tensor]]:
-        """Per layer: (mean, std), each (C,), of the BN input over the whole batch."""
-        return self._collect(self._batch, "per-batch")
+    def _flat_eps(self, layout: _Layout, like: Tensor) -> Tensor:
+        key = (like.device, like.dtype)
+        if key not in self._eps_flat:
+            self._eps_flat[key] = torch.tensor([e for e, (c, _) in zip(self._eps, layout.maps) for _ in range(c)],
+                                               dtype=like.dtype, device=like.device)
+        return self._eps_flat[key]
 
     def flat_image_stats(self) -> tuple[Tensor, Tensor]:
         """Per-image statistics of every layer side by side (N×ΣC), aligned with
         :meth:`BNTargets.flat`: one tensor op then covers all layers."""
-        stats = self.image_stats()
-        return torch.cat([m for m, _ in stats], 1), torch.cat([s for _, s in stats], 1)
+        mean, var, layout = self._moments("per-image", self.per_image)
+        return mean, torch.sqrt(var + self._flat_eps(layout, var))
+
+    def _layer_stats(self) -> list[tuple[Optional[tuple[Tensor, Tensor]], Optional[tuple[Tensor, Tensor]]]]:
+        """Per layer, (per-image, per-batch) statistics as each was asked for, formed once per pass
+        from contiguous copies of the layer's moments, layer after layer: the same operations in
+        the same order as when every layer had its own moments node, so a loss on both kinds
+        accumulates its gradients in the same order (bit-identical results)."""
+        if self._layer_cache is None:
+            mean, var, layout = self._moments("per-layer", True)
+            out: list[tuple[Optional[tuple[Tensor, Tensor]], Optional[tuple[Tensor, Tensor]]]] = []
+            for (a, b), (_, count), eps in zip(layout.bounds, layout.maps, self._eps):
+                m, v = mean[:, a:b].contiguous(), var[:, a:b].contiguous()
+                image = (m, torch.sqrt(v + eps)) if self.per_image else None
+                batch = None
+                if self.per_batch:
+                    corr = self.correction if count > self.correction else 0
+                    v_b = v * ((count - corr) / count) if corr else v  # biased per-image variance
+                    batch = _pooled(m, v_b, count, self.correction, eps)
+                out.append((image, batch))
+            self._layer_cache = out
+        return self._layer_cache
+
+    def image_stats(self) -> list[tuple[Tensor, Tensor]]:
+        """Per layer: (mean, std), each N×C, of the BN input of every image."""
+        self._moments("per-image", self.per_image)  # the checks
+        return [image for image, _ in self._layer_stats() if image is not None]
+
+    def batch_stats(self) -> list[tuple[Tensor, Tensor]]:
+        """Per layer: (mean, std), each (C,), of the BN input over the whole batch, derived from
+        the per-image moments (law of total variance)."""
+        self._moments("per-batch", self.per_batch)
+        return [batch for _, batch in self._layer_stats() if batch is not None]
 
     def flat_batch_stats(self) -> tuple[Tensor, Tensor]:
         stats = self.batch_stats()
