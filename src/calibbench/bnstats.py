@@ -19,7 +19,7 @@ import functools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -140,24 +140,37 @@ class _Layout:
     count: Tensor  # positions per channel map
     dof: Tensor  # float64: count − correction
     var_grad: Tensor  # 2/(count − correction), the variance's gradient scale; 0 where count is 1
+    eps: Optional[Tensor]  # each tensor's eps (a BN layer's), when given
 
 
 @functools.lru_cache(maxsize=64)
-def _layout(maps: tuple[tuple[int, int], ...], correction: int, device: torch.device, dtype: torch.dtype
-            ) -> _Layout:
+def _layout(maps: tuple[tuple[int, int], ...], correction: int, device: torch.device, dtype: torch.dtype,
+            eps: Optional[tuple[float, ...]] = None) -> _Layout:
     """``maps``: (channels, positions per channel) of each tensor. ``correction`` falls back to 0
     where a map has a single value; there the variance is identically 0, and so is its gradient."""
-    bounds, counts, dofs, grads, start = [], [], [], [], 0
-    for channels, count in maps:
-        corr = correction if count > correction else 0
+    bounds, start = [], 0
+    for channels, _ in maps:
         bounds.append((start, start + channels))
         start += channels
-        counts += [float(count)] * channels
-        dofs += [float(count - corr)] * channels
-        grads += [2.0 / (count - corr) if count > 1 else 0.0] * channels
-    return _Layout(maps, tuple(bounds), torch.tensor(counts, dtype=dtype, device=device),
-                   torch.tensor(dofs, dtype=torch.float64, device=device),
-                   torch.tensor(grads, dtype=dtype, device=device))
+
+    def per_channel(values: list[float], dtype: torch.dtype) -> Tensor:
+        return torch.tensor([v for v, (c, _) in zip(values, maps) for _ in range(c)], dtype=dtype, device=device)
+
+    counts = [count for _, count in maps]
+    corr = [correction if count > correction else 0 for count in counts]
+    return _Layout(maps, tuple(bounds), per_channel([float(n) for n in counts], dtype),
+                   per_channel([float(n - k) for n, k in zip(counts, corr)], torch.float64),
+                   per_channel([2.0 / (n - k) if n > 1 else 0.0 for n, k in zip(counts, corr)], dtype),
+                   None if eps is None else per_channel(list(eps), dtype))
+
+
+class _Recorded(NamedTuple):
+    """What one BN layer was fed in the last forward pass, reduced as soon as it was produced."""
+
+    total: Tensor  # N×C sums over the positions
+    norm: Tensor  # N×C L2 norms over the positions
+    x: Optional[Tensor]  # the input itself, kept only when the statistics need a gradient
+    positions: int  # per channel map
 
 
 def _sums(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -292,14 +305,11 @@ class BNStatsRecorder:
         self.per_image, self.per_batch, self.detach = per_image, per_batch, detach
         self.correction, self.eps = correction, eps
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        # Per layer, what the last forward pass fed it: (sum, L2 norm) per image and channel, the input
-        # itself when the statistics need a gradient, and the positions per channel map.
-        self._raw: list[Optional[tuple[Tensor, Tensor, Optional[Tensor], int]]] = [None] * len(self.layers)
+        self._raw: list[Optional[_Recorded]] = [None] * len(self.layers)
         self._moments_cache: Optional[tuple[Tensor, Tensor, _Layout]] = None
         self._layer_cache: Optional[list[tuple[Optional[tuple[Tensor, Tensor]],
                                                Optional[tuple[Tensor, Tensor]]]]] = None
-        self._eps = [bn.eps if eps is None else eps for _, bn in self.layers]
-        self._eps_flat: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._eps = tuple(float(bn.eps if eps is None else eps) for _, bn in self.layers)
         self._calls = [0] * len(self.layers)
         self._buffers = [GradBuffer() for _ in self.layers]
         self._warned_reuse = False
@@ -347,7 +357,7 @@ class BNStatsRecorder:
         if x.dim() == 2:
             x = x.unsqueeze(-1)  # (N, C): one value per image and channel
         grad = not self.detach and x.requires_grad and torch.is_grad_enabled()
-        self._raw[index] = (*_sums(x), x if grad else None, math.prod(x.shape[2:]))
+        self._raw[index] = _Recorded(*_sums(x), x if grad else None, math.prod(x.shape[2:]))
         self._moments_cache = self._layer_cache = None
 
     # -- results ----------------------------------------------------------------------------
@@ -357,9 +367,8 @@ class BNStatsRecorder:
         self._moments_cache = self._layer_cache = None
         self._calls = [0] * len(self.layers)
 
-    def _moments(self, what: str, asked: bool) -> tuple[Tensor, Tensor, _Layout]:
-        """(mean, var), N×ΣC, of every layer's input in the last forward pass: one autograd node
-        for all layers, formed once per pass (a second node would share the gradient buffers)."""
+    def _check(self, what: str, asked: bool) -> None:
+        """The statistics asked for were asked for at construction and every layer ran."""
         if not asked:
             raise RuntimeError(f"no {what} statistics: this BNStatsRecorder was built with "
                                f"per_{what.removeprefix('per-')}=False")
@@ -369,27 +378,27 @@ class BNStatsRecorder:
                 raise RuntimeError("BNStatsRecorder: hooks are not installed (use it as a context manager)")
             raise RuntimeError(f"no {what} statistics recorded for BatchNorm layer(s) {missing[:5]}: they did "
                                f"not run in the last forward pass")
+
+    def _moments(self) -> tuple[Tensor, Tensor, _Layout]:
+        """(mean, var), N×ΣC, of every layer's input in the last forward pass (checked by
+        :meth:`_check`): one autograd node for all layers, formed once per pass (a second node
+        would share the gradient buffers)."""
         if self._moments_cache is None:
-            raws = [raw for raw in self._raw if raw is not None]  # every layer, checked just above
-            total, norm = torch.cat([r[0] for r in raws], 1), torch.cat([r[1] for r in raws], 1)
-            layout = _layout(tuple((int(r[0].shape[1]), r[3]) for r in raws), self.correction, total.device,
-                             total.dtype)
-            mean, var = _Moments.apply(layout, self._buffers, total, norm, *(r[2] for r in raws))
+            raws = [raw for raw in self._raw if raw is not None]  # every layer, checked before
+            total, norm = torch.cat([r.total for r in raws], 1), torch.cat([r.norm for r in raws], 1)
+            layout = _layout(tuple((int(r.total.shape[1]), r.positions) for r in raws), self.correction,
+                             total.device, total.dtype, self._eps)
+            mean, var = _Moments.apply(layout, self._buffers, total, norm, *(r.x for r in raws))
             self._moments_cache = (mean, var, layout)
         return self._moments_cache
-
-    def _flat_eps(self, layout: _Layout, like: Tensor) -> Tensor:
-        key = (like.device, like.dtype)
-        if key not in self._eps_flat:
-            self._eps_flat[key] = torch.tensor([e for e, (c, _) in zip(self._eps, layout.maps) for _ in range(c)],
-                                               dtype=like.dtype, device=like.device)
-        return self._eps_flat[key]
 
     def flat_image_stats(self) -> tuple[Tensor, Tensor]:
         """Per-image statistics of every layer side by side (N×ΣC), aligned with
         :meth:`BNTargets.flat`: one tensor op then covers all layers."""
-        mean, var, layout = self._moments("per-image", self.per_image)
-        return mean, torch.sqrt(var + self._flat_eps(layout, var))
+        self._check("per-image", self.per_image)
+        mean, var, layout = self._moments()
+        assert layout.eps is not None  # the recorder's layout always carries its layers' eps
+        return mean, torch.sqrt(var + layout.eps)
 
     def _layer_stats(self) -> list[tuple[Optional[tuple[Tensor, Tensor]], Optional[tuple[Tensor, Tensor]]]]:
         """Per layer, (per-image, per-batch) statistics as each was asked for, formed once per pass
@@ -397,7 +406,7 @@ class BNStatsRecorder:
         the same order as when every layer had its own moments node, so a loss on both kinds
         accumulates its gradients in the same order (bit-identical results)."""
         if self._layer_cache is None:
-            mean, var, layout = self._moments("per-layer", True)
+            mean, var, layout = self._moments()
             out: list[tuple[Optional[tuple[Tensor, Tensor]], Optional[tuple[Tensor, Tensor]]]] = []
             for (a, b), (_, count), eps in zip(layout.bounds, layout.maps, self._eps):
                 m, v = mean[:, a:b].contiguous(), var[:, a:b].contiguous()
@@ -413,13 +422,13 @@ class BNStatsRecorder:
 
     def image_stats(self) -> list[tuple[Tensor, Tensor]]:
         """Per layer: (mean, std), each N×C, of the BN input of every image."""
-        self._moments("per-image", self.per_image)  # the checks
+        self._check("per-image", self.per_image)
         return [image for image, _ in self._layer_stats() if image is not None]
 
     def batch_stats(self) -> list[tuple[Tensor, Tensor]]:
         """Per layer: (mean, std), each (C,), of the BN input over the whole batch, derived from
         the per-image moments (law of total variance)."""
-        self._moments("per-batch", self.per_batch)
+        self._check("per-batch", self.per_batch)
         return [batch for _, batch in self._layer_stats() if batch is not None]
 
     def flat_batch_stats(self) -> tuple[Tensor, Tensor]:
